@@ -1,0 +1,1 @@
+"""Sub-commands of the kvshrink CLI, one module each (see kvshrink.cli)."""

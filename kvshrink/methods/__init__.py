@@ -1,0 +1,1 @@
+"""One file per method; each registers itself by name (see kvshrink.registry)."""
