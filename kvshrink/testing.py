@@ -1,0 +1,50 @@
+"""Tiny random-weight models of each supported family, built from configs in code (no hub, no files).
+
+Used by the test suite and handy for users checking a method on their architecture's shapes.
+"""
+from __future__ import annotations
+
+import torch
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")
+
+
+def tiny_config(family: str, *, layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: int = 32,
+                vocab: int = 256, sliding_window: int = 16, max_positions: int = 1024):
+    """A small config of ``family`` (GQA by default; ``kv_heads=1`` gives MQA)."""
+    import transformers as tf
+
+    hidden = heads * head_dim
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
+                  tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "llama":
+        return tf.LlamaConfig(head_dim=head_dim, **common)
+    if family == "qwen2":
+        return tf.Qwen2Config(**common)
+    if family == "qwen3":
+        return tf.Qwen3Config(head_dim=head_dim, **common)
+    if family == "mistral":
+        return tf.MistralConfig(head_dim=head_dim, sliding_window=None, **common)
+    if family == "phi3":
+        return tf.Phi3Config(**common)
+    if family == "gemma2":
+        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+        return tf.Gemma2Config(head_dim=head_dim, sliding_window=sliding_window, layer_types=types, **common)
+    if family == "gemma3":
+        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+        return tf.Gemma3TextConfig(head_dim=head_dim, sliding_window=sliding_window, layer_types=types, **common)
+    raise ValueError(f"unknown family {family!r}; one of {', '.join(FAMILIES)}")
+
+
+def tiny_model(family: str = "llama", seed: int = 0, attn: str = "sdpa", dtype: torch.dtype = torch.float32, **kw):
+    """A random-weight causal LM of ``family`` in eval mode (fixed seed)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(family, **kw)
+    if family == "gemma2" and attn == "sdpa":
+        attn = "eager"  # transformers runs Gemma2 (attention soft-capping) with eager attention only
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn)
+    return model.eval()
