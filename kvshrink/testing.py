@@ -48,3 +48,27 @@ def tiny_model(family: str = "llama", seed: int = 0, attn: str = "sdpa", dtype: 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn)
     return model.eval()
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer (ids < 128) that pairs with :func:`tiny_model` for CLI tests."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for c in [chr(i) for i in range(32, 127)] + ["\n"]:
+        vocab[c] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def save_tiny(directory, family: str = "llama", **kw) -> str:
+    """Save a tiny random model and its tokenizer as a local HF directory (for CLI tests); return the path."""
+    model = tiny_model(family, **kw)
+    model.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return str(directory)
