@@ -15,6 +15,7 @@ import importlib
 import pkgutil
 import types
 import typing
+import warnings
 from typing import Any
 
 from .errors import SpecError
@@ -34,10 +35,15 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 _loaded = False
+IMPORT_ERRORS: dict[str, BaseException] = {}
 
 
 def _load_all() -> None:
-    """Import every module of kvshrink.methods once, so that their @register lines run."""
+    """Import every module of kvshrink.methods once, so that their @register lines run.
+
+    A method module that fails to import (e.g. a missing optional dependency) does not take the other
+    methods down: its error is kept in IMPORT_ERRORS, warned about, and named when the method is asked for.
+    """
     global _loaded
     if _loaded:
         return
@@ -45,7 +51,11 @@ def _load_all() -> None:
 
     for mod in pkgutil.iter_modules(methods.__path__):
         if mod.name != "base" and not mod.name.startswith("_"):
-            importlib.import_module(f"{methods.__name__}.{mod.name}")
+            try:
+                importlib.import_module(f"{methods.__name__}.{mod.name}")
+            except Exception as exc:  # noqa: BLE001 - reported below and on use
+                IMPORT_ERRORS[mod.name] = exc
+                warnings.warn(f"kvshrink method module {mod.name!r} failed to import: {exc!r}", stacklevel=2)
     _loaded = True
 
 
@@ -57,7 +67,8 @@ def method_names() -> list[str]:
 def get_method_class(name: str) -> type[Method]:
     _load_all()
     if name not in METHODS:
-        raise SpecError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
+        broken = "".join(f"; module {m!r} failed to import: {e!r}" for m, e in IMPORT_ERRORS.items())
+        raise SpecError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}{broken}")
     return METHODS[name]
 
 

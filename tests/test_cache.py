@@ -228,3 +228,10 @@ def test_user_config_is_not_mutated(tiny):
 
 def test_methods_listed():
     assert {"none", "kivi", "int8", "int4"} <= set(kvshrink.method_names())
+
+
+def test_every_method_module_imports():
+    from kvshrink.registry import IMPORT_ERRORS, method_names
+
+    method_names()
+    assert IMPORT_ERRORS == {}
