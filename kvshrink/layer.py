@@ -27,6 +27,13 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     return b if a is None else torch.cat([a, b], dim=-2)
 
 
+def half_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The 16-bit type in which lossy methods keep their full-precision parts (residual window, sinks,
+    outliers): the model's own if it is 16-bit, else float16 — the setting of the papers and of serving;
+    an fp32 model (CPU evaluation) would otherwise double the bytes of those parts."""
+    return dtype if torch.empty((), dtype=dtype).element_size() <= 2 else torch.float16
+
+
 def tensor_nbytes(tensors: Iterator[torch.Tensor]) -> int:
     """Bytes of the storages behind ``tensors`` (a view counts its whole storage, once)."""
     seen: dict[int, int] = {}
@@ -196,6 +203,7 @@ class UniformLayer(CompressedLayer):
     Flushing follows KIVI (Liu et al. 2024, Alg. 1): a token-axis stream keeps a residual that is
     quantized whole each time it reaches ``residual`` tokens (or one group when ``residual`` is 0); a
     channel-axis stream keeps exactly the newest ``residual`` tokens and quantizes older ones.
+    The residual is held in 16 bits (:func:`half_dtype`) and quantized from those 16-bit values.
     """
 
     state_fields = ("kq", "vq", "k_res", "v_res")
@@ -227,15 +235,17 @@ class UniformLayer(CompressedLayer):
         return q, (rest.clone() if rest.shape[-2] else None)  # clone: free the flushed part's storage
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.kq, self.k_res = self._push(self.kq, self.k_res, k, self.key_bits, self.key_axis, self.key_group)
-        self.vq, self.v_res = self._push(self.vq, self.v_res, v, self.value_bits, self.value_axis, self.value_group)
+        half = half_dtype(k.dtype)
+        self.kq, self.k_res = self._push(self.kq, self.k_res, k.to(half), self.key_bits, self.key_axis, self.key_group)
+        self.vq, self.v_res = self._push(self.vq, self.v_res, v.to(half), self.value_bits, self.value_axis,
+                                         self.value_group)
 
     def dense(self):
-        return _join(self.kq, self.k_res), _join(self.vq, self.v_res)
+        return _join(self.kq, self.k_res, self.dtype), _join(self.vq, self.v_res, self.dtype)
 
 
-def _join(q: QuantizedTensor | None, res: torch.Tensor | None) -> torch.Tensor | None:
-    if q is None:
-        return res
-    x = q.dequantize()
-    return x if res is None else torch.cat([x, res], dim=-2)
+def _join(q: QuantizedTensor | None, res: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Dequantized codes followed by the full-precision residual, in the model's dtype."""
+    parts = [p for p in (q.dequantize(dtype) if q is not None else None,
+                         res.to(dtype) if res is not None else None) if p is not None]
+    return parts[0] if len(parts) == 1 else (torch.cat(parts, dim=-2) if parts else None)

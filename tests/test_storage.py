@@ -28,6 +28,11 @@ def test_packed_size_is_dense(bits):
     assert pack(torch.zeros(64, dtype=torch.uint8), bits).numel() == 64 * bits // 8
 
 
+@pytest.mark.parametrize("bits,n,size", [(1, 5, 1), (2, 5, 2), (4, 5, 3), (3, 5, 3), (3, 9, 6), (8, 5, 5), (4, 20, 10)])
+def test_padding_only_to_whole_bytes(bits, n, size):
+    assert packed_size(n, bits) == size
+
+
 def test_three_bit_layout_is_little_endian():
     codes = torch.tensor([1, 2, 3, 4, 5, 6, 7, 0], dtype=torch.uint8)
     word = sum(int(c) << (3 * i) for i, c in enumerate(codes))

@@ -1,9 +1,10 @@
 """Dense bit packing of small unsigned integer codes into uint8 tensors.
 
-Every width uses one rule: eight consecutive codes of ``bits`` bits fill exactly ``bits`` bytes
-(8 x bits = bits x 8), little-endian inside that run. So 3-bit codes really take 3/8 of a byte each
-(8 codes -> 3 bytes) instead of being padded to 4 bits. Packing runs along the last axis; a last axis
-whose length is not a multiple of 8 is padded with zero codes to the next multiple of 8, and
+Codes are packed little-endian along the last axis. 1-, 2- and 4-bit codes fill whole bytes
+(code ``j`` of a byte at bit ``bits*j``); 3-bit codes are packed densely, eight consecutive codes in
+exactly three bytes (code ``i`` of a run at bit ``3*i`` of the run's little-endian 24-bit word), so they
+really take 3/8 of a byte each instead of being padded to 4 bits; 8-bit codes are stored as they are.
+A last axis that does not fill whole bytes (whole runs, for 3 bits) is padded with zero codes, and
 :func:`unpack` is told the true length to drop that padding again.
 
 This module knows nothing about quantization or methods: it only moves bits.
@@ -25,8 +26,10 @@ def check_bits(bits: int) -> int:
 
 
 def packed_size(n: int, bits: int) -> int:
-    """Bytes that ``n`` codes of ``bits`` bits occupy after :func:`pack` (8-bit codes are stored as is)."""
-    return n if bits == 8 else -(-n // 8) * bits
+    """Bytes that ``n`` codes of ``bits`` bits occupy after :func:`pack`."""
+    if bits == 3:
+        return -(-n // 8) * 3
+    return -(-n * bits // 8)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -40,17 +43,15 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return codes.contiguous()
     *lead, n = codes.shape
-    pad = (-n) % 8
+    run = 8 // bits if bits in (1, 2, 4) else 8  # codes per byte, or per 3-byte run
+    pad = (-n) % run
     if pad:
         codes = torch.nn.functional.pad(codes, (0, pad))
-    runs = codes.reshape(*lead, -1, 8)
+    runs = codes.reshape(*lead, -1, run)
     if bits in (1, 2, 4):  # byte-aligned widths: no 64-bit words needed
-        per_byte = 8 // bits
-        runs = runs.reshape(*lead, -1, per_byte)
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
-        out = (runs << shifts).sum(-1, dtype=torch.int32).to(torch.uint8)
-        return out.reshape(*lead, -1)
-    # general case (3 bits): 8 codes -> one 24-bit word -> 3 bytes
+        return (runs << shifts).sum(-1, dtype=torch.int32).to(torch.uint8)
+    # 3 bits: 8 codes -> one 24-bit word -> 3 bytes
     shifts = torch.arange(0, 8 * bits, bits, dtype=torch.int64, device=codes.device)
     word = (runs.to(torch.int64) << shifts).sum(-1)
     byte_shifts = torch.arange(0, 8 * bits, 8, dtype=torch.int64, device=codes.device)

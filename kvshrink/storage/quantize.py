@@ -84,8 +84,10 @@ class QuantizedTensor:
             return unpack(self.packed, self.bits, self.head_dim)
         return unpack(self.packed, self.bits, self.group)  # (B, H, T/g, D, g)
 
-    def dequantize(self) -> torch.Tensor:
-        return dequantize_codes(self.codes(), self.scale, self.zero, self.bits, self.axis, self.group, self.dtype)
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense (B, H, T, D) values in ``dtype`` (default: the dtype that was quantized)."""
+        return dequantize_codes(self.codes(), self.scale, self.zero, self.bits, self.axis, self.group,
+                                dtype or self.dtype)
 
     def cat(self, other: "QuantizedTensor") -> "QuantizedTensor":
         if (other.bits, other.axis, other.group, other.head_dim, other.symmetric) != (
