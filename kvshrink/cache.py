@@ -126,8 +126,12 @@ def resolve_methods(spec: str | Method | Sequence[Method], **params: Any) -> lis
 
 
 def make_cache(model: Any, spec: str | Method | Sequence[Method] = "none", *, simulated: bool = False,
-               **params: Any) -> KVShrinkCache:
+               kernels: bool = False, **params: Any) -> KVShrinkCache:
     """Build a compressed cache for ``model`` (a causal LM, or its config) from a method spec.
+
+    ``kernels=True`` switches the model to kvshrink's attention function so that, on CUDA, decode steps
+    attend directly over the packed cache with the Triton kernels (see :mod:`kvshrink.kernels`); on CPU
+    and for layers the kernels do not serve, attention stays transformers' SDPA over dense tensors.
 
     >>> cache = make_cache(model, "kivi:bits=2,group=32,residual=128")
     >>> model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
@@ -154,6 +158,12 @@ def make_cache(model: Any, spec: str | Method | Sequence[Method] = "none", *, si
         for m in cache.methods:
             cache._handles.extend(m.attach(model, cache))
         weakref.finalize(cache, _remove_all, list(cache._handles))
+        if kernels:
+            from .kernels import enable
+
+            enable(model, cache)
+    elif kernels:
+        raise SpecError("kernels=True needs the model itself (not its config): it switches the model's attention")
     return cache
 
 

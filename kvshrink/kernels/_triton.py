@@ -1,0 +1,34 @@
+"""Import Triton once, and say whether kernels can run here.
+
+On a machine without CUDA, Triton kernels run only under its interpreter (``TRITON_INTERPRET=1``, set
+before Triton is imported), which the test-suite uses on small shapes; library code never sets it.
+"""
+from __future__ import annotations
+
+import os
+
+try:  # Triton is optional: the CPU path is the torch reference
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the install
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+    HAS_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernels_usable(device) -> bool:
+    """Triton kernels can run on tensors of ``device``: CUDA with Triton, or anything under the interpreter."""
+    import torch
+
+    if not HAS_TRITON:
+        return False
+    dev = torch.device(device)
+    return dev.type == "cuda" or INTERPRET
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())

@@ -1,0 +1,129 @@
+"""Wiring the packed decode kernel into transformers through its public attention interface.
+
+``AttentionInterface.register("kvshrink", fn)`` adds an attention implementation; a model switched to it
+(``model.set_attn_implementation("kvshrink")``) calls ``fn`` with whatever its cache's ``update``
+returned. :class:`~.layer.KernelUniformLayer` returns a :class:`~.layer.PackedDecode` handle for
+one-token decode steps on CUDA, which ``fn`` serves with :func:`~.decode_attention.decode_attention`;
+everything else (prefill, CPU, layers that are not kernel layers, sliding-window layers) arrives as
+dense tensors and goes to transformers' own SDPA function, unchanged. The mask side is registered
+as ``sdpa_mask`` so padding masks are built exactly as for ``"sdpa"`` (a name without a mask
+function would receive ``attention_mask=None``).
+
+Usage::
+
+    cache = kvshrink.kernels.make_kernel_cache(model, "kivi:bits=2")   # enables the model too
+    model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .decode_attention import decode_attention, packed_decode_supported
+from .layer import KernelUniformLayer, PackedDecode
+
+NAME = "kvshrink"
+_registered = False
+
+
+def _dense_sdpa(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _mask_rows(attention_mask: torch.Tensor | None, batch: int, tokens: int) -> torch.Tensor | None:
+    """The decode row of transformers' 4-D mask as (B, T) bool (True = attend), or None."""
+    if attention_mask is None:
+        return None
+    m = attention_mask
+    if m.dim() == 4:
+        m = m[:, 0, -1, :]
+    elif m.dim() == 3:
+        m = m[:, -1, :]
+    if m.dtype != torch.bool:  # additive float mask: 0 = attend, very negative = masked
+        m = m > torch.finfo(m.dtype).min / 2
+    m = m[..., -tokens:]
+    return m.expand(batch, tokens)
+
+
+def kvshrink_attention(module: torch.nn.Module, query: torch.Tensor, key: Any, value: Any,
+                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                       **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention function: packed decode kernel for :class:`PackedDecode`, else SDPA."""
+    if not isinstance(key, PackedDecode):
+        return _dense_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    B, Hq, q_len, D = query.shape
+    unsupported = (q_len != 1 or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
+                   or kwargs.get("sliding_window") is not None or (dropout and module.training)
+                   or not packed_decode_supported(key.kv, D))
+    if unsupported:  # correctness first: dequantize this step and use SDPA
+        k, v = key.kv.dense(query.dtype)
+        return _dense_sdpa(module, query, k, v, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    mask = _mask_rows(attention_mask, B, key.kv.tokens)
+    out = decode_attention(query[:, :, 0, :], key.kv, mask=mask, scale=scaling)
+    return out.unsqueeze(1), None  # (B, 1, Hq, D), as transformers' attention functions return
+
+
+def register() -> None:
+    """Register the ``"kvshrink"`` attention and mask functions with transformers (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, kvshrink_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    _registered = True
+
+
+def convert_cache(cache) -> int:
+    """Swap every KIVI-layout :class:`~kvshrink.layer.UniformLayer` of ``cache`` for a kernel layer
+    (state copied). Returns how many layers were converted; others are left as they are."""
+    from ..layer import UniformLayer
+
+    n = 0
+    for i, layer in enumerate(cache.layers):
+        if (type(layer) is UniformLayer and layer.key_axis == "token" and layer.value_axis == "channel"
+                and not layer.symmetric):
+            cache.layers[i] = KernelUniformLayer.from_uniform(layer)
+            n += 1
+    return n
+
+
+def enable(model: torch.nn.Module, cache=None) -> None:
+    """Make ``model`` use the ``"kvshrink"`` attention (SDPA + the packed decode kernel), and convert
+    ``cache``'s KIVI layers to kernel layers if a cache is given. Undo with :func:`disable`."""
+    register()
+    if getattr(model, "_kvshrink_prev_attn", None) is None:
+        model._kvshrink_prev_attn = model.config._attn_implementation  # type: ignore[assignment]
+    model.set_attn_implementation(NAME)
+    if cache is not None:
+        convert_cache(cache)
+
+
+def disable(model: torch.nn.Module) -> None:
+    """Restore the attention implementation ``model`` had before :func:`enable`."""
+    prev = getattr(model, "_kvshrink_prev_attn", None)
+    if prev is not None:
+        model.set_attn_implementation(prev)
+        model._kvshrink_prev_attn = None  # type: ignore[assignment]
+
+
+def make_kernel_cache(model: torch.nn.Module, spec: Any = "kivi", *, reserve: int | None = None, **params: Any):
+    """``make_cache(model, spec, **params)`` with kernel layers, and ``model`` switched to them.
+
+    ``reserve``: tokens per sequence the cache will hold in all (prompt + new tokens), to size its
+    buffers once. Layers the kernels do not serve (policies, other quantizers) stay as they are.
+    """
+    from ..cache import make_cache
+
+    cache = make_cache(model, spec, **params)
+    enable(model, cache)
+    if reserve:
+        for layer in cache.layers:
+            if isinstance(layer, KernelUniformLayer):
+                layer.reserve(reserve)
+    return cache

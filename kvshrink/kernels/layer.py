@@ -1,0 +1,213 @@
+"""A KIVI cache layer for the GPU kernels: in-place appends, and a handle instead of dense K/V at decode.
+
+:class:`KernelUniformLayer` stores exactly what :class:`~kvshrink.layer.UniformLayer` stores (same
+layouts, same KIVI flush rule, same bytes per token), with two differences:
+
+* quantized streams live in *capacity buffers* that grow by at most 1/8 (at least 256 tokens) at a
+  time, or to a reserved size (:meth:`reserve`); new codes are written in place by the Triton
+  quantize kernel. ``UniformLayer`` concatenates the whole packed history on every value flush, i.e.
+  every decode step once the residual is full: an O(T) copy per token. Slack capacity is real memory,
+  so :meth:`nbytes` counts it (``tensor_nbytes`` counts whole storages).
+* for a one-token decode step on CUDA, :meth:`update` returns a :class:`PackedDecode` handle (the packed
+  past plus the new token in full precision) instead of dense tensors; the ``"kvshrink"`` attention
+  function (``kvshrink.kernels.attention``) hands it to the packed decode kernel. Prefill and every
+  other case return dense K/V exactly as the base layer does.
+
+Attention semantics are the base layer's: the new token attends to the compressed past and to its own
+keys/values in full precision.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..layer import UniformLayer, _cat
+from ..storage import QuantizedTensor, packed_size, quantize
+from ._triton import kernels_usable
+from .quant_pack import kernel_supports, quantize_pack
+from .reference import PackedKV
+
+GROW_MIN_TOKENS = 256
+
+try:  # the base layer keeps residuals in 16 bits (fp32 models: fp16); follow it where it does
+    from ..layer import half_dtype as _half_dtype
+except ImportError:  # pragma: no cover - older core
+    def _half_dtype(dtype: torch.dtype) -> torch.dtype:
+        return dtype
+
+
+@dataclass
+class PackedDecode:
+    """What a kernel layer's ``update`` returns for a decode step (as both key and value)."""
+
+    kv: PackedKV
+    layer: "KernelUniformLayer"
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:  # what code that inspects key.shape expects
+        r = self.kv.k_res
+        return (r.shape[0], r.shape[1], self.kv.tokens, r.shape[3])  # type: ignore[union-attr]
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense K/V in the model's dtype (fallback when the kernel cannot serve a call)."""
+        return self.kv.dense(getattr(self.layer, "dtype", self.kv.k_res.dtype))  # type: ignore[union-attr]
+
+
+class _Stream:
+    """One quantized stream in a capacity buffer: ``packed/scale/zero`` with room along dim 2."""
+
+    def __init__(self) -> None:
+        self.bufs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.rows = 0  # used rows along dim 2 (groups for keys, tokens for values)
+
+    def cap(self) -> int:
+        return 0 if self.bufs is None else self.bufs[0].shape[2]
+
+    def ensure(self, rows: int, make) -> None:
+        """Make room for ``rows`` used rows; ``make(cap)`` allocates empty buffers of capacity ``cap``."""
+        if rows <= self.cap():
+            return
+        new = make(rows)
+        if self.bufs is not None and self.rows:
+            for dst, src in zip(new, self.bufs):
+                dst[:, :, :self.rows].copy_(src[:, :, :self.rows])
+        self.bufs = new
+
+    def views(self, rows: int) -> tuple[torch.Tensor, ...]:
+        assert self.bufs is not None
+        return tuple(b[:, :, :rows] for b in self.bufs)
+
+
+class KernelUniformLayer(UniformLayer):
+    """KIVI storage (per-channel keys, per-token values, asymmetric) served to the Triton kernels."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.key_axis != "token" or self.value_axis != "channel" or self.symmetric:
+            raise ValueError("KernelUniformLayer serves KIVI's layout: asymmetric, keys along tokens, values along channels")
+        self._k, self._v = _Stream(), _Stream()
+        self._reserved = 0
+        self.use_kernels = True
+
+    @classmethod
+    def from_uniform(cls, layer: UniformLayer) -> "KernelUniformLayer":
+        """A kernel layer with ``layer``'s parameters and (copied) state."""
+        new = cls(layer.key_bits, layer.key_axis, layer.value_axis, layer.key_group, layer.value_group,
+                  layer.residual, layer.symmetric, layer.scale_dtype, layer.key_bits, layer.value_bits)
+        new.seen, new.simulated, new.check_finite = layer.seen, layer.simulated, layer.check_finite
+        if layer.is_initialized:
+            new.dtype, new.device = layer.dtype, layer.device
+            new.num_heads, new.head_dim = layer.num_heads, layer.head_dim
+            new.is_initialized = True
+        new.kq, new.vq, new.k_res, new.v_res = layer.kq, layer.vq, layer.k_res, layer.v_res
+        new._adopt()
+        return new
+
+    # -- capacity ----------------------------------------------------------------------------------
+    def reserve(self, tokens: int) -> None:
+        """Pre-size the buffers for ``tokens`` tokens in all (prompt + generated): no regrowth, no slack."""
+        self._reserved = max(self._reserved, int(tokens))
+
+    def _grow_to(self, need_rows: int, per: int, cur_rows: int) -> int:
+        """Capacity in rows (of ``per`` tokens) that holds ``need_rows``: the reserved size if it fits,
+        else at least 1/8 (and ``GROW_MIN_TOKENS``) more than now, so regrowth copies stay amortized."""
+        need, cur = need_rows * per, cur_rows * per
+        want = self._reserved if self._reserved >= need else max(need, cur + max(cur // 8, GROW_MIN_TOKENS))
+        return -(-want // per)
+
+    def _make_key_bufs(self, like: torch.Tensor, rows_needed: int):
+        B, H, _, D = like.shape
+        cap = self._grow_to(rows_needed, self.key_group, self._k.cap())
+        gb = packed_size(self.key_group, self.key_bits)
+        return (torch.empty(B, H, cap, D, gb, dtype=torch.uint8, device=like.device),
+                torch.empty(B, H, cap, D, dtype=self.scale_dtype, device=like.device),
+                torch.empty(B, H, cap, D, dtype=self.scale_dtype, device=like.device))
+
+    def _make_value_bufs(self, like: torch.Tensor, rows_needed: int):
+        B, H, _, D = like.shape
+        cap = self._grow_to(rows_needed, 1, self._v.cap())
+        return (torch.empty(B, H, cap, packed_size(D, self.value_bits), dtype=torch.uint8, device=like.device),
+                torch.empty(B, H, cap, D // self.value_group, dtype=self.scale_dtype, device=like.device),
+                torch.empty(B, H, cap, D // self.value_group, dtype=self.scale_dtype, device=like.device))
+
+    def _adopt(self) -> None:
+        """Take the current ``kq``/``vq`` tensors as the buffers (after state was replaced wholesale)."""
+        for stream, q in ((self._k, self.kq), (self._v, self.vq)):
+            if q is None:
+                stream.bufs, stream.rows = None, 0
+            else:
+                stream.bufs, stream.rows = (q.packed, q.scale, q.zero), q.packed.shape[2]  # type: ignore[assignment]
+
+    # -- storing -----------------------------------------------------------------------------------
+    def _quantize_into(self, stream: _Stream, x: torch.Tensor, bits: int, axis: str, group: int, make) -> QuantizedTensor:
+        """Quantize ``x`` and write it after the stream's used rows; return the stream's whole view."""
+        B, H, n, D = x.shape
+        rows = n // group if axis == "token" else n
+        stream.ensure(stream.rows + rows, lambda need: make(x, need))
+        dst = tuple(b[:, :, stream.rows:stream.rows + rows] for b in stream.bufs)  # type: ignore[union-attr]
+        if kernels_usable(x.device) and kernel_supports(bits, group, D):
+            quantize_pack(x, bits, axis, group, self.scale_dtype, out=dst)  # type: ignore[arg-type]
+        else:
+            q = quantize(x, bits, axis, group, False, self.scale_dtype)  # type: ignore[arg-type]
+            for d_, s_ in zip(dst, q.tensors()):
+                d_.copy_(s_)
+        stream.rows += rows
+        packed, scale, zero = stream.views(stream.rows)
+        tokens = stream.rows * (group if axis == "token" else 1)
+        return QuantizedTensor(packed, scale, zero, bits, axis, group, tokens, D, x.dtype)  # type: ignore[arg-type]
+
+    def _push_stream(self, stream: _Stream, res: torch.Tensor, bits: int, axis: str, group: int, make,
+                     q: QuantizedTensor | None) -> tuple[QuantizedTensor | None, torch.Tensor | None]:
+        n = self._flush_count(res.shape[-2], axis, group)  # type: ignore[arg-type]
+        if n == 0:
+            return q, res
+        q = self._quantize_into(stream, res[:, :, :n], bits, axis, group, make)
+        rest = res[:, :, n:]
+        return q, (rest.clone() if rest.shape[-2] else None)
+
+    def _append_res(self, k_res: torch.Tensor, v_res: torch.Tensor) -> None:
+        """Append given that ``k_res``/``v_res`` already hold old residual + new tokens."""
+        self.kq, self.k_res = self._push_stream(self._k, k_res, self.key_bits, "token", self.key_group,
+                                                self._make_key_bufs, self.kq)
+        self.vq, self.v_res = self._push_stream(self._v, v_res, self.value_bits, "channel", self.value_group,
+                                                self._make_value_bufs, self.vq)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        half = _half_dtype(k.dtype)
+        self._append_res(_cat(self.k_res, k.to(half)), _cat(self.v_res, v.to(half)))
+
+    # -- the decode seam ---------------------------------------------------------------------------
+    def kernel_step(self, key_states: torch.Tensor) -> bool:
+        """Whether this update is served by the packed decode kernel."""
+        return (self.use_kernels and not self.simulated and key_states.shape[-2] == 1
+                and kernels_usable(key_states.device)
+                and kernel_supports(self.key_bits, self.key_group, key_states.shape[-1])
+                and kernel_supports(self.value_bits, self.value_group, key_states.shape[-1]))
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.kernel_step(key_states):
+            return super().update(key_states, value_states, *args, **kwargs)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        # no finiteness check here: it would sync the host every step (the base layer skips it on GPU too)
+        dt, half = key_states.dtype, _half_dtype(key_states.dtype)
+        k_res, v_res = _cat(self.k_res, key_states.to(half)), _cat(self.v_res, value_states.to(half))
+        if half == dt:  # 16-bit models: what is stored is what attention reads
+            k_att, v_att = k_res, v_res
+        else:  # the new token attends to itself at the model's precision, as in the base layer
+            k_att = _cat(None if self.k_res is None else self.k_res.to(dt), key_states)
+            v_att = _cat(None if self.v_res is None else self.v_res.to(dt), value_states)
+        handle = PackedDecode(PackedKV(self.kq, k_att, self.vq, v_att), self)
+        self._append_res(k_res, v_res)  # in place past the handle's views, or into new residual tensors
+        self.seen += 1
+        return handle, handle
+
+    # -- state ops that replace tensors wholesale ----------------------------------------------------
+    def map_state(self, fn) -> None:
+        super().map_state(fn)
+        self._adopt()
+
+    def reset(self) -> None:
+        super().reset()
+        self._adopt()

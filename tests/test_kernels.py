@@ -1,0 +1,256 @@
+"""Triton kernels (kvshrink.kernels) against their torch references.
+
+Without a GPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set here before Triton
+is imported) on small shapes; on a GPU the same tests run compiled, and ``KVSHRINK_FULL_GRID=1`` widens
+the shape grid (batch, heads, GQA ratio, lengths not a multiple of the block, head_dim 64/128, fp16/bf16).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+pytest.importorskip("triton")
+
+from kvshrink.cache import make_cache  # noqa: E402
+from kvshrink.kernels import (KernelUniformLayer, PackedKV, decode_attention, decode_attention_ref,  # noqa: E402
+                              disable, make_kernel_cache, quantize_pack)
+from kvshrink.kernels import attention as kattn  # noqa: E402
+from kvshrink.layer import UniformLayer  # noqa: E402
+from kvshrink.storage import quantize  # noqa: E402
+from kvshrink.testing import tiny_model  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+FULL = os.environ.get("KVSHRINK_FULL_GRID") == "1" and DEV == "cuda"
+GEN = torch.Generator().manual_seed(1234)
+
+
+def rand(*shape, dtype=torch.float16, outliers=True):
+    """Random K/V-like data on DEV; a few large channels, as real keys have."""
+    x = torch.randn(*shape, generator=GEN)
+    if outliers and shape[-1] >= 8:
+        x[..., 3] *= 8
+    return x.to(dtype=dtype, device=DEV)
+
+
+def check_codes(got, ref, got_q, ref_q):
+    """Codes equal except at rounding ties (<= 1 apart there, and rare); scales and zeros bit-equal."""
+    assert torch.equal(got_q.scale, ref_q.scale)
+    assert torch.equal(got_q.zero, ref_q.zero)
+    diff = (got.int() - ref.int()).abs()
+    assert int(diff.max()) <= 1
+    assert float((diff > 0).float().mean()) < 1e-3
+
+
+# ---------------------------------------------------------------- quantize + pack
+QP_GRID = [  # (bits, axis, group, D, tokens, dtype)
+    (2, "token", 32, 64, 64, torch.float16), (2, "channel", 32, 64, 37, torch.bfloat16),
+    (4, "token", 16, 128, 32, torch.bfloat16), (4, "channel", 128, 128, 5, torch.float16),
+    (1, "channel", 16, 64, 3, torch.float16), (8, "token", 8, 64, 16, torch.float16),
+]
+if FULL:
+    QP_GRID = [(b, ax, g, D, n, dt) for b, ax, g, D, dt in itertools.product(
+        (2, 4), ("token", "channel"), (32, 128), (64, 128), (torch.float16, torch.bfloat16))
+        if g <= D for n in ((g * 3,) if ax == "token" else (131,))]
+    QP_GRID += [(1, "channel", 32, 64, 7, torch.float16), (8, "token", 32, 128, 64, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("bits,axis,group,D,n,dtype", QP_GRID)
+def test_quantize_pack_matches_storage_quantize(bits, axis, group, D, n, dtype):
+    x = rand(2, 3, n, D, dtype=dtype)
+    got = quantize_pack(x, bits, axis, group)
+    ref = quantize(x, bits, axis, group)
+    assert got.packed.shape == ref.packed.shape and got.scale.shape == ref.scale.shape
+    check_codes(got.codes(), ref.codes(), got, ref)
+    torch.testing.assert_close(got.dequantize(), ref.dequantize(), atol=float(ref.scale.float().max()) * 1.01, rtol=0)
+
+
+def test_quantize_pack_writes_into_views_only():
+    """Outputs given as views into capacity buffers: the slice is written, the rest is untouched."""
+    x = rand(2, 2, 5, 64)
+    packed = torch.full((2, 2, 9, 16), 0xAB, dtype=torch.uint8, device=DEV)
+    scale = torch.full((2, 2, 9, 2), float("nan"), dtype=torch.float16, device=DEV)
+    zero = scale.clone()
+    q = quantize_pack(x, 2, "channel", 32, out=(packed[:, :, 3:8], scale[:, :, 3:8], zero[:, :, 3:8]))
+    ref = quantize(x, 2, "channel", 32)
+    check_codes(q.codes(), ref.codes(), q, ref)
+    assert bool((packed[:, :, :3] == 0xAB).all()) and bool((packed[:, :, 8:] == 0xAB).all())
+    assert bool(scale[:, :, :3].isnan().all()) and bool(zero[:, :, 8:].isnan().all())
+    assert not bool(scale[:, :, 3:8].isnan().any())
+
+
+def test_quantize_pack_rejects_what_it_cannot_do():
+    x = rand(1, 1, 48, 64)
+    with pytest.raises(ValueError, match="whole groups"):
+        quantize_pack(x[:, :, :40], 2, "token", 32)
+    with pytest.raises(ValueError, match="bits=3"):
+        quantize_pack(x, 3, "channel", 32)
+
+
+# ---------------------------------------------------------------- decode attention
+def build_cache(B, H, T, D, bits, group, residual, dtype, kernel_layer=False):
+    """A KIVI cache of T tokens filled the way decoding fills it (prefill then single tokens), so the
+    quantized key and value streams end at different tokens, as they do in use."""
+    layer = (KernelUniformLayer if kernel_layer else UniformLayer)(bits, "token", "channel", group, group, residual)
+    k, v = rand(B, H, T, D, dtype=dtype), rand(B, H, T, D, dtype=dtype, outliers=False)
+    pre = max(0, T - 5)
+    if pre:
+        layer.append(k[:, :, :pre], v[:, :, :pre])
+    for i in range(pre, T):
+        layer.append(k[:, :, i:i + 1], v[:, :, i:i + 1])
+    return layer, PackedKV(layer.kq, layer.k_res, layer.vq, layer.v_res)
+
+
+DA_GRID = [  # (B, Hq, Hkv, T, D, bits, group, residual, dtype, masked, splits)
+    (2, 4, 2, 45, 64, 2, 16, 16, torch.float16, False, 2),
+    (1, 3, 1, 70, 64, 4, 32, 0, torch.float16, True, None),
+    (2, 8, 8, 33, 128, 2, 32, 32, torch.bfloat16, True, 3),
+    (1, 2, 2, 20, 64, 2, 16, 32, torch.float32, False, 5),  # all keys still in the residual
+    (1, 4, 1, 300, 64, 4, 32, 32, torch.float16, True, 2),  # whole quantized blocks: the main loop runs
+]
+if FULL:  # every compiled specialization (heads, dims, dtype, bits/group) at 3 lengths
+    DA_GRID = [(B, Hkv * r, Hkv, T, D, bits, g, R, dt, masked, None)
+               for (Hkv, r), D, dt, (bits, g) in itertools.product(
+                   ((8, 4), (2, 1), (1, 7)), (64, 128), (torch.float16, torch.bfloat16), ((2, 32), (2, 128), (4, 64)))
+               if g <= D and (r == 4 or (D == 128 and dt == torch.bfloat16))
+               for B, T, R, masked in ((1, 1, 0, False), (3, 100, 128, True), (2, 4133, 128, False))]
+
+
+def tolerance(dtype):
+    return {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,T,D,bits,group,residual,dtype,masked,splits", DA_GRID)
+def test_decode_attention_matches_reference(B, Hq, Hkv, T, D, bits, group, residual, dtype, masked, splits):
+    _, kv = build_cache(B, Hkv, T, D, bits, group, residual, dtype)
+    q = rand(B, Hq, D, dtype=dtype, outliers=False)
+    mask = None
+    if masked:  # left padding of a different length per row, and one hole
+        mask = torch.ones(B, T, dtype=torch.bool, device=DEV)
+        for b in range(B):
+            mask[b, : (3 * b + 1) % max(T, 1)] = False
+        mask[:, T // 2] = False
+        mask[:, -1] = True
+    out = torch.full((B, Hq, D), float("nan"), dtype=dtype, device=DEV)  # poisoned: every element must be written
+    decode_attention(q, kv, mask=mask, out=out, num_splits=splits)
+    ref = decode_attention_ref(q, kv, mask)
+    assert not bool(out.isnan().any())
+    err = float((out.float() - ref).norm() / ref.norm())
+    assert err < tolerance(dtype), err
+
+
+def test_decode_attention_split_count_does_not_change_result():
+    _, kv = build_cache(1, 2, 300, 64, 2, 32, 32, torch.float32)
+    q = rand(1, 4, 64, dtype=torch.float32)
+    outs = [decode_attention(q, kv, num_splits=s, block_n=32) for s in (1, 4, 64)]  # 64 > blocks: clipped
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], atol=1e-5, rtol=1e-5)
+
+
+def test_decode_attention_main_loop_equals_general_loop():
+    """The main loop (whole quantized blocks, per-byte unpacking) computes what the general loop does."""
+    _, kv = build_cache(2, 2, 260, 64, 2, 32, 32, torch.float32)
+    q = rand(2, 4, 64, dtype=torch.float32)
+    fast = decode_attention(q, kv, num_splits=2)
+    slow = decode_attention(q, kv, num_splits=2, fast=False)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_attention_fully_masked_row_is_zero_and_scale_is_used():
+    _, kv = build_cache(2, 1, 40, 64, 2, 16, 16, torch.float32)
+    q = rand(2, 2, 64, dtype=torch.float32)
+    mask = torch.ones(2, 40, dtype=torch.bool, device=DEV)
+    mask[1] = False
+    out = decode_attention(q, kv, mask=mask, scale=0.3)
+    assert bool((out[1] == 0).all())
+    ref = decode_attention_ref(q, kv, mask, scale=0.3)
+    torch.testing.assert_close(out[0], ref[0], atol=1e-5, rtol=1e-4)
+    assert float((decode_attention(q, kv, mask=mask)[0] - out[0]).abs().max()) > 1e-3  # the scale matters
+
+
+# ---------------------------------------------------------------- the layer and transformers' wiring
+def test_kernel_layer_stores_what_uniform_layer_stores():
+    kl, kkv = build_cache(2, 2, 150, 64, 2, 16, 32, torch.float16, kernel_layer=True)
+    ul, ukv = build_cache(2, 2, 150, 64, 2, 16, 32, torch.float16)
+    assert (kkv.tkq, kkv.tvq, kkv.tokens) == (ukv.tkq, ukv.tvq, ukv.tokens)
+    assert kl.held() == ul.held() == kl.seen
+    assert kl.nbytes() >= ul.nbytes()  # capacity is counted
+
+
+def test_kernel_layer_same_codes_as_uniform_layer_and_reserve_stops_regrowth():
+    GEN.manual_seed(11)
+    k, v = rand(1, 2, 200, 64), rand(1, 2, 200, 64)
+    kl = KernelUniformLayer(4, "token", "channel", 32, 32, 64)
+    ul = UniformLayer(4, "token", "channel", 32, 32, 64)
+    kl.reserve(200)
+    kl.append(k[:, :, :150], v[:, :, :150])
+    ul.append(k[:, :, :150], v[:, :, :150])
+    ptr = kl.vq.packed.data_ptr()
+    for i in range(150, 200):
+        kl.append(k[:, :, i:i + 1], v[:, :, i:i + 1])
+        ul.append(k[:, :, i:i + 1], v[:, :, i:i + 1])
+    assert kl.vq.packed.data_ptr() == ptr  # written in place
+    check_codes(kl.kq.codes(), ul.kq.codes(), kl.kq, ul.kq)
+    check_codes(kl.vq.codes(), ul.vq.codes(), kl.vq, ul.vq)
+    assert torch.equal(kl.k_res, ul.k_res) and torch.equal(kl.v_res, ul.v_res)
+    kl.batch_select_indices(torch.tensor([0]))  # state replaced wholesale: buffers follow
+    kl.append(k[:, :, :1], v[:, :, :1])
+    assert kl.vq.tokens == ul.vq.tokens + 1
+
+
+def test_generate_with_kernels_matches_reference_path(tiny, monkeypatch):
+    """Greedy generation through transformers' attention interface: the packed decode kernel serves every
+    decode step of every layer, and gives the tokens the dequantize-then-SDPA path gives."""
+    model = tiny("llama", head_dim=32) if DEV == "cpu" else tiny_model("llama", head_dim=32).to(DEV)
+    ids = torch.randint(3, 200, (2, 20), generator=GEN).to(DEV)
+    am = torch.ones_like(ids)
+    am[1, :4] = 0  # left padding
+    spec = "kivi:bits=2,group=16,residual=16"
+    calls = []
+    real = kattn.decode_attention
+    monkeypatch.setattr(kattn, "decode_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    kw = dict(input_ids=ids, attention_mask=am, max_new_tokens=6, do_sample=False, output_scores=True,
+              return_dict_in_generate=True)
+    ref = model.generate(past_key_values=make_cache(model, spec), **kw)
+    try:
+        cache = make_kernel_cache(model, spec, reserve=26)
+        assert all(isinstance(layer, KernelUniformLayer) for layer in cache.layers)
+        got = model.generate(past_key_values=cache, **kw)
+    finally:
+        disable(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert len(calls) == 5 * 2  # 5 decode steps x 2 layers
+    assert torch.equal(got.sequences, ref.sequences)
+    s_ref, s_got = torch.stack(ref.scores), torch.stack(got.scores)
+    assert float((s_got - s_ref).norm() / s_ref.norm()) < 1e-5
+
+
+def test_attention_function_mask_rows_and_dense_fallback():
+    """transformers' 4-D masks (bool or additive) become the kernel's (B, T) rows; a call the kernel cannot
+    serve (here: soft-capping) falls back to dequantize + SDPA and still matches the reference."""
+    B, T = 2, 37
+    keep = torch.rand(B, T, generator=GEN) > 0.3
+    keep[:, -1] = True
+    additive = torch.zeros(B, 1, 1, T).masked_fill(~keep[:, None, None, :], torch.finfo(torch.float32).min)
+    assert torch.equal(kattn._mask_rows(keep[:, None, None, :], B, T), keep)
+    assert torch.equal(kattn._mask_rows(additive, B, T), keep)
+    assert kattn._mask_rows(None, B, T) is None
+
+    layer, kv = build_cache(1, 2, 50, 64, 2, 16, 16, torch.float32, kernel_layer=True)
+    handle = kattn.PackedDecode(kv, layer)
+    q = rand(1, 4, 1, 64, dtype=torch.float32)
+
+    class Module(torch.nn.Module):  # what transformers' SDPA function reads off an attention module
+        is_causal = True
+        num_key_value_groups = 2
+
+    fast, _ = kattn.kvshrink_attention(Module(), q, handle, handle, None, scaling=0.125)
+    dense, _ = kattn.kvshrink_attention(Module(), q, handle, handle, None, scaling=0.125, softcap=None,
+                                        sliding_window=4096)  # sliding window: not served by the kernel
+    ref = decode_attention_ref(q[:, :, 0], kv, scale=0.125)
+    torch.testing.assert_close(fast[:, 0], ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(dense[:, 0].float(), ref, atol=1e-5, rtol=1e-4)
