@@ -235,12 +235,16 @@ class UniformLayer(CompressedLayer):
         return q, (rest.clone() if rest.shape[-2] else None)  # clone: free the flushed part's storage
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        if not self.is_initialized:  # policies append to their inner layer directly, without update()
+            self.lazy_initialization(k, v)
         half = half_dtype(k.dtype)
         self.kq, self.k_res = self._push(self.kq, self.k_res, k.to(half), self.key_bits, self.key_axis, self.key_group)
         self.vq, self.v_res = self._push(self.vq, self.v_res, v.to(half), self.value_bits, self.value_axis,
                                          self.value_group)
 
     def dense(self):
+        if not self.is_initialized:
+            return None, None
         return _join(self.kq, self.k_res, self.dtype), _join(self.vq, self.v_res, self.dtype)
 
 
