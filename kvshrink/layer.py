@@ -51,6 +51,9 @@ class CompressedLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
     state_fields: tuple[str, ...] = ()
+    # True: append() accepts ``index`` and uses it (per-token side data captured for the whole chunk by hooks,
+    # e.g. pre-RoPE positions); an eviction policy then passes which chunk tokens it keeps, per head.
+    takes_index = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -61,7 +64,10 @@ class CompressedLayer(CacheLayerMixin):
             setattr(self, name, None)
 
     # -- to implement -------------------------------------------------------------------------
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def append(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        """Store ``k, v (B, H, T', D)``. ``index`` (only passed to layers with ``takes_index``): LongTensor
+        ``(B, H, T')``, the positions within the current chunk of the tokens given (an eviction policy in
+        front keeps a subset, per head); None = the whole chunk, in order."""
         raise NotImplementedError
 
     def dense(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -9,6 +9,10 @@ A policy layer (:class:`PolicyLayer`) sits between transformers and the quantize
 3. hands only those to ``inner`` (``inner.append``). When stored tokens are evicted too, the inner layer
    is rebuilt from its dense tokens (:func:`select_held`): exact for ``none``; for a quantizer it
    re-quantizes the kept tokens (the core API has no way to drop tokens from packed storage).
+   Quantizers that keep per-token data captured for the whole chunk by hooks (pre-RoPE positions, sinks:
+   rotatekv, kvquant; ``takes_index``) are told which chunk tokens each head keeps,
+   ``append(k, v, index=(B, H, T'))``, and drop stored tokens themselves (their ``select(idx)``), so that
+   every kept key is re-RoPE'd at its own position.
 
 ``held() < seen`` once tokens are evicted; the base class's ``get_mask_sizes = (held + q, seen - held)``
 keeps stock SDPA/eager masks right.
@@ -166,15 +170,20 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 # -- moving tokens in and out of any layer ---------------------------------------------------------
-def push(layer: CompressedLayer, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Store ``k, v`` in ``layer`` (a quantizer's layer or a nested policy layer); no attention output."""
+def push(layer: CompressedLayer, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor | None = None) -> None:
+    """Store ``k, v`` in ``layer`` (a quantizer's layer or a nested policy layer); no attention output.
+
+    ``index (B, H, T')``: the positions within the model's current chunk of the tokens given (None: the whole
+    chunk), passed on to layers that keep per-token data captured for the chunk (``takes_index``)."""
     n = k.shape[-2]
     if n == 0:
         return
     if not layer.is_initialized:
         layer.lazy_initialization(k, v)
     if isinstance(layer, PolicyLayer):
-        layer.store(k, v)
+        layer.store(k, v, index)
+    elif index is not None and layer.takes_index:
+        layer.append(k, v, index=index)
     else:
         layer.append(k, v)
     layer.seen += n
@@ -195,10 +204,16 @@ def select_held(layer: CompressedLayer, idx: torch.Tensor) -> None:
 
     Exact for a plain tensor layer (``none``). Packed storage cannot drop single tokens (per-channel key
     groups span tokens), so a quantizer's layer is rebuilt from its dequantized kept tokens: the kept
-    tokens are quantized a second time. A core ``CompressedLayer.select(idx)`` would avoid that.
+    tokens are quantized a second time. A core ``CompressedLayer.select(idx)`` would avoid that. A layer
+    with its own ``select(idx)`` (rotatekv, kvquant: positions and sinks kept consistent) does it itself.
     """
     if isinstance(layer, PolicyLayer):
         layer.select(idx)
+        return
+    if callable(getattr(layer, "select", None)):
+        # the layer drops tokens itself (e.g. rotatekv: keeps its stored positions and exact sinks consistent)
+        layer.select(idx)
+        layer.seen = idx.shape[-1]
         return
     keys = getattr(layer, "keys", None)
     if set(layer.state_fields) == {"keys", "values"} and isinstance(keys, torch.Tensor):
@@ -307,14 +322,16 @@ class PolicyLayer(CompressedLayer):
         self.seen += key_states.shape[-2]
         return out
 
-    def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store a chunk without producing attention inputs (when nested in another policy)."""
+    def store(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        """Store a chunk without producing attention inputs (when nested in another policy); ``index``: the
+        chunk positions of ``k, v`` when an outer policy already kept a subset (see :func:`push`)."""
         pk, pv = self.dense()
         K = k if pk is None else torch.cat([pk, k], dim=-2)
         V = v if pv is None else torch.cat([pv, v], dim=-2)
-        self._store(K, V, k, v)
+        self._store(K, V, k, v, index)
 
-    def _store(self, K: torch.Tensor, V: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _store(self, K: torch.Tensor, V: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               index: torch.Tensor | None = None) -> None:
         held, n = self.held(), k.shape[-2]
         valid = self._valid(held, n, K.shape[0], K.device)
         # Protocol: after choose(), per-token metadata in token_fields covers the held + n tokens.
@@ -323,14 +340,19 @@ class PolicyLayer(CompressedLayer):
             if valid is not None:
                 npad = (~valid).sum(-1)
                 self.npad = npad if bool(npad.any()) else None
-            push(self.inner, k, v)
+            push(self.inner, k, v, index)
             return
         self._gather_meta(keep, valid)
         ar = torch.arange(held, device=K.device)
         if held == 0 or (keep.shape[-1] >= held and bool((keep[..., :held] == ar).all())):
             # every held token stays: only new tokens are dropped, nothing stored is touched
             new = keep[..., held:] - held
-            push(self.inner, gather_tokens(k, new), gather_tokens(v, new))
+            push(self.inner, gather_tokens(k, new), gather_tokens(v, new), new if index is None else index.gather(2, new))
+        elif self.inner.takes_index:
+            # stored tokens are evicted too, and the inner layer keeps per-token data of the chunk (positions):
+            # store the whole chunk with that data, then let the layer drop tokens itself (select_held)
+            push(self.inner, k, v, index)
+            select_held(self.inner, keep)
         else:
             clear_tokens(self.inner)
             push(self.inner, gather_tokens(K, keep), gather_tokens(V, keep))

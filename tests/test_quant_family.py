@@ -558,7 +558,7 @@ def test_composition_with_an_evicting_policy_fails_loudly_or_works(tiny):
     ids = _ids(length=60)
     for spec, ok in (("h2o:budget=0.2+gear", True), ("h2o:budget=0.2+kvquant:prerope=false,calib_tokens=32", True),
                      ("h2o:budget=0.2+zipcache", False), ("h2o:budget=0.2+mikv", False),
-                     ("h2o:budget=0.2+kvquant:calib_tokens=32", False)):
+                     ("h2o:budget=0.2+kvquant:calib_tokens=32", True)):  # pre-RoPE keys gather per-head positions
         cache = make_cache(model, spec)
         if ok:
             with torch.no_grad():

@@ -28,7 +28,8 @@ each layer lazily, unweighted, from the first chunk it receives, i.e. from the p
 Layout per layer (``nbytes()`` counts all): shared ``k_cb``/``v_cb`` (fp16 codebooks) and ``k_cbn``/``v_cbn``
 (Q-Norm decoding codebooks), ``k_center``/``k_range`` (fp16, ``(H, D)``); per token ``k_codes``/``v_codes``
 (``(B, H, T, ceil(D/8)*bits)`` uint8), ``v_center``/``v_range`` (fp16 ``(B, H, T, 1)``), ``k_oval``/``v_oval``
-(fp16 ``(B, H, T, k)``) and ``k_oidx``/``v_oidx`` (uint8), ``pos`` (int32 ``(B, T)``, pre-RoPE only),
+(fp16 ``(B, H, T, k)``) and ``k_oidx``/``v_oidx`` (uint8), ``pos`` (int32 ``(B, T)``, pre-RoPE only;
+``(B, H, T)`` behind an eviction policy keeping different tokens per head),
 ``sink_k``/``sink_v`` (16-bit: the model's dtype if 16-bit, else fp16).
 
 Deviation: the paper marks key outliers with calibrated per-channel thresholds (a variable number per
@@ -313,14 +314,87 @@ class KVQuantLayer(StateLayer):
         return (torch.arange(n, device=device, dtype=torch.int32) + self.seen).expand(batch, n)
 
     def _rope(self, positions: torch.Tensor, like: torch.Tensor):
+        """(cos, sin) at ``positions`` (B, T) -> (B, T, R), or per head (B, H, T) -> (B, H, T, R)."""
         if self.probe is None or self.probe.rope_fn is None:
             raise RuntimeError(
                 "kvquant: prerope=true needs the model's RoPE (cos, sin), captured by hooks on the model: build the "
                 "cache with make_cache(model, ...) (not from a config) and run it through that model, or use "
                 "prerope=false to quantize post-RoPE keys")
-        return self.probe.rope_fn(positions.long(), torch.float32)
+        if positions.dim() == 2:
+            return self.probe.rope_fn(positions.long(), torch.float32)
+        B, H, T = positions.shape
+        cos, sin = self.probe.rope_fn(positions.reshape(B, H * T).long(), torch.float32)
+        return cos.reshape(B, H, T, -1), sin.reshape(B, H, T, -1)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    takes_index = True  # pre-RoPE: the chunk's (cos, sin) and positions are gathered at the kept tokens
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        """Store ``k, v (B, H, n, D)``: the model's whole chunk (``index`` None) or, behind an eviction policy,
+        the tokens at chunk positions ``index (B, H, n)`` (per head), whose captured RoPE and positions are
+        gathered there so that keys are stored pre-RoPE and re-RoPE'd at their true positions."""
+        B, H, n, D = k.shape
+        pos = cos = sin = None
+        if self.prerope:
+            probe = self.probe
+            m = probe.cos.shape[-2] if (probe is not None and probe.cos is not None) else None
+            if m is None or (index is None and m != n):
+                pos = self._positions(n, B, k.device)
+                self._rope(pos, k)  # raises the explanation when no hooks are installed
+                raise RuntimeError(f"kvquant: the model computed RoPE for {m} tokens but {n} were given to the "
+                                   "cache without an index saying which (a merging policy in front of it?); a "
+                                   "policy must pass append(k, v, index=...), or use prerope=false")
+            pos, cos, sin = self._positions(m, B, k.device), probe.cos, probe.sin
+            if index is not None:
+                index = index.to(device=k.device, dtype=torch.long)
+                pos = pos[:, None].expand(B, H, m).gather(2, index)
+                R = cos.shape[-1]
+                g = index[..., None].expand(B, H, n, R)
+                cos = cos.expand(B, m, R)[:, None].expand(B, H, m, R).gather(2, g)
+                sin = sin.expand(B, m, R)[:, None].expand(B, H, m, R).gather(2, g)
+            probe.clear()  # do not keep the layer's hidden states alive between steps
+        self._store(k, v, pos, cos, sin)
+
+    def select(self, idx: torch.Tensor) -> None:
+        """Keep held tokens ``idx (B, H, T')`` (decode-time eviction by a policy in front): the kept tokens are
+        dequantized and stored again (quantized a second time) at their own positions (kept per head)."""
+        K, V = self.dense()
+        if K is None:
+            return
+        idx = idx.to(device=K.device, dtype=torch.long)
+        B, H, T2 = idx.shape
+        g = idx[..., None].expand(B, H, T2, K.shape[-1])
+        kk, vv = K.gather(2, g), V.gather(2, g)
+        pos = None
+        if self.prerope:
+            nsink = 0 if self.sink_k is None else self.sink_k.shape[2]
+            p = self.pos if self.pos is not None else torch.zeros(B, 0, dtype=torch.int32, device=K.device)
+            p = p if p.dim() == 3 else p[:, None].expand(B, H, p.shape[-1])
+            # sinks hold no position: they are the first tokens and stay sinks (kept tokens are in text order)
+            full = torch.cat([p.new_full((B, H, nsink), -1), p], dim=-1)
+            pos = full.gather(2, idx)
+        for name in self.state_fields:
+            setattr(self, name, None)
+        self._store(kk, vv, pos, None, None)
+
+    def _add_pos(self, pos: torch.Tensor) -> None:
+        """Append positions; (B, T) while every head holds the same tokens, per head (B, H, T) once a policy
+        keeps different tokens per head (counted in nbytes like every stored tensor)."""
+        pos = pos.to(torch.int32)
+        if pos.dim() == 3 and (self.pos is None or self.pos.dim() == 2) and bool((pos == pos[:, :1]).all()):
+            pos = pos[:, 0]
+        if self.pos is not None and self.pos.dim() != pos.dim():
+            B, H = pos.shape[0], self.num_heads
+            if pos.dim() == 2:
+                pos = pos[:, None].expand(B, H, pos.shape[-1])
+            else:
+                self.pos = self.pos[:, None].expand(B, H, self.pos.shape[-1])
+        # clone: a slice or gather result may be a view of a larger storage, which nbytes would count whole
+        self.pos = pos.clone(memory_format=torch.contiguous_format) if self.pos is None else torch.cat([self.pos, pos], -1)
+
+    def _store(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None, cos: torch.Tensor | None,
+               sin: torch.Tensor | None) -> None:
+        """Store post-RoPE ``k, v`` at positions ``pos`` ((B, n) or (B, H, n); pre-RoPE only) with their RoPE
+        ``cos/sin`` (None: recomputed from ``pos``)."""
         B, H, n, D = k.shape
         held_sink = 0 if self.sink_k is None else self.sink_k.shape[2]
         take = min(n, max(0, self.sink - held_sink))
@@ -332,15 +406,13 @@ class KVQuantLayer(StateLayer):
             return
         k, v = k[:, :, take:], v[:, :, take:]
         if self.prerope:
-            pos = self._positions(n, B, k.device)[:, take:]
-            probe = self.probe
-            if probe is None or probe.cos is None or probe.cos.shape[-2] != n:
-                self._rope(pos, k)  # raises the explanation when no hooks are installed
-                raise RuntimeError(f"kvquant: the model computed RoPE for a different number of tokens than the {n} "
-                                   "given to the cache (an eviction policy in front of it?); use prerope=false")
-            k = invert_rope(k.float(), probe.cos[:, take:].float(), probe.sin[:, take:].float())
-            probe.clear()  # do not keep the layer's hidden states alive between steps
-            self.pos = pos.clone() if self.pos is None else torch.cat([self.pos, pos], 1)
+            pos = pos[..., take:]
+            if cos is None:
+                cos, sin = self._rope(pos, k)
+            else:
+                cos, sin = cos[..., take:, :], sin[..., take:, :]
+            k = invert_rope(k.float(), cos.float(), sin.float())
+            self._add_pos(pos)
         if not self.calibrated:  # lazy calibration from this (first) chunk: unweighted k-means
             flat = lambda x: x.float().transpose(1, 2).reshape(-1, H, D)  # noqa: E731
             self.set_calibration(calibrate_layer(flat(k), flat(v), self.bits, self.outliers, self.qnorm),

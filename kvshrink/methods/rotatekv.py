@@ -49,10 +49,13 @@ Layout (what a decode kernel reads), per layer, batch at dim 0, tokens at dim 2:
   or, with ``residual=0``, ``group`` - 1 tokens, flushed a whole group at a time as in KIVI's Alg. 1), same
   rotated domain, model dtype.
 * ``pos``: ``(B, T)`` int32 position id of every held token (pre-RoPE only); RoPE is re-applied with
-  ``cos/sin = rotary(pos)``.
+  ``cos/sin = rotary(pos)``. Behind an eviction policy that keeps different tokens per head (it passes the
+  kept chunk positions, ``append(k, v, index)``), ``(B, H, T)``: held slot ``t`` of head ``h`` is that
+  head's token; the Hadamard rotation across heads still inverts exactly, and RoPE is re-applied per head.
 * ``sink_k``/``sink_v``: ``(B, H, S, D)`` sink tokens as given (post-RoPE keys) in ``sink_dtype``, ``sink_idx``
-  ``(B, S)`` int32 their index in the held sequence (-1 = padding for rows with fewer sinks). Dense keys
-  and values are overwritten at those indices.
+  ``(B, S)`` int32 their index in the held sequence (-1 = padding for rows with fewer sinks; ``(B, H, S)``
+  behind a per-head eviction policy, -1 where a head did not keep the sink). Dense keys and values are
+  overwritten at those indices.
 
 Reading (``dense``): dequantize, undo the channel order, inverse-rotate (``H_G^T``), re-apply RoPE with
 ``rotary(pos)``, then write the exact sinks back. A decode kernel can instead fold everything linear into
@@ -119,6 +122,16 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor | None, dim: int = -2) -> torch
     if b is None:
         return a
     return torch.cat([a, b], dim=dim)
+
+
+def _slots_of(index: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
+    """Where tokens ``tokens (B, H, S)`` (-1 = none) sit in ``index (B, H, T')``: ``(B, H, S)`` slots, -1 where
+    a head did not keep the token; columns no head kept are dropped (None if none is left)."""
+    match = (index[:, :, None, :] == tokens[..., None]) & (tokens >= 0)[..., None]  # (B, H, S, T')
+    found = match.any(-1)
+    slots = torch.where(found, match.to(torch.uint8).argmax(-1), -1)
+    cols = found.flatten(0, 1).any(0)
+    return slots[..., cols] if bool(cols.any()) else None
 
 
 class _Capture:
@@ -221,7 +234,13 @@ class RotateKVLayer(CompressedLayer):
     def _held(self) -> int:
         return (self.kq.tokens if self.kq is not None else 0) + (self.k_res.shape[-2] if self.k_res is not None else 0)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    takes_index = True  # pre-RoPE positions and sinks are captured for the whole chunk (see append)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        """Store ``k, v (B, H, T', D)``: the model's whole chunk (``index`` None) or, behind an eviction
+        policy, the tokens at chunk positions ``index (B, H, T')`` (per head). The chunk's captured (cos, sin),
+        position ids and sink tokens are gathered at those positions, so kept keys are un-RoPE'd and later
+        re-RoPE'd at their true positions."""
         B, H, q, D = k.shape
         cap, self.pending = self.pending, None
         if self.reordered and self.perm is None:
@@ -229,30 +248,110 @@ class RotateKVLayer(CompressedLayer):
                 "rotatekv: reorder=true needs a calibrated channel order: build the cache from the model, "
                 "make_cache(model, 'rotatekv'), which calibrates on the fly, or pass calib=FILE made by "
                 "`kvshrink calibrate`; or set reorder=false")
-        if cap is not None and cap.cos is not None and cap.cos.shape[-2] != q:
+        n = cap.cos.shape[-2] if (cap is not None and cap.cos is not None) else q
+        if index is None and n != q:
             raise KVShrinkError(
-                f"rotatekv: layer {self.layer_idx} received {q} tokens but the model computed positions for "
-                f"{cap.cos.shape[-2]}; pre-RoPE storage needs every token of a chunk (is an eviction policy "
-                "composed in front of it?); use prerope=false")
-        start = self._held()
+                f"rotatekv: layer {self.layer_idx} received {q} tokens but the model computed positions for {n}, "
+                "and no index saying which tokens of the chunk these are: a policy in front of rotatekv must pass "
+                "append(k, v, index=...) (kvshrink's eviction policies do; merging policies such as kvmerger, "
+                "cake or lminfinite do not); use prerope=false,sinks=false with it")
+        if index is not None:
+            index = index.to(device=k.device, dtype=torch.long)
+            if tuple(index.shape) != (B, H, q):
+                raise KVShrinkError(f"rotatekv: index has shape {tuple(index.shape)}, expected {(B, H, q)}")
+        slots = None
         if self.m.sinks and cap is not None and cap.hidden is not None:
-            self._add_sinks(cap.hidden, k, v, start)
-        kk = k
+            slots = self._chunk_sinks(cap.hidden, index, k.device)
+        pos = cos = sin = None
         if self.m.prerope:
             if cap is None or cap.cos is None:
                 raise KVShrinkError(
                     "rotatekv: prerope=true needs the (cos, sin) the model computed for these tokens, captured by a "
                     "hook on the model: build the cache with make_cache(model, ...) (not from a config) and run it "
                     "through that model; or use prerope=false")
-            kk = invert_rope(k.float(), cap.cos.float(), cap.sin.float())
             pid = cap.position_ids
             if pid is None:  # model did not pass position ids: they follow the cache length
-                pid = torch.arange(start, start + q, device=k.device)[None]
-            self.pos = _cat(self.pos, pid.to(device=k.device, dtype=torch.int32).expand(B, q).contiguous(), dim=1)
+                start = self._held()
+                pid = torch.arange(start, start + n, device=k.device)[None]
+            pid = pid.to(device=k.device, dtype=torch.int32).expand(B, n)
+            cos, sin = cap.cos, cap.sin
+            if index is None:
+                pos = pid.contiguous()
+            else:  # per-head positions and RoPE angles of the kept tokens
+                pos = pid[:, None].expand(B, H, n).gather(2, index)
+                R = cos.shape[-1]
+                g = index[..., None].expand(B, H, q, R)
+                cos = cos.expand(B, n, R)[:, None].expand(B, H, n, R).gather(2, g)
+                sin = sin.expand(B, n, R)[:, None].expand(B, H, n, R).gather(2, g)
+        self._store(k, v, pos, cos, sin, slots)
+
+    def _store(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None, cos: torch.Tensor | None,
+               sin: torch.Tensor | None, slots: torch.Tensor | None) -> None:
+        """Store post-RoPE ``k`` and ``v`` with positions ``pos`` ((B, T) or per head (B, H, T); pre-RoPE
+        only), their RoPE ``cos/sin`` (None: recomputed from ``pos``) and sink slots ``slots`` ((B, S) or
+        (B, H, S) indices into these tokens, -1 = none)."""
+        start = self._held()
+        if slots is not None:
+            self._add_sink_slots(k, v, slots, start)
+        kk = k
+        if self.m.prerope:
+            if cos is None:
+                cos, sin = self._rope_at(pos)
+            kk = invert_rope(k.float(), cos.float(), sin.float())
+            self._add_pos(pos)
         kr = self.rotate_keys(kk).to(k.dtype)
         vr = self.rotate_values(v).to(v.dtype)
         self._push_keys(kr)
         self._push_values(vr)
+
+    # -- positions (pre-RoPE) -------------------------------------------------------------------
+    def _add_pos(self, pos: torch.Tensor) -> None:
+        """Append positions; kept as (B, T) while every head holds the same tokens, per head (B, H, T) once
+        an eviction policy keeps different tokens per head (those extra bytes are counted in nbytes)."""
+        pos = pos.to(torch.int32)
+        if pos.dim() == 3 and (self.pos is None or self.pos.dim() == 2) and bool((pos == pos[:, :1]).all()):
+            pos = pos[:, 0]
+        if self.pos is not None and self.pos.dim() != pos.dim():
+            B, H = pos.shape[0], self.H
+            if pos.dim() == 2:
+                pos = pos[:, None].expand(B, H, pos.shape[-1])
+            else:
+                self.pos = self.pos[:, None].expand(B, H, self.pos.shape[-1])
+        # clone: a slice of a gather result is a view of a larger storage, which nbytes would count whole
+        self.pos = pos.clone(memory_format=torch.contiguous_format) if self.pos is None else torch.cat([self.pos, pos], -1)
+
+    def _pos_per_head(self) -> torch.Tensor:
+        p = self.pos
+        return p if p.dim() == 3 else p[:, None].expand(p.shape[0], self.H, p.shape[-1])
+
+    def _rope_at(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) at ``pos`` (B, T) -> (B, T, R), or per head (B, H, T) -> (B, H, T, R)."""
+        if pos.dim() == 2:
+            return self.rope_fn(pos, torch.float32)
+        B, H, T = pos.shape
+        cos, sin = self.rope_fn(pos.reshape(B, H * T), torch.float32)
+        return cos.reshape(B, H, T, -1), sin.reshape(B, H, T, -1)
+
+    # -- dropping held tokens (decode-time eviction) ------------------------------------------------
+    def select(self, idx: torch.Tensor) -> None:
+        """Keep held tokens ``idx (B, H, T')`` (an eviction policy dropping stored tokens). Quantized storage
+        cannot drop single tokens, so the kept tokens are dequantized and stored again (quantized a second
+        time), at their own positions (kept per head) and with sinks still exact."""
+        K, V = self.dense()
+        if K is None:
+            return
+        idx = idx.to(device=K.device, dtype=torch.long)
+        B, H, T2 = idx.shape
+        g = idx[..., None].expand(B, H, T2, K.shape[-1])
+        kk, vv = K.gather(2, g), V.gather(2, g)
+        pos = self._pos_per_head().gather(2, idx) if self.m.prerope else None
+        slots = None
+        if self.sink_idx is not None:
+            old = self.sink_idx.long()
+            slots = _slots_of(idx, old if old.dim() == 3 else old[:, None].expand(B, H, old.shape[-1]))
+        for name in self.state_fields:
+            setattr(self, name, None)
+        self._store(kk, vv, pos, None, None, slots)
 
     def _flush_count(self, length: int, axis: str, group: int) -> int:
         if self.bits == 16:
@@ -286,8 +385,10 @@ class RotateKVLayer(CompressedLayer):
         self.v_res = res
 
     # -- sinks ----------------------------------------------------------------------------------
-    def _add_sinks(self, hidden: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
-        B, q = hidden.shape[0], hidden.shape[1]
+    def _chunk_sinks(self, hidden: torch.Tensor, index: torch.Tensor | None, device) -> torch.Tensor | None:
+        """Sink tokens of a chunk from its hidden states: (B, S) chunk positions (-1 pads rows with fewer),
+        or with ``index`` (B, H, S) slots among the kept tokens of each head (-1 = not kept there)."""
+        B = hidden.shape[0]
         a = hidden.detach().abs().float().reshape(B, -1)
         C = hidden.shape[-1]
         top = min(self.m.sink_topk, a.shape[1])
@@ -297,44 +398,69 @@ class RotateKVLayer(CompressedLayer):
         rows = [sorted(set((flat[b][keep[b]] // C).tolist())) for b in range(B)]
         S = max(len(r) for r in rows)
         if S == 0:
-            return
-        idx = torch.full((B, S), -1, dtype=torch.long, device=k.device)
+            return None
+        idx = torch.full((B, S), -1, dtype=torch.long, device=device)
         for b, r in enumerate(rows):
             if r:
-                idx[b, :len(r)] = torch.tensor(r, device=k.device)
-        gather = idx.clamp(min=0)[:, None, :, None].expand(B, k.shape[1], S, k.shape[-1])
-        valid = (idx >= 0)[:, None, :, None]
+                idx[b, :len(r)] = torch.tensor(r, device=device)
+        if index is None:
+            return idx
+        return _slots_of(index, idx[:, None].expand(B, index.shape[1], S))
+
+    def _add_sinks(self, hidden: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                   index: torch.Tensor | None = None) -> None:
+        """Detect the sinks of a chunk from its hidden states and keep them exact (held indices from ``start``)."""
+        slots = self._chunk_sinks(hidden, index, k.device)
+        if slots is not None:
+            self._add_sink_slots(k, v, slots, start)
+
+    def _add_sink_slots(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, start: int) -> None:
+        B, H, _, D = k.shape
+        S = slots.shape[-1]
+        s3 = slots if slots.dim() == 3 else slots[:, None].expand(B, H, S)
+        gather = s3.clamp(min=0)[..., None].expand(B, H, S, D)
+        valid = (s3 >= 0)[..., None]
         sk = torch.where(valid, k.gather(2, gather), torch.zeros((), dtype=k.dtype, device=k.device))
         sv = torch.where(valid, v.gather(2, gather), torch.zeros((), dtype=v.dtype, device=v.device))
         if self.m.sink_dtype != "model":
             sk, sv = sk.to(SCALE_DTYPES[self.m.sink_dtype]), sv.to(SCALE_DTYPES[self.m.sink_dtype])
-        gidx = torch.where(idx >= 0, idx + start, idx).to(torch.int32)
+        gidx = torch.where(slots >= 0, slots + start, slots).to(torch.int32)
         if self.sink_idx is not None and self.sink_idx.shape[0] != B:
             raise KVShrinkError("rotatekv: batch size changed between chunks")
+        if self.sink_idx is not None and self.sink_idx.dim() != gidx.dim():  # per-head slots from now on
+            if gidx.dim() == 2:
+                gidx = gidx[:, None].expand(B, H, S)
+            else:
+                self.sink_idx = self.sink_idx[:, None].expand(B, H, self.sink_idx.shape[-1])
         self.sink_k, self.sink_v = _cat(self.sink_k, sk), _cat(self.sink_v, sv)
-        self.sink_idx = _cat(self.sink_idx, gidx, dim=1)
+        self.sink_idx = _cat(self.sink_idx, gidx.contiguous(), dim=-1).contiguous()
+
+    def _sinks_per_head(self) -> torch.Tensor:
+        idx = self.sink_idx.long()
+        return idx if idx.dim() == 3 else idx[:, None].expand(idx.shape[0], self.H, idx.shape[-1])
 
     def _neutralize_sinks(self, block: torch.Tensor, offset: int) -> torch.Tensor:
         """Token-group key quantization: replace sink tokens in ``block`` (held indices ``offset..``) by the
         mean of the block's other tokens, so a sink's huge key does not widen its group's range (sinks
         are restored exactly from ``sink_k`` at read time)."""
         B, H, n, D = block.shape
-        idx = self.sink_idx.long() - offset
-        inside = (idx >= 0) & (idx < n)
+        held = self._sinks_per_head()
+        idx = held - offset
+        inside = (held >= 0) & (idx >= 0) & (idx < n)
         if not bool(inside.any()):
             return block
-        mask = torch.zeros(B, n + 1, dtype=torch.bool, device=block.device)
-        mask.scatter_(1, torch.where(inside, idx, n), True)
-        mask = mask[:, :n][:, None, :, None]
+        mask = torch.zeros(B, H, n + 1, dtype=torch.bool, device=block.device)
+        mask.scatter_(2, torch.where(inside, idx, n), True)
+        mask = mask[:, :, :n, None]
         keep = (~mask).to(block.dtype)
         mean = (block * keep).sum(2, keepdim=True) / keep.sum(2, keepdim=True).clamp(min=1)
         return torch.where(mask, mean.to(block.dtype), block)
 
     def _put_sinks(self, x: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
         B, H, T, D = x.shape
-        idx = self.sink_idx.long()
-        S = idx.shape[1]
-        tgt = torch.where(idx >= 0, idx, T)[:, None, :, None].expand(B, H, S, D)
+        idx = self._sinks_per_head()
+        S = idx.shape[-1]
+        tgt = torch.where(idx >= 0, idx, T)[..., None].expand(B, H, S, D)
         out = torch.cat([x, x.new_zeros(B, H, 1, D)], dim=2)
         out.scatter_(2, tgt, sinks.to(x.dtype))
         return out[:, :, :T]
@@ -347,7 +473,7 @@ class RotateKVLayer(CompressedLayer):
         K = _cat(self.kq.dequantize() if self.kq is not None else None, self.k_res)
         K = self.unrotate_keys(K)
         if self.m.prerope:
-            cos, sin = self.rope_fn(self.pos, torch.float32)
+            cos, sin = self._rope_at(self.pos)
             K = apply_rope(K, cos.float(), sin.float())
         V = _cat(self.vq.dequantize() if self.vq is not None else None, self.v_res)
         V = self.rotate_values(V, inverse=True)
