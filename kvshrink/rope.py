@@ -122,3 +122,21 @@ def decoder_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
 
 __all__ = ["rotate_half", "apply_rope", "invert_rope", "check_rope_style", "RopeSource", "rotary_modules",
            "decoder_layers", "INTERLEAVED_ROPE_MODEL_TYPES"]
+
+
+def append_positions(held: torch.Tensor | None, new: torch.Tensor, heads: int) -> torch.Tensor:
+    """Append the position ids of newly stored tokens to those already held.
+
+    Positions stay ``(B, T)`` int32 while every head holds the same tokens and become per head,
+    ``(B, H, T)``, once an eviction policy keeps different tokens per head (the extra bytes are real and
+    counted in ``nbytes``). The result never views a larger storage, which ``nbytes`` would count whole.
+    """
+    new = new.to(torch.int32)
+    if new.dim() == 3 and (held is None or held.dim() == 2) and bool((new == new[:, :1]).all()):
+        new = new[:, 0]
+    if held is not None and held.dim() != new.dim():
+        if new.dim() == 2:
+            new = new[:, None].expand(new.shape[0], heads, new.shape[-1])
+        else:
+            held = held[:, None].expand(held.shape[0], heads, held.shape[-1])
+    return new.clone(memory_format=torch.contiguous_format) if held is None else torch.cat([held, new], -1)

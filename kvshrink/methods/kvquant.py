@@ -47,7 +47,7 @@ import torch
 
 from ..quant_utils import (StateLayer, half_dtype, install_query_probes, merge_outliers, nearest_code, outlier_count,
                            split_outliers, weighted_kmeans_1d)
-from ..rope import apply_rope, check_rope_style, invert_rope, rotate_half
+from ..rope import append_positions, apply_rope, check_rope_style, invert_rope, rotate_half
 from ..registry import register
 from ..storage import pack, unpack
 from .base import Quantizer, check_choice, require
@@ -377,19 +377,7 @@ class KVQuantLayer(StateLayer):
         self._store(kk, vv, pos, None, None)
 
     def _add_pos(self, pos: torch.Tensor) -> None:
-        """Append positions; (B, T) while every head holds the same tokens, per head (B, H, T) once a policy
-        keeps different tokens per head (counted in nbytes like every stored tensor)."""
-        pos = pos.to(torch.int32)
-        if pos.dim() == 3 and (self.pos is None or self.pos.dim() == 2) and bool((pos == pos[:, :1]).all()):
-            pos = pos[:, 0]
-        if self.pos is not None and self.pos.dim() != pos.dim():
-            B, H = pos.shape[0], self.num_heads
-            if pos.dim() == 2:
-                pos = pos[:, None].expand(B, H, pos.shape[-1])
-            else:
-                self.pos = self.pos[:, None].expand(B, H, self.pos.shape[-1])
-        # clone: a slice or gather result may be a view of a larger storage, which nbytes would count whole
-        self.pos = pos.clone(memory_format=torch.contiguous_format) if self.pos is None else torch.cat([self.pos, pos], -1)
+        self.pos = append_positions(self.pos, pos, self.num_heads)
 
     def _store(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None, cos: torch.Tensor | None,
                sin: torch.Tensor | None) -> None:

@@ -81,7 +81,7 @@ import torch
 from ..errors import KVShrinkError, SpecError, UnsupportedModelError
 from ..layer import CompressedLayer
 from ..registry import register
-from ..rope import RopeSource, apply_rope, check_rope_style, decoder_layers, invert_rope, rotary_modules
+from ..rope import append_positions, RopeSource, apply_rope, check_rope_style, decoder_layers, invert_rope, rotary_modules
 from ..rotation import hadamard_transform, is_supported
 from ..storage import SCALE_DTYPES, QuantizedTensor, pack, quantize
 from .base import Quantizer, check_choice, require
@@ -306,19 +306,7 @@ class RotateKVLayer(CompressedLayer):
 
     # -- positions (pre-RoPE) -------------------------------------------------------------------
     def _add_pos(self, pos: torch.Tensor) -> None:
-        """Append positions; kept as (B, T) while every head holds the same tokens, per head (B, H, T) once
-        an eviction policy keeps different tokens per head (those extra bytes are counted in nbytes)."""
-        pos = pos.to(torch.int32)
-        if pos.dim() == 3 and (self.pos is None or self.pos.dim() == 2) and bool((pos == pos[:, :1]).all()):
-            pos = pos[:, 0]
-        if self.pos is not None and self.pos.dim() != pos.dim():
-            B, H = pos.shape[0], self.H
-            if pos.dim() == 2:
-                pos = pos[:, None].expand(B, H, pos.shape[-1])
-            else:
-                self.pos = self.pos[:, None].expand(B, H, self.pos.shape[-1])
-        # clone: a slice of a gather result is a view of a larger storage, which nbytes would count whole
-        self.pos = pos.clone(memory_format=torch.contiguous_format) if self.pos is None else torch.cat([self.pos, pos], -1)
+        self.pos = append_positions(self.pos, pos, self.H)
 
     def _pos_per_head(self) -> torch.Tensor:
         p = self.pos
