@@ -108,3 +108,19 @@ def test_cli_calibrate_writes_a_usable_file(tmp_path):
     assert torch.equal(cache.layers[1].perm, tensors["layer.1.perm"])
     # a mismatching method spec fails cleanly (exit code 2, no traceback)
     assert main(["calibrate", "--model", model_dir, "--method", "kivi", "--text", str(text), "--out", str(out)]) == 2
+
+
+def test_calibrate_cli_serves_every_method_that_takes_a_file(tmp_path, capsys):
+    from kvshrink.cli import main
+    from kvshrink.testing import save_tiny
+
+    model_dir = save_tiny(tmp_path / "tiny", "llama")
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    out = tmp_path / "kvq.safetensors"
+    assert main(["calibrate", "--model", model_dir, "--method", "kvquant:bits=2", "--text", str(text),
+                 "--tokens", "64", "--out", str(out)]) == 0
+    loaded, meta = load_calibration(out)
+    assert meta["method"] == "kvquant" and meta["params"]["bits"] == 2 and loaded
+    assert main(["calibrate", "--model", model_dir, "--method", "kivi", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "methods that take a calibration file: kvquant, rotatekv" in capsys.readouterr().err

@@ -20,20 +20,27 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    import sys
+
     import torch
 
     from ..assets import DEFAULT_TEXTS, read_texts
     from ..calibration import make_metadata, save_calibration, text_sha256
     from ..cache import resolve_methods
     from ..errors import SpecError
-    from ..methods.rotatekv import RotateKV, calibrate
     from ..model_info import model_info
     from ..models import load_model
+    from ..registry import get_method_class, method_names
+
+    def calibrator(cls):  # a method takes a calibration file if its module defines calibrate(model, method, ids)
+        return getattr(sys.modules[cls.__module__], "calibrate", None) if hasattr(cls, "calib_params") else None
 
     methods = resolve_methods(args.method)
-    method = next((m for m in methods if isinstance(m, RotateKV)), None)
+    method = next((m for m in methods if calibrator(type(m))), None)
     if method is None:
-        raise SpecError(f"nothing to calibrate in {args.method!r}: only rotatekv takes a calibration file")
+        takes = ", ".join(n for n in method_names() if calibrator(get_method_class(n)))
+        raise SpecError(f"nothing to calibrate in {args.method!r}: methods that take a calibration file: {takes}")
+    calibrate = calibrator(type(method))
     if method.calib:
         raise SpecError("drop calib= from --method when calibrating (the output file is --out)")
     if not str(args.out).endswith(".safetensors"):
@@ -50,8 +57,6 @@ def run(args) -> int:
     meta = make_metadata(method.name, method.calib_params(info), info.identity(), tensors, text_sha256(text),
                          ids.shape[1])
     path = save_calibration(args.out, tensors, meta)
-    print(f"wrote {path} ({len([k for k in tensors if k.endswith('.perm')])} layers, {ids.shape[1]} tokens, "
-          f"params {meta['params']}) and {path}.json")
-    print(f"use it with --method {method.name}:key_axis=channel,calib={path} (the channel order acts on per-token "
-          "key groups, key_axis=channel; with the default KIVI layout each channel is quantized alone)")
+    print(f"wrote {path} ({len(tensors)} tensors, {ids.shape[1]} tokens, params {meta['params']}) and {path}.json")
+    print(f"use it with --method {method.name}:calib={path}")
     return 0
