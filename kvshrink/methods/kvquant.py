@@ -45,7 +45,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..quant_utils import (StateLayer, half_dtype, install_query_probes, merge_outliers, nearest_code, outlier_count,
+from ..quant_utils import (StateLayer, gather_tokens, half_dtype, install_query_probes, merge_outliers, nearest_code, outlier_count,
                            split_outliers, weighted_kmeans_1d)
 from ..rope import append_positions, apply_rope, check_rope_style, invert_rope, rotate_half
 from ..registry import register
@@ -362,8 +362,7 @@ class KVQuantLayer(StateLayer):
             return
         idx = idx.to(device=K.device, dtype=torch.long)
         B, H, T2 = idx.shape
-        g = idx[..., None].expand(B, H, T2, K.shape[-1])
-        kk, vv = K.gather(2, g), V.gather(2, g)
+        kk, vv = gather_tokens(K, idx), gather_tokens(V, idx)
         pos = None
         if self.prerope:
             nsink = 0 if self.sink_k is None else self.sink_k.shape[2]

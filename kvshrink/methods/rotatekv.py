@@ -81,6 +81,7 @@ import torch
 from ..errors import KVShrinkError, SpecError, UnsupportedModelError
 from ..layer import CompressedLayer
 from ..registry import register
+from ..quant_utils import gather_tokens
 from ..rope import append_positions, RopeSource, apply_rope, check_rope_style, decoder_layers, invert_rope, rotary_modules
 from ..rotation import hadamard_transform, is_supported
 from ..storage import SCALE_DTYPES, QuantizedTensor, pack, quantize
@@ -330,8 +331,7 @@ class RotateKVLayer(CompressedLayer):
             return
         idx = idx.to(device=K.device, dtype=torch.long)
         B, H, T2 = idx.shape
-        g = idx[..., None].expand(B, H, T2, K.shape[-1])
-        kk, vv = K.gather(2, g), V.gather(2, g)
+        kk, vv = gather_tokens(K, idx), gather_tokens(V, idx)
         pos = self._pos_per_head().gather(2, idx) if self.m.prerope else None
         slots = None
         if self.sink_idx is not None:
