@@ -241,6 +241,40 @@ def test_think_prunes_lowest_channels_and_stores_fewer(llama):
     assert inner_k.shape[-1] == 16  # really stored thinner
 
 
+def test_think_keeps_decoded_keys_whole(llama):
+    """The prompt is pruned; tokens decoded one at a time afterwards keep every channel (paper's code)."""
+    ids = ids_for(n=T + 3)
+    ref = kv_reference(llama, ids)
+    for quant in ("none", "kivi:bits=8,group=32,residual=0"):
+        cache = make_cache(llama, f"think:ratio=0.5,window=8+{quant}")
+        with torch.no_grad():
+            llama(ids[:, :T], past_key_values=cache)
+            for t in range(T, T + 3):
+                llama(ids[:, t:t + 1], past_key_values=cache, position_ids=torch.tensor([[t]]))
+        layer = cache.layers[0]
+        assert layer.held() == T + 3 and layer.tail.held() == 3 and layer.inner.held() == T
+        k, _ = layer.dense()
+        rk = ref[0][0]
+        tol = 1e-5 if quant == "none" else 0.05 * rk.abs().max().item()  # decode vs one-pass float order
+        assert (k[:, :, T:] - rk[:, :, T:]).abs().max().item() <= tol  # decoded keys: every channel
+        pruned = k[:, :, :T].ne(0).sum(-1)
+        assert int(pruned.max()) <= 16  # prompt keys: only the kept half of 32 channels
+        assert cache.nbytes() == sum(l.nbytes() for l in cache.layers) > 0
+        whole = layer.tail.nbytes()
+        assert whole > 0 and layer.nbytes() >= layer.inner.nbytes() + whole
+
+
+def test_think_behind_a_decode_time_evictor_folds_its_tail(llama):
+    ids = ids_for(n=40)
+    cache = make_cache(llama, "h2o:budget=24+think:ratio=0.5,window=4")
+    out = llama.generate(ids, past_key_values=cache, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 44)
+    assert cache.tokens_held() == [24, 24]
+    for layer in cache.layers:
+        k, _ = layer.dense()
+        assert k.shape[-2] == 24 and int(k.ne(0).sum(-1).max()) <= 16  # everything held is pruned again
+
+
 def test_think_refuses_bad_composition(llama):
     with pytest.raises(SpecError, match="write it after"):
         make_cache(llama, "think+snapkv:budget=16,window=4")

@@ -6,22 +6,31 @@ Pruning", ICLR 2025 (arXiv 2407.21118), Sec. 3.2, Eq. 3: for each head, channel 
 queries; the ``floor(ratio * D)`` lowest-scoring channels are pruned from the stored keys (values are
 untouched). Attention then runs on the kept channels only, which equals re-expanding the keys with zeros.
 
-Storage: keys ``(B, H, T, D - floor(ratio*D))`` in the inner layer (quantized if composed with a quantizer)
-plus the kept channel indices ``(B, H, D')`` as int16, counted in ``nbytes()``. GQA: a key head's query
-scores are the mean of its query heads' squared norms.
+Which tokens are pruned: the prompt. Chunks of more than one token (prefill, chunked prefill) are stored
+with the kept channels only; tokens decoded one at a time afterwards are kept whole in a separate ``tail``
+layer of the same quantizer, as the paper's code does (it prunes the prefilled cache and leaves newly
+generated keys whole). Once the tail holds tokens, later chunks go to the tail too, so stored tokens stay in
+text order. A question appended while the policy is inactive (the kv-compression pipeline) is kept whole.
 
-Difference from the paper's code: the channel set is chosen once at prefill and also applied to decoded
-tokens (the reference keeps the newest tokens' keys whole); one channel set per head keeps storage
-dense and composable with any quantizer.
+Storage: pruned keys ``(B, H, T, D - floor(ratio*D))`` in the inner layer (quantized if composed with a
+quantizer), whole keys of decoded tokens in the tail, plus the kept channel indices ``(B, H, D')`` as
+int16; all counted in ``nbytes()``. GQA: a key head's query scores are the mean of its query heads'
+squared norms.
+
+Deviations: one channel set per head, chosen at the first prefill chunk (storage stays dense and composable
+with any quantizer). When a policy in front evicts tokens (h2o, streamingllm) the kept tokens are folded
+back into pruned storage, whole-key tail included; with a quantizer that keeps per-token positions
+(rotatekv, kvquant: ``takes_index``) there is no tail: decoded tokens are pruned like the prompt.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
 
 from ..layer import UniformLayer
-from ..policy import HookedPolicy, PolicyLayer, push, select_held
+from ..policy import HookedPolicy, PolicyLayer, clear_tokens, gather_tokens, push, select_held
 from ..registry import register
 from .base import require
 
@@ -34,14 +43,37 @@ class ThinKLayer(PolicyLayer):
         self.ratio, self.window = ratio, window
         self.kept = info.head_dim - int(ratio * info.head_dim)
         self.channels: torch.Tensor | None = None
+        # decoded tokens, whole: an empty copy of the quantizer's layer (none for per-token-position layers)
+        self.tail = None if inner.takes_index else copy.deepcopy(inner)
 
     def queries_needed(self, n: int) -> int:
         return self.window if self.channels is None else 0
 
+    # -- composition: the tail is part of this layer's storage ------------------------------------------
+    def held(self) -> int:
+        return self.inner.held() + (self.tail.held() if self.tail is not None else 0)
+
+    def stored(self):
+        yield from super().stored()
+        if self.tail is not None:
+            yield from self.tail.stored()
+
+    def map_state(self, fn) -> None:
+        super().map_state(fn)
+        if self.tail is not None:
+            self.tail.map_state(fn)
+
+    def reset(self) -> None:
+        super().reset()
+        if self.tail is not None:
+            self.tail.reset()
+
     def clear_tokens(self) -> None:  # the channel set is configuration, not per-token state
-        clear = self.channels
+        keep = self.channels
         super().clear_tokens()
-        self.channels = clear
+        if self.tail is not None:
+            clear_tokens(self.tail)
+        self.channels = keep
 
     def select_channels(self, k: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         q = self.require_queries("think")  # (B, Hq, w, D)
@@ -55,24 +87,45 @@ class ThinKLayer(PolicyLayer):
         score = qn * kn  # squared Frobenius norm of Q_c K_c^T
         return score.topk(self.kept, dim=-1).indices.sort(dim=-1).values.to(torch.int16)
 
-    def _store(self, K, V, k, v):
+    def _prune(self, k: torch.Tensor) -> torch.Tensor:
+        return k.gather(-1, self.channels.long()[:, :, None, :].expand(*k.shape[:3], self.kept))
+
+    def _store(self, K, V, k, v, index=None):
         valid = self._valid(self.held(), k.shape[-2], K.shape[0], K.device)
         if self.channels is None:
             self.channels = self.select_channels(k, valid)
-        idx = self.channels.long()[:, :, None, :].expand(*k.shape[:3], self.kept)
-        push(self.inner, k.gather(-1, idx), v)
+        if valid is not None:
+            npad = (~valid).sum(-1)
+            self.npad = npad if bool(npad.any()) else None
+        whole = self.tail is not None and (k.shape[-2] == 1 or not self.active or self.tail.held() > 0)
+        if whole:
+            push(self.tail, k, v, index)
+        else:
+            push(self.inner, self._prune(k), v, index)
 
     def select(self, idx):
-        select_held(self.inner, idx)
+        self._gather_meta(idx, None)
+        if self.tail is None or self.tail.held() == 0:
+            select_held(self.inner, idx)
+        else:  # fold the kept tokens, whole-key tail included, back into pruned storage
+            K, V = self.dense()
+            K, V = gather_tokens(K, idx), gather_tokens(V, idx)
+            clear_tokens(self.inner)
+            clear_tokens(self.tail)
+            push(self.inner, self._prune(K), V)
         self.seen = idx.shape[-1]
 
     def dense(self):
         kp, v = self.inner.dense()
+        tk, tv = self.tail.dense() if self.tail is not None and self.tail.held() > 0 else (None, None)
         if kp is None:
-            return None, None
+            return tk, tv
         full = kp.new_zeros(*kp.shape[:3], self.head_dim)
         idx = self.channels.long()[:, :, None, :].expand(*kp.shape[:3], self.kept)
-        return full.scatter_(-1, idx, kp), v
+        full.scatter_(-1, idx, kp)
+        if tk is None:
+            return full, v
+        return torch.cat([full, tk.to(full.dtype)], dim=-2), torch.cat([v, tv.to(v.dtype)], dim=-2)
 
 
 @register
