@@ -76,6 +76,7 @@ OURS_SPECS: list[tuple[str, str, float]] = [
     ("snapkv:budget=0.5", "eviction", 0.5),
     ("pyramidkv:budget=0.5", "eviction", 0.5),
     ("h2o:budget=0.5", "eviction", 0.5),
+    ("ems:budget=0.5", "eviction", 0.5),
     ("think:ratio=0.5", "channels", 0.75),
     ("snapkv:budget=0.5+kivi:bits=4", "eviction", 0.5),
 ]
