@@ -7,14 +7,20 @@ Sections (``--only`` picks some):
               {1x32K, 8x8K, 8x32K, 1x128K, 16x32K}, 32 query heads, 8 KV heads, head_dim 128; achieved
               bandwidth over the bytes the kernel actually reads; accuracy vs the float32 reference.
 * ``quant``   quantize + pack cost as a fraction of an 8K-token prefill (Llama-3-8B shape, bf16).
-* ``e2e``     decode tokens/s of a random-weight Llama-3-8B-shaped model (bf16, built from LlamaConfig in
-              code), fp16 cache vs ``kivi:bits=2`` served by the kernels, and the largest batch whose cache
-              fits a fixed memory budget.
+* ``graph``   decode tokens/s with one greedy step captured in a CUDA graph and replayed (graph.py's static
+              layers; 16-bit baseline: preallocated K/V + split-K Triton kernel, also graph-captured), at
+              fp16's largest batch and at each one's largest batch, random-weight Llama-3-8B shape.
+* ``e2e``     the same in eager mode (host-bound: HF eager Llama needs ~33 ms CPU per step), fp16 cache vs
+              ``kivi:bits=2`` served by the kernels, and the largest batch whose cache fits a fixed budget.
+
+Decode rows carry both kernels: ``g128``/``g32`` = the channel-strided layout (decode_strided.py),
+``g128_kivi``/``g32_kivi`` = KIVI's storage layout (decode_attention.py); ``dense_triton`` = the graph-mode
+16-bit baseline kernel.
 
 Timings: ``triton.testing.do_bench`` medians (CUDA events), inputs rotated among copies so that
 repeated runs do not read L2 (50 MB on an H100).
 
-    python benchmarks/bench_kernels.py --out benchmarks/results/kernels_h100.json
+    PYTHONPATH=. python benchmarks/bench_kernels.py --out benchmarks/results/kernels_h100_v2_final.json
 """
 from __future__ import annotations
 
@@ -86,10 +92,15 @@ def sec_roof(res: dict) -> float:
 
 
 # ----------------------------------------------------------------------------------------- decode
-def make_packed(B, T, bits, group, residual=128, dtype=torch.float16, seed=0):
+def make_packed(B, T, bits, group, residual=128, dtype=torch.float16, seed=0, strided=False):
     """A packed KIVI cache of T tokens (incl. the new one) as decoding leaves it: keys quantized in
-    whole ``residual`` blocks (the rest in the fp residual), values with exactly ``residual`` fp tokens + new."""
-    from kvshrink.kernels import PackedKV, quantize_pack
+    whole ``residual`` blocks (the rest in the fp residual), values with exactly ``residual`` fp tokens + new.
+    ``strided``: the kernel layer's channel-strided layout (same bytes), else KIVI's storage layout."""
+    from kvshrink.kernels import PackedKV
+    from kvshrink.kernels import quantize_pack as qp_kivi
+    from kvshrink.kernels.strided import quantize_pack_strided
+
+    quantize_pack = quantize_pack_strided if strided else qp_kivi
 
     g = torch.Generator(device="cuda").manual_seed(seed)
     tkq = max(0, (T - 65) // residual * residual)
@@ -115,8 +126,10 @@ def sdpa_decode_fn(q, k, v):
     return run
 
 
-def sec_decode(res: dict, copy_bw: float, variants: list[dict]) -> None:
+def sec_decode(res: dict, copy_bw: float, variants: list[dict], svariants: list[dict]) -> None:
     from kvshrink.kernels import decode_attention, decode_attention_ref
+    from kvshrink.kernels.decode_strided import decode_attention_strided
+    from kvshrink.kernels.graph import _splits, decode_attention_dense
 
     rows = []
     for B, T in DECODE_CONFIGS:
@@ -140,22 +153,36 @@ def sec_decode(res: dict, copy_bw: float, variants: list[dict]) -> None:
             row["sdpa_backend"] = "default"
         row["sdpa_bytes"] = dense_bytes
         row["sdpa_GBps"] = dense_bytes / (row["sdpa_ms"] * 1e-3) / 1e9
+        # the graph-mode 16-bit baseline kernel (graph.py: device length, fixed splits) on the same inputs
+        try:
+            lens = torch.tensor([T], dtype=torch.int32, device="cuda")
+            S = _splits(B * HKV, torch.device("cuda"), tokens=T)
+            q3 = [x[:, :, 0] for x in qs]
+            decode_attention_dense(q3[0], ks[0], vs[0], lens, S)
+            row["dense_triton_ms"] = bench(lambda: decode_attention_dense(q3[(j := rot())], ks[j], vs[j], lens, S))
+            row["dense_triton_GBps"] = dense_bytes / (row["dense_triton_ms"] * 1e-3) / 1e9
+        except Exception as e:  # noqa: BLE001
+            log(f"dense triton kernel failed at B={B} T={T}: {type(e).__name__}: {e}")
         del qs, ks, vs, fns
         torch.cuda.empty_cache()
-        for group in (128, 32):
-            kvs = [make_packed(B, T, 2, group, seed=i) for i in range(copies_for(make_packed_bytes(B, T, group)))]
+        for group, layout in ((128, "strided"), (128, "kivi"), (32, "strided"), (32, "kivi")):
+            strided = layout == "strided"
+            kvs = [make_packed(B, T, 2, group, seed=i, strided=strided)
+                   for i in range(copies_for(make_packed_bytes(B, T, group)))]
             qs = [torch.randn(B, HQ, D, device="cuda", dtype=torch.float16) for _ in kvs]
             rot = Rotator(len(kvs))
             kv = kvs[0]
             read = kv.nbytes() + qs[0].numel() * 2 * 2
-            key = f"g{group}"
+            key = f"g{group}" if strided else f"g{group}_kivi"
+            fn_ = decode_attention_strided if strided else decode_attention
+            vlist = svariants if strided else [v for v in variants if v["block_n"] == (128 if group == 128 else 64)][:1]
             row[f"{key}_bytes"] = read
             row[f"{key}_roof_ms"] = read / copy_bw * 1e3  # HBM moves copy_bw bytes/s in all, reads alone too
             best = None
-            for var in variants:
+            for var in vlist:
                 try:
-                    decode_attention(qs[0], kv, **var)
-                    ms = bench(lambda: decode_attention(qs[(j := rot())], kvs[j], **var))
+                    fn_(qs[0], kv, **var)
+                    ms = bench(lambda: fn_(qs[(j := rot())], kvs[j], **var))
                 except Exception as e:  # noqa: BLE001 - record and go on
                     log(f"variant {var} failed at B={B} T={T} g={group}: {type(e).__name__}: {e}")
                     continue
@@ -174,11 +201,11 @@ def sec_decode(res: dict, copy_bw: float, variants: list[dict]) -> None:
             q = torch.randn(B, HQ, D, device="cuda", dtype=torch.float16)
             if B * T <= 8 * 32768:
                 ref = decode_attention_ref(q, kv)
-                out = decode_attention(q, kv, **var)
+                out = fn_(q, kv, **var)
                 row[f"{key}_rel_err"] = float((out.float() - ref).norm() / ref.norm())
                 del ref
             # today's path: dequantize to fp16, then SDPA (measured once, at 8x32K)
-            if (B, T) == (8, 32768) and group == 128:
+            if (B, T) == (8, 32768) and group == 128 and strided:
                 def deq():
                     k, v = kv.dense(torch.float16)
                     with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.FLASH_ATTENTION]):
@@ -329,9 +356,13 @@ def sec_quant(res: dict, model) -> None:
     out["prefill_fp16_ms"] = bench(prefill_fp16, warmup=1, rep=5)
     k = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16)
     L = model.config.num_hidden_layers
+    from kvshrink.kernels.strided import quantize_pack_strided
+
     for group in (128, 32):
-        qk = bench(lambda: quantize_pack(k, 2, "token", group))
-        qv = bench(lambda: quantize_pack(k, 2, "channel", group))
+        qk = bench(lambda: quantize_pack_strided(k, 2, "token", group))
+        qv = bench(lambda: quantize_pack_strided(k, 2, "channel", group))
+        out[f"g{group}_quant_pack_kivi_layout_ms_all_layers"] = L * (bench(lambda: quantize_pack(k, 2, "token", group))
+                                                                     + bench(lambda: quantize_pack(k, 2, "channel", group)))
         tk = bench(lambda: quantize(k, 2, "token", group), warmup=3, rep=10)
         tv = bench(lambda: quantize(k, 2, "channel", group), warmup=3, rep=10)
         out[f"g{group}_quant_pack_ms_all_layers"] = L * (qk + qv)
@@ -491,17 +522,120 @@ def sec_e2e(res: dict, model, T: int, steps: int, group: int) -> None:
 
 
 def pick_launch(res: dict) -> None:
-    """Use the fastest decode variant at 8x32K (group 128) as the kernel's default for what follows (e2e)."""
+    """Use the fastest strided-kernel variant at 8x32K (group 128) as its default for what follows (e2e)."""
     import importlib
 
-    da = importlib.import_module("kvshrink.kernels.decode_attention")
+    ds = importlib.import_module("kvshrink.kernels.decode_strided")
     row = next((r for r in res.get("decode", []) if (r["B"], r["T"]) == (8, 32768) and "g128_variant" in r), None)
     if row:
         var = dict(row["g128_variant"])
-        var["maxnreg"] = var.get("maxnreg") or None
-        da.LAUNCH.update(var)
-        res["launch_used_for_e2e"] = dict(da.LAUNCH)
-        log(f"decode launch settings for e2e: {da.LAUNCH}")
+        var["maxnreg"] = var.get("maxnreg") or 0
+        ds.LAUNCH.update(var)
+        res["launch_used_for_e2e"] = dict(ds.LAUNCH)
+        log(f"decode launch settings for e2e: {ds.LAUNCH}")
+
+
+# ----------------------------------------------------------------------------------------- e2e, graphs
+def sec_graph(res: dict, model, T: int, steps: int, group: int) -> None:
+    """Decode tokens/s with one greedy step captured in a CUDA graph and replayed, for the 16-bit baseline
+    (StaticDenseLayer: preallocated K/V, device length, split-K Triton kernel) and kivi:bits=2 (StaticKiviLayer:
+    strided layout, rings, device lengths). Same model, same capture method, measured side by side."""
+    from kvshrink.kernels import disable
+    from kvshrink.kernels.graph import GraphDecoder, StaticKiviLayer, make_static_cache
+
+    out = {"T": T, "steps": steps, "spec": f"kivi:bits=2,group={group},residual=128", "runs": []}
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    budget = free - 6 * 2**30
+    cap = T + steps + 16
+    L = model.config.num_hidden_layers
+    per_dense = L * 2 * HKV * cap * D * 2
+    kl = StaticKiviLayer(cap, bits=2, group=group)
+    kl.lazy_initialization(torch.empty(1, HKV, 1, D, device="cuda", dtype=torch.bfloat16), None)
+    per_kivi = L * kl.nbytes()
+    del kl
+    out.update(bytes_per_seq_fp16=per_dense, bytes_per_seq_kivi=per_kivi, kv_budget_bytes=budget,
+               max_batch_fp16=int(budget // per_dense), max_batch_kivi=int(budget // per_kivi))
+    out["max_batch_ratio"] = out["max_batch_kivi"] / max(1, out["max_batch_fp16"])
+    log(f"graph e2e: per seq fp16 {per_dense / 2**20:.0f} MiB, kivi {per_kivi / 2**20:.0f} MiB; max batch "
+        f"fp16 {out['max_batch_fp16']} kivi {out['max_batch_kivi']} ({out['max_batch_ratio']:.2f}x)")
+
+    def run(kind, B, layout="strided", waves=4):
+        cache = make_static_cache(model, cap, kind="kivi" if kind == "kivi" else "dense",
+                                  **({"group": group, "layout": layout, "waves": waves} if kind == "kivi" else {}))
+        try:
+            chunk = max(1, 2**30 // (HKV * T * D * 2))  # fill 1 GiB of random K (and V) at a time
+            for layer in cache.layers:
+                for b0 in range(0, B, chunk):
+                    b = min(chunk, B - b0)
+                    k = torch.randn(b, HKV, T, D, device="cuda", dtype=torch.bfloat16)
+                    v = torch.randn(b, HKV, T, D, device="cuda", dtype=torch.bfloat16)
+                    if not layer.is_initialized:
+                        layer.lazy_initialization(torch.empty(B, HKV, 1, D, device="cuda", dtype=torch.bfloat16), None)
+                    layer.prefill(k, v, batch_start=b0)
+                    del k, v
+            tok = torch.randint(0, model.config.vocab_size, (B,), device="cuda")
+            t0 = time.perf_counter()
+            dec = GraphDecoder(model, cache, tok, position=T)
+            torch.cuda.synchronize()
+            capture_s = time.perf_counter() - t0
+            for _ in range(3):
+                dec.step()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(steps):
+                dec.step()
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t
+            r = {"cache": kind, "layout": layout if kind == "kivi" else "dense", "B": B,
+                 "waves": waves if kind == "kivi" else None, "splits": cache.layers[0].splits,
+                 "tokens_per_s": B * steps / dt, "ms_per_step": dt / steps * 1e3,
+                 "capture_s": capture_s, "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
+            # the replayed steps really advanced the cache: lengths on the device
+            r["len_after"] = int(cache.layers[0].lens[0])
+            log(f"graph e2e {kind} ({r['layout']}, splits {r['splits']}) B={B} T={T}: {r['tokens_per_s']:.0f} tok/s, {r['ms_per_step']:.2f} ms/step "
+                f"(len after {r['len_after']})")
+            return r
+        finally:
+            disable(model)
+            del cache
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    Bf = out["max_batch_fp16"]
+
+    def attempt(kind, B, layout="strided", waves=4):
+        try:
+            out["runs"].append(run(kind, B, layout, waves))
+        except torch.cuda.OutOfMemoryError as e:
+            out["runs"].append({"cache": kind, "layout": layout, "B": B, "error": f"OOM: {e}"[:300]})
+            log(f"graph e2e {kind} B={B}: OOM")
+        except Exception:  # noqa: BLE001
+            out["runs"].append({"cache": kind, "layout": layout, "B": B, "error": traceback.format_exc()[-1500:]})
+            log(f"graph e2e {kind} B={B} failed:\n{traceback.format_exc()}")
+
+    attempt("fp16", Bf)
+    for layout, waves in (("kivi", 16), ("kivi", 32), ("strided", 16)):
+        attempt("kivi", Bf, layout, waves)
+    attempt("fp16", Bf)  # again: the spread of the baseline
+    done = [r for r in out["runs"] if r["cache"] == "kivi" and "tokens_per_s" in r]
+    top = max(done, key=lambda r: r["tokens_per_s"]) if done else {"layout": "strided", "waves": 4}
+    best, best_waves = top["layout"], top["waves"]
+    out["layout_used_beyond_fp16_max_batch"] = {"layout": best, "waves": best_waves}
+    attempt("kivi", out["max_batch_kivi"], best, best_waves)
+    attempt("fp16", 8)
+    attempt("kivi", 8, best, best_waves)
+    f16 = max((r for r in out["runs"] if r["cache"] == "fp16" and r["B"] == Bf and "tokens_per_s" in r),
+              key=lambda r: r["tokens_per_s"], default=None)  # the faster of the two baseline runs
+    kv = max((r for r in out["runs"] if r["cache"] == "kivi" and r["B"] == Bf and "tokens_per_s" in r),
+             key=lambda r: r["tokens_per_s"], default=None)
+    kvm = next((r for r in out["runs"] if r["cache"] == "kivi" and r["B"] == out["max_batch_kivi"]
+                and "tokens_per_s" in r), None)
+    if f16 and kv:
+        out["speedup_at_fp16_max_batch"] = kv["tokens_per_s"] / f16["tokens_per_s"]
+    if f16 and kvm:
+        out["throughput_ratio_at_each_max_batch"] = kvm["tokens_per_s"] / f16["tokens_per_s"]
+    res["graph_e2e"] = out
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -518,10 +652,13 @@ def git_commit() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/kernels.json")
-    ap.add_argument("--only", default="roof,decode,quant,e2e")
+    ap.add_argument("--only", default="roof,decode,quant,graph,e2e")
     ap.add_argument("--e2e-T", type=int, default=8192)
     ap.add_argument("--e2e-steps", type=int, default=16)
+    ap.add_argument("--graph-steps", type=int, default=32)
     ap.add_argument("--e2e-group", type=int, default=128)
+    ap.add_argument("--svariants", default="128:4:3:0:8:1,64:4:2:0:4:1,64:2:2:0:4:1",
+                    help="strided decode kernel variants (as --variants, then pv_rows 0/1)")
     ap.add_argument("--variants", default="64:2:2:0:4,64:2:3:0:4,64:2:2:168:8,64:2:3:168:8,64:2:2:128:8,128:2:2:168:8,64:4:2:128:8,64:2:3:168:16",
                     help="decode kernel variants block_n:num_warps:num_stages:maxnreg:waves, the fastest is reported "
                          "(each variant's time is kept in the JSON)")
@@ -538,11 +675,22 @@ def main() -> int:
                  "git_dirty_note": os.environ.get("KVSHRINK_GIT_NOTE", ""),
                  "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
                  "python": platform.python_version()}
-    variants = [dict(zip(("block_n", "num_warps", "num_stages", "maxnreg", "waves"), map(int, v.split(":"))))
-                for v in args.variants.split(",")]
+    def parse(spec):
+        keys = ("block_n", "num_warps", "num_stages", "maxnreg", "waves", "pv_rows")
+        return [dict(zip(keys, map(int, v.split(":")))) for v in spec.split(",")]
+
+    variants, svariants = parse(args.variants), parse(args.svariants)
     t0 = time.time()
     copy_bw = 3.0e12
-    sections = [("roof", lambda: sec_roof(res)), ("decode", lambda: sec_decode(res, copy_bw, variants))]
+
+    def dump() -> None:  # after every section: a run stopped at its time limit keeps what it measured
+        res["wall_s"] = time.time() - t0
+        res["log"] = LOG
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+    sections = [("roof", lambda: sec_roof(res)), ("decode", lambda: sec_decode(res, copy_bw, variants, svariants))]
     for name, fn in sections:
         if name in only:
             try:
@@ -553,14 +701,22 @@ def main() -> int:
                     pick_launch(res)
             except Exception:  # noqa: BLE001
                 log(f"section {name} failed:\n{traceback.format_exc()}")
-    if only & {"quant", "e2e"}:
+            dump()
+    if only & {"quant", "e2e", "graph"}:
         try:
             model = build_model()
             if "quant" in only:
                 try:
                     sec_quant(res, model)
+                    dump()
                 except Exception:  # noqa: BLE001
                     log(f"section quant failed:\n{traceback.format_exc()}")
+            if "graph" in only:
+                try:
+                    sec_graph(res, model, args.e2e_T, args.graph_steps, args.e2e_group)
+                    dump()
+                except Exception:  # noqa: BLE001
+                    log(f"section graph failed:\n{traceback.format_exc()}")
             if "e2e" in only:
                 try:
                     sec_e2e(res, model, args.e2e_T, args.e2e_steps, args.e2e_group)
@@ -568,11 +724,7 @@ def main() -> int:
                     log(f"section e2e failed:\n{traceback.format_exc()}")
         except Exception:  # noqa: BLE001
             log(f"model build failed:\n{traceback.format_exc()}")
-    res["wall_s"] = time.time() - t0
-    res["log"] = LOG
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1)
+    dump()
     summary(res)
     return 0
 
@@ -581,15 +733,25 @@ def summary(res: dict) -> None:
     print("\n== decode attention (ms; speedup vs fp16 SDPA flash; fraction of memory roof on bytes read) ==")
     for r in res.get("decode", []):
         parts = [f"B={r['B']:>2} T={r['T']:>6}  sdpa {r['sdpa_ms']:.3f}"]
-        for g in (128, 32):
-            if f"g{g}_ms" in r:
-                parts.append(f"g{g} {r[f'g{g}_ms']:.3f} ({r[f'g{g}_speedup_vs_sdpa']:.2f}x, roof {r[f'g{g}_roof_frac']:.0%})")
+        if "dense_triton_ms" in r:
+            parts.append(f"dense-triton {r['dense_triton_ms']:.3f}")
+        for key in ("g128", "g128_kivi", "g32", "g32_kivi"):
+            if f"{key}_ms" in r:
+                parts.append(f"{key} {r[f'{key}_ms']:.3f} ({r[f'{key}_speedup_vs_sdpa']:.2f}x, "
+                             f"{r[f'{key}_GBps']:.0f} GB/s, roof {r[f'{key}_roof_frac']:.0%})")
         print("  ".join(parts))
     if "quant" in res:
         q = res["quant"]
         print(f"== quant+pack at 8K: prefill {q['prefill_fp16_ms']:.1f} ms; "
               + ", ".join(f"g{g}: {q.get(f'g{g}_frac_of_prefill', float('nan')):.2%} (kernels), "
                           f"prefill overhead {q.get(f'g{g}_prefill_overhead_frac', float('nan')):.1%}" for g in (128, 32)))
+    g = res.get("graph_e2e")
+    if g:
+        print(f"== graph e2e T={g['T']}: max batch fp16 {g['max_batch_fp16']} kivi {g['max_batch_kivi']} "
+              f"({g['max_batch_ratio']:.2f}x); speedup at fp16 max batch {g.get('speedup_at_fp16_max_batch', float('nan')):.2f}x; "
+              f"at each max batch {g.get('throughput_ratio_at_each_max_batch', float('nan')):.2f}x")
+        for r in g["runs"]:
+            print("   ", {k: v for k, v in r.items() if k != "error"}, "ERROR" if "error" in r else "")
     for e in res.get("e2e", []):
         print(f"== e2e T={e['T']}: max batch fp16 {e['max_batch_fp16']} kivi {e['max_batch_kivi']} "
               f"({e['max_batch_ratio']:.2f}x); speedup at fp16 max batch {e.get('speedup_at_fp16_max_batch', float('nan')):.2f}x")

@@ -27,6 +27,9 @@ def main() -> int:
     ap.add_argument("--fast", type=int, default=1)
     ap.add_argument("--tail", type=int, default=32)
     ap.add_argument("--kernel", default="_decode_split_kernel")
+    ap.add_argument("--module", default="decode_attention", help="decode_attention (KIVI layout) or decode_strided")
+    ap.add_argument("--lens", type=int, default=0, help="strided kernel: graph mode (device lengths, ring residual)")
+    ap.add_argument("--pv-rows", type=int, default=1, help="strided kernel: p @ codes (1) or codes^T @ p^T (0)")
     ap.add_argument("--sass", action="store_true")
     ap.add_argument("--maxnreg", type=int, default=0)
     ap.add_argument("--dump", default="")
@@ -37,15 +40,18 @@ def main() -> int:
 
     import importlib
 
-    da = importlib.import_module("kvshrink.kernels.decode_attention")
+    da = importlib.import_module(f"kvshrink.kernels.{args.module}")
+    if args.module == "decode_strided" and args.kernel == "_decode_split_kernel":
+        args.kernel = "_decode_strided_kernel"
 
     fn = getattr(da, args.kernel)
     names = fn.arg_names
     const = dict(HG=args.hg, HG_PAD=max(16, 1 << (args.hg - 1).bit_length()), D=128, BLOCK_N=args.block_n,
                  TAIL_N=args.tail, KBITS=args.bits, KG=args.group, VBITS=args.bits, VG=args.group, HAS_MASK=False, DOT_F32=False,
-                 FAST=bool(args.fast))
+                 F32=False, FAST=bool(args.fast), HAS_LENS=bool(args.lens), RING=256 if args.lens else 0,
+                 PV_ROWS=bool(args.pv_rows))
     ptr = {"Q": "*fp16", "KP": "*u8", "KS": "*fp16", "KZ": "*fp16", "KR": "*fp16", "VP": "*u8", "VS": "*fp16",
-           "VZ": "*fp16", "VR": "*fp16", "MASK": "*i8", "M_OUT": "*fp32", "L_OUT": "*fp32", "ACC_OUT": "*fp32"}
+           "VZ": "*fp16", "VR": "*fp16", "MASK": "*i8", "M_OUT": "*fp32", "L_OUT": "*fp32", "ACC_OUT": "*fp32", "LENS": "*i32"}
     sig = {}
     for n in names:
         if n in const:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,6 +21,10 @@ from kvshrink.cache import make_cache  # noqa: E402
 from kvshrink.kernels import (KernelUniformLayer, PackedKV, decode_attention, decode_attention_ref,  # noqa: E402
                               disable, make_kernel_cache, quantize_pack)
 from kvshrink.kernels import attention as kattn  # noqa: E402
+from kvshrink.kernels import layer as klayer  # noqa: E402
+from kvshrink.kernels.decode_strided import decode_attention_strided  # noqa: E402
+from kvshrink.kernels.strided import (StridedQuantizedTensor, pack_strided, quantize_pack_strided,  # noqa: E402
+                                      quantize_strided_ref, strided_supported, unpack_strided)
 from kvshrink.layer import UniformLayer  # noqa: E402
 from kvshrink.storage import quantize  # noqa: E402
 from kvshrink.testing import tiny_model  # noqa: E402
@@ -172,6 +177,93 @@ def test_decode_attention_fully_masked_row_is_zero_and_scale_is_used():
     assert float((decode_attention(q, kv, mask=mask)[0] - out[0]).abs().max()) > 1e-3  # the scale matters
 
 
+# ---------------------------------------------------------------- the channel-strided layout
+def test_strided_pack_places_channel_slices_in_bit_slots():
+    codes = torch.randint(0, 4, (2, 3, 5, 64), generator=GEN, dtype=torch.uint8)
+    packed = pack_strided(codes, 2)
+    assert packed.shape == (2, 3, 5, 16)
+    j, b = 2, 7  # byte b, slot j holds channel b + j * D/4
+    assert torch.equal((packed[..., b] >> (2 * j)) & 3, codes[..., b + j * 16])
+    assert torch.equal(unpack_strided(packed, 2), codes)
+
+
+SQ_GRID = [(2, "token", 32, 64, 64, torch.float16), (2, "channel", 16, 64, 37, torch.bfloat16),
+           (4, "token", 16, 128, 32, torch.bfloat16), (4, "channel", 64, 128, 5, torch.float16),
+           (8, "channel", 64, 64, 3, torch.float16)]
+if FULL:
+    SQ_GRID = [(b, ax, g, D, n, dt) for b, ax, g, D, dt in itertools.product(
+        (2, 4), ("token", "channel"), (32, 64, 128), (64, 128), (torch.float16, torch.bfloat16))
+        if strided_supported(b, g, ax, D) for n in ((g * 3,) if ax == "token" else (131,))]
+
+
+@pytest.mark.parametrize("bits,axis,group,D,n,dtype", SQ_GRID)
+def test_quantize_pack_strided_matches_reference(bits, axis, group, D, n, dtype):
+    x = rand(2, 3, n, D, dtype=dtype)
+    got = quantize_pack_strided(x, bits, axis, group)
+    ref = quantize_strided_ref(x, bits, axis, group)
+    assert isinstance(got, StridedQuantizedTensor) and got.packed.shape == ref.packed.shape == (2, 3, n, D * bits // 8)
+    check_codes(got.codes(), ref.codes(), got, ref)
+    # the reference is storage's quantizer: same bytes per token, same dequantized values
+    plain = quantize(x, bits, axis, group)
+    assert got.nbytes() == plain.nbytes()
+    assert torch.equal(ref.dequantize(), plain.dequantize())
+
+
+def strided_kv(kv: PackedKV) -> PackedKV:
+    conv = [None if q is None else StridedQuantizedTensor.from_kivi(q) for q in (kv.kq, kv.vq)]
+    return PackedKV(conv[0], kv.k_res, conv[1], kv.v_res)
+
+
+DS_GRID = [  # (B, Hq, Hkv, T, D, bits, group, residual, dtype, masked, splits, block_n)
+    (2, 4, 2, 45, 64, 2, 16, 16, torch.float16, False, 2, 16),
+    (1, 3, 1, 300, 64, 4, 32, 32, torch.float16, True, None, 32),
+    (2, 8, 8, 133, 128, 2, 32, 32, torch.bfloat16, True, 3, 32),
+    (1, 2, 2, 20, 64, 2, 16, 32, torch.float32, False, 5, 16),
+    (1, 4, 1, 300, 64, 2, 32, 32, torch.float32, False, 2, 32),
+]
+if FULL:
+    DS_GRID = [(B, Hkv * r, Hkv, T, D, bits, g, R, dt, masked, None, None)
+               for (Hkv, r), D, dt, (bits, g) in itertools.product(
+                   ((8, 4), (2, 1), (1, 7)), (64, 128), (torch.float16, torch.bfloat16), ((2, 32), (2, 128), (4, 64)))
+               if g <= D and (r == 4 or (D == 128 and dt == torch.bfloat16))
+               for B, T, R, masked in ((1, 1, 0, False), (3, 100, 128, True), (2, 4133, 128, False))]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,T,D,bits,group,residual,dtype,masked,splits,block_n", DS_GRID)
+def test_decode_attention_strided_matches_reference(B, Hq, Hkv, T, D, bits, group, residual, dtype, masked, splits,
+                                                    block_n):
+    _, kv = build_cache(B, Hkv, T, D, bits, group, residual, dtype)
+    kv = strided_kv(kv)
+    q = rand(B, Hq, D, dtype=dtype, outliers=False)
+    mask = None
+    if masked:
+        mask = torch.ones(B, T, dtype=torch.bool, device=DEV)
+        for b in range(B):
+            mask[b, : (3 * b + 1) % max(T, 1)] = False
+        mask[:, T // 2] = False
+        mask[:, -1] = True
+    out = torch.full((B, Hq, D), float("nan"), dtype=dtype, device=DEV)
+    decode_attention_strided(q, kv, mask=mask, out=out, num_splits=splits, block_n=block_n)
+    ref = decode_attention_ref(q, kv, mask)
+    assert not bool(out.isnan().any())
+    err = float((out.float() - ref).norm() / ref.norm())
+    assert err < tolerance(dtype), err
+    if dtype == torch.float32:  # main loop (scales folded into q and p) == general loop (dequantize)
+        slow = decode_attention_strided(q, kv, mask=mask, num_splits=splits, block_n=block_n, fast=False)
+        torch.testing.assert_close(out, slow, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pv_rows", [0, 1])
+def test_decode_attention_strided_operand_orders(pv_rows):
+    """Both product orders for the values (code tile as second or first operand) compute the reference."""
+    _, kv = build_cache(2, 2, 300, 64, 2, 32, 32, torch.float16)
+    kv = strided_kv(kv)
+    q = rand(2, 8, 64, dtype=torch.float16, outliers=False)
+    out = decode_attention_strided(q, kv, block_n=32, pv_rows=pv_rows)
+    ref = decode_attention_ref(q, kv)
+    assert float((out.float() - ref).norm() / ref.norm()) < tolerance(torch.float16)
+
+
 # ---------------------------------------------------------------- the layer and transformers' wiring
 def test_kernel_layer_stores_what_uniform_layer_stores():
     kl, kkv = build_cache(2, 2, 150, 64, 2, 16, 32, torch.float16, kernel_layer=True)
@@ -181,7 +273,9 @@ def test_kernel_layer_stores_what_uniform_layer_stores():
     assert kl.nbytes() >= ul.nbytes()  # capacity is counted
 
 
-def test_kernel_layer_same_codes_as_uniform_layer_and_reserve_stops_regrowth():
+@pytest.mark.parametrize("strided", [False, True])
+def test_kernel_layer_same_codes_as_uniform_layer_and_reserve_stops_regrowth(monkeypatch, strided):
+    monkeypatch.setattr(klayer, "PREFER_STRIDED", strided)
     GEN.manual_seed(11)
     k, v = rand(1, 2, 200, 64), rand(1, 2, 200, 64)
     kl = KernelUniformLayer(4, "token", "channel", 32, 32, 64)
@@ -194,6 +288,7 @@ def test_kernel_layer_same_codes_as_uniform_layer_and_reserve_stops_regrowth():
         kl.append(k[:, :, i:i + 1], v[:, :, i:i + 1])
         ul.append(k[:, :, i:i + 1], v[:, :, i:i + 1])
     assert kl.vq.packed.data_ptr() == ptr  # written in place
+    assert isinstance(kl.kq, StridedQuantizedTensor) == strided
     check_codes(kl.kq.codes(), ul.kq.codes(), kl.kq, ul.kq)
     check_codes(kl.vq.codes(), ul.vq.codes(), kl.vq, ul.vq)
     assert torch.equal(kl.k_res, ul.k_res) and torch.equal(kl.v_res, ul.v_res)
@@ -202,17 +297,19 @@ def test_kernel_layer_same_codes_as_uniform_layer_and_reserve_stops_regrowth():
     assert kl.vq.tokens == ul.vq.tokens + 1
 
 
-def test_generate_with_kernels_matches_reference_path(tiny, monkeypatch):
+@pytest.mark.parametrize("head_dim", [32, 64])  # 32: KIVI's layout (strided needs 16 bytes/token); 64: strided
+def test_generate_with_kernels_matches_reference_path(tiny, monkeypatch, head_dim):
     """Greedy generation through transformers' attention interface: the packed decode kernel serves every
     decode step of every layer, and gives the tokens the dequantize-then-SDPA path gives."""
-    model = tiny("llama", head_dim=32) if DEV == "cpu" else tiny_model("llama", head_dim=32).to(DEV)
+    model = tiny("llama", head_dim=head_dim) if DEV == "cpu" else tiny_model("llama", head_dim=head_dim).to(DEV)
     ids = torch.randint(3, 200, (2, 20), generator=GEN).to(DEV)
     am = torch.ones_like(ids)
     am[1, :4] = 0  # left padding
     spec = "kivi:bits=2,group=16,residual=16"
+    monkeypatch.setattr(klayer, "PREFER_STRIDED", True)  # whatever the default, both layouts are tested here
     calls = []
-    real = kattn.decode_attention
-    monkeypatch.setattr(kattn, "decode_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = kattn.decode_packed
+    monkeypatch.setattr(kattn, "decode_packed", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     kw = dict(input_ids=ids, attention_mask=am, max_new_tokens=6, do_sample=False, output_scores=True,
               return_dict_in_generate=True)
     ref = model.generate(past_key_values=make_cache(model, spec), **kw)
@@ -220,6 +317,8 @@ def test_generate_with_kernels_matches_reference_path(tiny, monkeypatch):
         cache = make_kernel_cache(model, spec, reserve=26)
         assert all(isinstance(layer, KernelUniformLayer) for layer in cache.layers)
         got = model.generate(past_key_values=cache, **kw)
+        assert cache.layers[0].strided == (head_dim == 64)
+        assert isinstance(cache.layers[0].vq, StridedQuantizedTensor) == (head_dim == 64)
     finally:
         disable(model)
     assert model.config._attn_implementation == "sdpa"
@@ -254,3 +353,91 @@ def test_attention_function_mask_rows_and_dense_fallback():
     ref = decode_attention_ref(q[:, :, 0], kv, scale=0.125)
     torch.testing.assert_close(fast[:, 0], ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(dense[:, 0].float(), ref, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- graph-capturable static layers
+@pytest.mark.parametrize("layout,bits", [("strided", 2), ("kivi", 2), ("strided", 4)])
+def test_static_kivi_layer_matches_uniform_layer_step_by_step(layout, bits):
+    """Device-side lengths, ring residuals and in-kernel flushes store what UniformLayer stores, and the
+    graph-mode kernels (fixed splits, lengths read on the device) attend as the reference does."""
+    from kvshrink.kernels.graph import StaticKiviLayer
+
+    B, H, Hq, D, g, R = 2, 2, 4, 64, 16 if bits == 2 else 32, 32
+    n0, steps = 37, 40
+    k, v = rand(B, H, n0 + steps, D), rand(B, H, n0 + steps, D, outliers=False)
+    ul = UniformLayer(bits, "token", "channel", g, g, R)
+    sl = StaticKiviLayer(n0 + steps + 5, bits=bits, group=g, residual=R, layout=layout)
+    ul.update(k[:, :, :n0], v[:, :, :n0])
+    sl.update(k[:, :, :n0], v[:, :, :n0])
+    for i in range(n0, n0 + steps):
+        kt, vt = k[:, :, i:i + 1], v[:, :, i:i + 1]
+        ref_kv = PackedKV(ul.kq, torch.cat([x for x in (ul.k_res, kt) if x is not None], -2),
+                          ul.vq, torch.cat([x for x in (ul.v_res, vt) if x is not None], -2))
+        handle, _ = sl.update(kt, vt)
+        ul.append(kt, vt)
+        if i % 7 == 0 or i == n0 + steps - 1:
+            q = rand(B, Hq, D, outliers=False)
+            out = handle.attend(q, None)
+            ref = decode_attention_ref(q, ref_kv)
+            assert float((out.float() - ref).norm() / ref.norm()) < tolerance(torch.float16)
+    # the static layer flushes what an append made due at the start of the next step (same attention):
+    # its quantized streams may lag the base layer's by that one pending flush
+    st = sl.state()
+    assert st.tokens == n0 + steps and st.tkq == ul.kq.tokens and ul.vq.tokens - 1 <= st.tvq <= ul.vq.tokens
+    check_codes(st.kq.codes(), ul.kq.codes(), st.kq, ul.kq)
+    n = st.tvq
+    check_codes(st.vq.codes()[:, :, :n], ul.vq.codes()[:, :, :n], st.vq, replace(ul.vq, scale=ul.vq.scale[:, :, :n],
+                                                                                 zero=ul.vq.zero[:, :, :n]))
+    assert torch.equal(st.k_res, ul.k_res) and torch.equal(st.v_res[:, :, -ul.v_res.shape[2]:], ul.v_res)
+
+
+def test_static_dense_layer_attends_over_its_device_length():
+    from kvshrink.kernels.graph import StaticDenseLayer
+
+    B, H, Hq, D = 2, 2, 6, 64
+    k, v = rand(B, H, 50, D), rand(B, H, 50, D)
+    layer = StaticDenseLayer(64)
+    layer.update(k[:, :, :45], v[:, :, :45])
+    for i in range(45, 50):
+        handle, _ = layer.update(k[:, :, i:i + 1], v[:, :, i:i + 1])
+    q = rand(B, Hq, D, outliers=False)
+    out = handle.attend(q, 0.2)
+    ref = decode_attention_ref(q, PackedKV(None, k, None, v), scale=0.2)
+    assert int(layer.lens[0]) == 50
+    assert float((out.float() - ref).norm() / ref.norm()) < tolerance(torch.float16)
+
+
+@pytest.mark.parametrize("kind,layout", [("kivi", "strided"), ("kivi", "kivi"), ("dense", None)])
+def test_static_cache_decodes_like_the_reference_path(tiny, kind, layout):
+    """A model over a static cache (what GraphDecoder captures: explicit positions, device lengths) gives the
+    logits of the reference path (kivi: the eager UniformLayer cache; dense: transformers' own cache)."""
+    from kvshrink.kernels.graph import make_static_cache
+
+    model = tiny("llama", head_dim=64) if DEV == "cpu" else tiny_model("llama", head_dim=64).to(DEV)
+    B, n0, steps = 2, 21, 6
+    ids = torch.randint(3, 200, (B, n0), generator=GEN).to(DEV)
+    spec = "kivi:bits=2,group=16,residual=16"
+    ref_cache = make_cache(model, spec) if kind == "kivi" else None
+    try:
+        cache = make_static_cache(model, n0 + steps + 4, kind=kind,
+                                  **({"group": 16, "residual": 16, "layout": layout} if kind == "kivi" else {}))
+        with torch.no_grad():
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            if kind == "kivi":
+                model(input_ids=ids, past_key_values=ref_cache, use_cache=True)
+            seq = ids
+            tok = out.logits[:, -1:].argmax(-1)
+            for i in range(steps):
+                pos = torch.full((B, 1), n0 + i, device=DEV)
+                got = model(input_ids=tok, position_ids=pos, cache_position=pos[0], past_key_values=cache,
+                            use_cache=True).logits
+                seq = torch.cat([seq, tok], 1)
+                if kind == "kivi":
+                    want = model(input_ids=tok, past_key_values=ref_cache, use_cache=True).logits
+                else:  # no cache: the whole sequence again
+                    want = model(input_ids=seq).logits[:, -1:]
+                assert float((got - want).norm() / want.norm()) < 2e-2, i
+                tok = want[:, -1:].argmax(-1)
+    finally:
+        disable(model)
+    assert int(cache.layers[0].lens[0]) == n0 + steps

@@ -5,6 +5,10 @@
 * :func:`decode_attention` — flash-decoding over the packed cache (+ full-precision residual, GQA, padding).
 * :func:`make_kernel_cache` / :func:`enable` — use them from ``model.generate`` through transformers'
   attention interface (CUDA); on CPU everything stays on the torch reference path.
+* :func:`decode_attention_strided` / :func:`quantize_pack_strided` — the same over the channel-strided layout
+  (``strided.py``; same bytes, codes packed along each token's channels with strided bit slots).
+* :func:`make_static_cache` / :class:`GraphDecoder` — static cache layers (device-side lengths, residual rings,
+  fixed split counts) whose decode step a CUDA graph captures and replays (``graph.py``).
 
 Triton is optional: without it (or without CUDA, unless ``TRITON_INTERPRET=1`` was set before Triton was
 imported), the layers fall back to the reference path and the attention function to SDPA.
@@ -12,10 +16,16 @@ imported), the layers fall back to the reference path and the attention function
 from ._triton import HAS_TRITON, kernels_usable
 from .attention import convert_cache, disable, enable, kvshrink_attention, make_kernel_cache, register
 from .decode_attention import decode_attention, packed_decode_supported
+from .decode_strided import decode_attention_strided, strided_decode_supported
+from .graph import GraphDecoder, StaticDenseLayer, StaticKiviLayer, decode_attention_dense, make_static_cache
 from .layer import KernelUniformLayer, PackedDecode
 from .quant_pack import kernel_supports, quantize_pack
 from .reference import PackedKV, decode_attention_ref
+from .strided import StridedQuantizedTensor, quantize_pack_strided, strided_supported
 
 __all__ = ["HAS_TRITON", "kernels_usable", "convert_cache", "disable", "enable", "kvshrink_attention",
            "make_kernel_cache", "register", "decode_attention", "packed_decode_supported", "KernelUniformLayer",
-           "PackedDecode", "kernel_supports", "quantize_pack", "PackedKV", "decode_attention_ref"]
+           "PackedDecode", "kernel_supports", "quantize_pack", "PackedKV", "decode_attention_ref",
+           "decode_attention_strided", "strided_decode_supported", "StridedQuantizedTensor", "quantize_pack_strided",
+           "strided_supported", "GraphDecoder", "StaticDenseLayer", "StaticKiviLayer", "decode_attention_dense",
+           "make_static_cache"]

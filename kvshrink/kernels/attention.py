@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from .decode_attention import decode_attention, packed_decode_supported
+from .decode_strided import decode_attention_strided, strided_decode_supported
+from .graph import GraphDecode
 from .layer import KernelUniformLayer, PackedDecode
 
 NAME = "kvshrink"
@@ -48,21 +50,34 @@ def _mask_rows(attention_mask: torch.Tensor | None, batch: int, tokens: int) -> 
     return m.expand(batch, tokens)
 
 
+def decode_packed(q: torch.Tensor, kv, mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """The packed decode kernel that reads ``kv``'s layout: strided (``decode_strided``) or KIVI's."""
+    if strided_decode_supported(kv, q.shape[-1]):
+        return decode_attention_strided(q, kv, mask=mask, scale=scale)
+    return decode_attention(q, kv, mask=mask, scale=scale)
+
+
+def packed_supported(kv, head_dim: int) -> bool:
+    return strided_decode_supported(kv, head_dim) or packed_decode_supported(kv, head_dim)
+
+
 def kvshrink_attention(module: torch.nn.Module, query: torch.Tensor, key: Any, value: Any,
                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                        **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers attention function: packed decode kernel for :class:`PackedDecode`, else SDPA."""
+    if isinstance(key, GraphDecode) and query.shape[2] == 1:  # static layers (graph.py): no padding mask
+        return key.attend(query[:, :, 0, :], scaling).unsqueeze(1), None
     if not isinstance(key, PackedDecode):
         return _dense_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     B, Hq, q_len, D = query.shape
     unsupported = (q_len != 1 or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
                    or kwargs.get("sliding_window") is not None or (dropout and module.training)
-                   or not packed_decode_supported(key.kv, D))
+                   or not packed_supported(key.kv, D))
     if unsupported:  # correctness first: dequantize this step and use SDPA
         k, v = key.kv.dense(query.dtype)
         return _dense_sdpa(module, query, k, v, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     mask = _mask_rows(attention_mask, B, key.kv.tokens)
-    out = decode_attention(query[:, :, 0, :], key.kv, mask=mask, scale=scaling)
+    out = decode_packed(query[:, :, 0, :], key.kv, mask=mask, scale=scaling)
     return out.unsqueeze(1), None  # (B, 1, Hq, D), as transformers' attention functions return
 
 

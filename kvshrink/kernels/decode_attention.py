@@ -119,11 +119,13 @@ if HAS_TRITON:
             VS, VZ, svs_b, svs_h, svs_t,  # value scale/zero (B, H, TVQ, D // VG)
             VR, svr_b, svr_h, svr_t,  # value residual (B, H, T - TVQ, D)
             MASK, smask_b,  # (B, T) int8, 1 = attend
+            LENS,  # graph mode: [T, TKQ, TVQ] int32 on the device (see decode_strided.py)
             M_OUT, L_OUT, ACC_OUT,  # (B, Hq, S), (B, Hq, S), (B, Hq, S, D) fp32
             H, T, TKQ, TVQ, tokens_per_split, num_splits, qk_scale, FAST_END, MAIN_SPLITS, TAIL_CHUNK,
             HG: tl.constexpr, HG_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
             TAIL_N: tl.constexpr, KBITS: tl.constexpr, KG: tl.constexpr, VBITS: tl.constexpr, VG: tl.constexpr,
-            HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, FAST: tl.constexpr):
+            HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, FAST: tl.constexpr, HAS_LENS: tl.constexpr = False,
+            RING: tl.constexpr = 0):
         KPPB: tl.constexpr = 8 // KBITS  # codes per byte
         KGB: tl.constexpr = KG // KPPB  # key bytes per channel per group
         KMASK: tl.constexpr = (1 << KBITS) - 1
@@ -157,6 +159,13 @@ if HAS_TRITON:
         acc2 = tl.zeros([HG_PAD, VDP], tl.float32)
         acc3 = tl.zeros([HG_PAD, VDP], tl.float32)
 
+        if HAS_LENS:  # graph mode: lengths on the device, split ranges derived here (fixed split count)
+            T = tl.load(LENS)
+            TKQ = tl.load(LENS + 1)
+            TVQ = tl.load(LENS + 2)
+            FAST_END = (tl.minimum(TKQ, TVQ) // BLOCK_N) * BLOCK_N
+            tokens_per_split = tl.cdiv(tl.cdiv(FAST_END, MAIN_SPLITS), BLOCK_N) * BLOCK_N
+            TAIL_CHUNK = tl.cdiv(tl.cdiv(tl.maximum(T - FAST_END, 1), num_splits - MAIN_SPLITS), TAIL_N) * TAIL_N
         # splits [0, MAIN_SPLITS) share the whole quantized blocks [0, FAST_END) evenly; the rest take the
         # tail (residuals, partial blocks) in chunks of TAIL_CHUNK tokens, so that the slower general loop is
         # spread over several programs instead of lengthening the last split
@@ -262,7 +271,13 @@ if HAS_TRITON:
             soff = ks_off + grp[None, :] * sks_g + d[:, None]
             ksc = tl.load(KS + soff, mask=kq[None, :], other=0.0).to(tl.float32)
             kze = tl.load(KZ + soff, mask=kq[None, :], other=0.0).to(tl.float32)
-            kres = tl.load(kr_base + (t - TKQ)[None, :] * skr_t + d[:, None], mask=kr[None, :], other=0.0)
+            if RING > 0:  # residual rings: token t at row t % RING
+                krow = t % RING
+                vrow = krow
+            else:
+                krow = t - TKQ
+                vrow = t - TVQ
+            kres = tl.load(kr_base + krow[None, :] * skr_t + d[:, None], mask=kr[None, :], other=0.0)
             k = tl.where(kq[None, :], _codes_to_float(kc) * ksc + kze, kres.to(tl.float32))
             if DOT_F32:
                 s = tl.dot(qd, k, input_precision="ieee")
@@ -278,7 +293,7 @@ if HAS_TRITON:
             voff = vs_off + t[:, None] * svs_t + ((cb * VPPB) // VG)[None, :]
             vsc = tl.load(VS + voff, mask=vq[:, None], other=0.0).to(tl.float32)
             vze = tl.load(VZ + voff, mask=vq[:, None], other=0.0).to(tl.float32)
-            vrp = vr_base + (t - TVQ)[:, None] * svr_t + (cb * VPPB)[None, :]
+            vrp = vr_base + vrow[:, None] * svr_t + (cb * VPPB)[None, :]
             a2 = alpha[:, None]
             v = tl.where(vq[:, None], _codes_to_float(vb & VMASK) * vsc + vze,
                          tl.load(vrp, mask=vr[:, None], other=0.0).to(tl.float32))
@@ -368,11 +383,15 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor | None = 
                      out: torch.Tensor | None = None, num_splits: int | None = None,
                      block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                      fast: bool = True, tail_n: int = 32, maxnreg: int | None = None,
-                     waves: int | None = None) -> torch.Tensor:
+                     waves: int | None = None, lens: torch.Tensor | None = None, ring: int = 0,
+                     main_splits: int | None = None,
+                     workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Attention of ``q (B, Hq, D)`` (one token per sequence) over the packed cache ``kv``.
 
     ``mask (B, T)`` bool/int, nonzero where a token may be attended. Returns ``(B, Hq, D)`` in
     ``q.dtype`` (or writes ``out``, any tensor with that shape and a contiguous last dim).
+    Graph mode (``lens``, ``ring``, fixed ``num_splits``/``main_splits``, ``workspace``): as
+    :func:`~.decode_strided.decode_attention_strided`.
     """
     if not HAS_TRITON:
         raise RuntimeError("decode_attention needs Triton; use reference.decode_attention_ref on this machine")
@@ -426,25 +445,34 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor | None = 
         sm_b = maskt.stride(0)
     else:
         maskt, sm_b = _dummy(dev, torch.int8), 0
-    fast_end = (min(kv.tkq, kv.tvq) // block_n) * block_n if fast else 0
-    if fast_end:
-        if num_splits is None:
-            sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else 4
-            num_splits = choose_splits(B * Hkv, fast_end, block_n, sms, waves)
-        per_split = -(-fast_end // num_splits)
-        per_split = -(-per_split // block_n) * block_n
-        main_splits = -(-fast_end // per_split)
+    if lens is not None:
+        if mask is not None or num_splits is None or main_splits is None or not 0 < main_splits < num_splits:
+            raise ValueError("graph mode needs mask=None and fixed num_splits > main_splits > 0")
+        fast_end = per_split = tail_chunk = 0
     else:
-        per_split, main_splits = block_n, 0
-    tail = T - fast_end
-    tail_splits = min(-(-tail // (2 * tail_n)), 16) if tail > 0 else 0
-    tail_chunk = -(-max(tail, 1) // max(tail_splits, 1))
-    tail_chunk = -(-tail_chunk // tail_n) * tail_n
-    tail_splits = -(-tail // tail_chunk) if tail > 0 else 0
-    num_splits = max(1, main_splits + tail_splits)
-    m_ws = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=dev)
-    l_ws = torch.empty_like(m_ws)
-    acc_ws = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=dev)
+        fast_end = (min(kv.tkq, kv.tvq) // block_n) * block_n if fast else 0
+        if fast_end:
+            if num_splits is None:
+                sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) \
+                    if dev.type == "cuda" else 4
+                num_splits = choose_splits(B * Hkv, fast_end, block_n, sms, waves)
+            per_split = -(-fast_end // num_splits)
+            per_split = -(-per_split // block_n) * block_n
+            main_splits = -(-fast_end // per_split)
+        else:
+            per_split, main_splits = block_n, 0
+        tail = T - fast_end
+        tail_splits = min(-(-tail // (2 * tail_n)), 16) if tail > 0 else 0
+        tail_chunk = -(-max(tail, 1) // max(tail_splits, 1))
+        tail_chunk = -(-tail_chunk // tail_n) * tail_n
+        tail_splits = -(-tail // tail_chunk) if tail > 0 else 0
+        num_splits = max(1, main_splits + tail_splits)
+    if workspace is None:
+        m_ws = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=dev)
+        l_ws = torch.empty_like(m_ws)
+        acc_ws = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=dev)
+    else:
+        m_ws, l_ws, acc_ws = workspace
     sc = D ** -0.5 if scale is None else scale
     # Triton's interpreter multiplies bf16 matrices wrongly (numpy has no bf16): dot in fp32 there
     dot_f32 = q.dtype == torch.float32 or (INTERPRET and q.dtype == torch.bfloat16)
@@ -452,10 +480,12 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor | None = 
         q, q.stride(0), q.stride(1),
         kp, *kp_st, ks, kz, *ks_st, kr, *kr_st,
         vp, *vp_st, vs, vz, *vs_st, vr, *vr_st,
-        maskt, sm_b, m_ws, l_ws, acc_ws,
-        Hkv, T, kv.tkq, kv.tvq, per_split, num_splits, sc * math.log2(math.e), fast_end, main_splits, tail_chunk,
+        maskt, sm_b, lens if lens is not None else _dummy(dev, torch.int32), m_ws, l_ws, acc_ws,
+        Hkv, T if lens is None else 0, kv.tkq if lens is None else 0, kv.tvq if lens is None else 0, per_split,
+        num_splits, sc * math.log2(math.e), fast_end, main_splits, tail_chunk,
         HG=HG, HG_PAD=max(16, next_pow2(HG)), D=D, BLOCK_N=block_n, TAIL_N=tail_n, KBITS=kbits, KG=kg, VBITS=vbits, VG=vg,
-        HAS_MASK=mask is not None, DOT_F32=dot_f32, FAST=fast, num_warps=num_warps, num_stages=num_stages,
+        HAS_MASK=mask is not None, DOT_F32=dot_f32, FAST=fast, HAS_LENS=lens is not None, RING=ring,
+        num_warps=num_warps, num_stages=num_stages,
         # register cap only on the fp16 path, where it was tuned and measured
         **({"maxnreg": maxnreg} if maxnreg and dev.type == "cuda" and not dot_f32 else {}))
     if out is None:

@@ -13,6 +13,11 @@ layouts, same KIVI flush rule, same bytes per token), with two differences:
   function (``kvshrink.kernels.attention``) hands it to the packed decode kernel. Prefill and every
   other case return dense K/V exactly as the base layer does.
 
+Storage order: where both streams allow it (``strided.strided_supported``: 2/4/8 bits, value groups at
+least ``head_dim * bits / 8`` channels), codes are kept in the *channel-strided* layout of ``strided.py``
+(same bytes per token, another bit order; ``StridedQuantizedTensor.codes()/dequantize()`` read it), which
+the faster ``decode_strided.py`` kernel reads; otherwise in KIVI's storage layout.
+
 Attention semantics are the base layer's: the new token attends to the compressed past and to its own
 keys/values in full precision.
 """
@@ -27,8 +32,13 @@ from ..storage import QuantizedTensor, packed_size, quantize
 from ._triton import kernels_usable
 from .quant_pack import kernel_supports, quantize_pack
 from .reference import PackedKV
+from .strided import StridedQuantizedTensor, quantize_pack_strided, quantize_strided_ref, strided_supported
 
 GROW_MIN_TOKENS = 256
+#: store the channel-strided layout (strided.py) where it applies. Off by default: on the H100 its kernel was
+#: faster only at small batch x length (1x32K) and slower at 8x32K / 16x32K / 1x128K and end to end than the
+#: kernel over KIVI's layout (benchmarks/results/kernels_h100_v2_final.json, docs/KERNELS.md)
+PREFER_STRIDED = False
 
 try:  # the base layer keeps residuals in 16 bits (fp32 models: fp16); follow it where it does
     from ..layer import half_dtype as _half_dtype
@@ -55,14 +65,19 @@ class PackedDecode:
 
 
 class _Stream:
-    """One quantized stream in a capacity buffer: ``packed/scale/zero`` with room along dim 2."""
+    """One quantized stream in a capacity buffer: ``packed/scale/zero`` with room along dim 2.
+
+    ``rows`` counts quantization rows (groups for keys, tokens for values); buffer ``i`` holds
+    ``mults[i]`` dim-2 entries per row (the strided layout stores key codes per token: ``group`` each).
+    """
 
     def __init__(self) -> None:
         self.bufs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self.rows = 0  # used rows along dim 2 (groups for keys, tokens for values)
+        self.rows = 0
+        self.mults = (1, 1, 1)
 
     def cap(self) -> int:
-        return 0 if self.bufs is None else self.bufs[0].shape[2]
+        return 0 if self.bufs is None else self.bufs[1].shape[2]
 
     def ensure(self, rows: int, make) -> None:
         """Make room for ``rows`` used rows; ``make(cap)`` allocates empty buffers of capacity ``cap``."""
@@ -70,13 +85,13 @@ class _Stream:
             return
         new = make(rows)
         if self.bufs is not None and self.rows:
-            for dst, src in zip(new, self.bufs):
-                dst[:, :, :self.rows].copy_(src[:, :, :self.rows])
+            for dst, src, m in zip(new, self.bufs, self.mults):
+                dst[:, :, :self.rows * m].copy_(src[:, :, :self.rows * m])
         self.bufs = new
 
-    def views(self, rows: int) -> tuple[torch.Tensor, ...]:
+    def views(self, rows: int, first: int = 0) -> tuple[torch.Tensor, ...]:
         assert self.bufs is not None
-        return tuple(b[:, :, :rows] for b in self.bufs)
+        return tuple(b[:, :, first * m:rows * m] for b, m in zip(self.bufs, self.mults))
 
 
 class KernelUniformLayer(UniformLayer):
@@ -89,6 +104,7 @@ class KernelUniformLayer(UniformLayer):
         self._k, self._v = _Stream(), _Stream()
         self._reserved = 0
         self.use_kernels = True
+        self.strided: bool | None = None  # storage order, decided once head_dim is known (see _layout)
 
     @classmethod
     def from_uniform(cls, layer: UniformLayer) -> "KernelUniformLayer":
@@ -116,10 +132,23 @@ class KernelUniformLayer(UniformLayer):
         want = self._reserved if self._reserved >= need else max(need, cur + max(cur // 8, GROW_MIN_TOKENS))
         return -(-want // per)
 
+    def _layout(self, head_dim: int) -> bool:
+        """Whether this layer stores the channel-strided layout (``strided.py``): when both streams fit it and
+        the kernels can run; else KIVI's storage layout, read by ``decode_attention.py``."""
+        if self.strided is None:
+            self.strided = PREFER_STRIDED and (strided_supported(self.key_bits, self.key_group, "token", head_dim)
+                            and strided_supported(self.value_bits, self.value_group, "channel", head_dim))
+        return self.strided
+
     def _make_key_bufs(self, like: torch.Tensor, rows_needed: int):
         B, H, _, D = like.shape
         cap = self._grow_to(rows_needed, self.key_group, self._k.cap())
         gb = packed_size(self.key_group, self.key_bits)
+        if self._layout(D):
+            return (torch.empty(B, H, cap * self.key_group, packed_size(D, self.key_bits), dtype=torch.uint8,
+                                device=like.device),
+                    torch.empty(B, H, cap, D, dtype=self.scale_dtype, device=like.device),
+                    torch.empty(B, H, cap, D, dtype=self.scale_dtype, device=like.device))
         return (torch.empty(B, H, cap, D, gb, dtype=torch.uint8, device=like.device),
                 torch.empty(B, H, cap, D, dtype=self.scale_dtype, device=like.device),
                 torch.empty(B, H, cap, D, dtype=self.scale_dtype, device=like.device))
@@ -133,20 +162,37 @@ class KernelUniformLayer(UniformLayer):
 
     def _adopt(self) -> None:
         """Take the current ``kq``/``vq`` tensors as the buffers (after state was replaced wholesale)."""
+        if getattr(self, "head_dim", None) is not None and getattr(self, "is_initialized", False):
+            self._layout(self.head_dim)
+        if self.strided:  # state from a storage-layout layer (from_uniform) or a wholesale replacement
+            if self.kq is not None and not isinstance(self.kq, StridedQuantizedTensor):
+                self.kq = StridedQuantizedTensor.from_kivi(self.kq)
+            if self.vq is not None and not isinstance(self.vq, StridedQuantizedTensor):
+                self.vq = StridedQuantizedTensor.from_kivi(self.vq)
         for stream, q in ((self._k, self.kq), (self._v, self.vq)):
+            stream.mults = (self.key_group, 1, 1) if (self.strided and stream is self._k) else (1, 1, 1)
             if q is None:
                 stream.bufs, stream.rows = None, 0
             else:
-                stream.bufs, stream.rows = (q.packed, q.scale, q.zero), q.packed.shape[2]  # type: ignore[assignment]
+                stream.bufs, stream.rows = (q.packed, q.scale, q.zero), q.scale.shape[2]  # type: ignore[assignment]
 
     # -- storing -----------------------------------------------------------------------------------
     def _quantize_into(self, stream: _Stream, x: torch.Tensor, bits: int, axis: str, group: int, make) -> QuantizedTensor:
         """Quantize ``x`` and write it after the stream's used rows; return the stream's whole view."""
         B, H, n, D = x.shape
         rows = n // group if axis == "token" else n
+        strided = self._layout(D)
+        if strided and axis == "token":
+            stream.mults = (group, 1, 1)
         stream.ensure(stream.rows + rows, lambda need: make(x, need))
-        dst = tuple(b[:, :, stream.rows:stream.rows + rows] for b in stream.bufs)  # type: ignore[union-attr]
-        if kernels_usable(x.device) and kernel_supports(bits, group, D):
+        dst = stream.views(stream.rows + rows, stream.rows)
+        if strided:
+            if kernels_usable(x.device):
+                quantize_pack_strided(x, bits, axis, group, self.scale_dtype, out=dst)  # type: ignore[arg-type]
+            else:
+                for d_, s_ in zip(dst, quantize_strided_ref(x, bits, axis, group, self.scale_dtype).tensors()):
+                    d_.copy_(s_)
+        elif kernels_usable(x.device) and kernel_supports(bits, group, D):
             quantize_pack(x, bits, axis, group, self.scale_dtype, out=dst)  # type: ignore[arg-type]
         else:
             q = quantize(x, bits, axis, group, False, self.scale_dtype)  # type: ignore[arg-type]
@@ -155,7 +201,8 @@ class KernelUniformLayer(UniformLayer):
         stream.rows += rows
         packed, scale, zero = stream.views(stream.rows)
         tokens = stream.rows * (group if axis == "token" else 1)
-        return QuantizedTensor(packed, scale, zero, bits, axis, group, tokens, D, x.dtype)  # type: ignore[arg-type]
+        cls = StridedQuantizedTensor if strided else QuantizedTensor
+        return cls(packed, scale, zero, bits, axis, group, tokens, D, x.dtype)  # type: ignore[arg-type]
 
     def _push_stream(self, stream: _Stream, res: torch.Tensor, bits: int, axis: str, group: int, make,
                      q: QuantizedTensor | None) -> tuple[QuantizedTensor | None, torch.Tensor | None]:
@@ -182,8 +229,9 @@ class KernelUniformLayer(UniformLayer):
         """Whether this update is served by the packed decode kernel."""
         return (self.use_kernels and not self.simulated and key_states.shape[-2] == 1
                 and kernels_usable(key_states.device)
-                and kernel_supports(self.key_bits, self.key_group, key_states.shape[-1])
-                and kernel_supports(self.value_bits, self.value_group, key_states.shape[-1]))
+                and (self._layout(key_states.shape[-1])
+                     or (kernel_supports(self.key_bits, self.key_group, key_states.shape[-1])
+                         and kernel_supports(self.value_bits, self.value_group, key_states.shape[-1]))))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.kernel_step(key_states):

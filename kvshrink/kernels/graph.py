@@ -1,0 +1,503 @@
+"""Cache layers whose decode step CUDA graphs can capture: fixed capacity, lengths on the device, no host syncs.
+
+A decode step of :class:`~.layer.KernelUniformLayer` depends on host values that change every step (token
+counts passed to launches, a split grid sized by the length, a residual that is a new tensor each step), so
+it cannot be replayed from a CUDA graph. The layers here keep everything that changes on the device:
+
+* :class:`StaticKiviLayer`: KIVI (per-channel keys over token groups, per-token values, asymmetric, full-
+  precision residual of ``residual`` tokens, same flush rule and bytes as ``UniformLayer``) in the
+  channel-strided layout (``strided.py``) or KIVI's storage layout (``layout="kivi"``), buffers sized once for ``capacity`` tokens; residuals in ring
+  buffers of ``ring`` rows (token ``t`` at row ``t % ring``, so flushing moves nothing); ``lens = [T,
+  Tkq, Tvq]`` (int32, device). A decode step is two launches: ``_step_kernel`` quantizes what the previous
+  step left due (a value token; a key block of ``residual`` tokens) from the rings into the packed buffers
+  and writes the new token into the rings, then ``_lens_kernel`` advances ``lens``. Attention is
+  :func:`~.decode_strided.decode_attention_strided` in graph mode (fixed split count, programs without work
+  exit early) or :func:`~.decode_attention.decode_attention` in the same mode.
+* :class:`StaticDenseLayer`: the 16-bit baseline with the same discipline (preallocated K/V, device
+  length, :func:`decode_attention_dense`, a split-K kernel over 16-bit K/V with the same structure), so the
+  two can be compared under the same graph replay.
+
+Prefill (one chunk into an empty layer) is served densely from the prompt, like the eager layers. Limits of
+graph mode: no padding mask (all rows share one length), one chunk of prefill, then single-token steps.
+
+The ``"kvshrink"`` attention function (``attention.py``) recognises the handles these layers return.
+:func:`make_static_cache` builds a transformers ``Cache`` of them; :class:`GraphDecoder` captures one decode
+step of a model and replays it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..layer import half_dtype
+from ..storage import QuantizedTensor, packed_size
+from ._triton import HAS_TRITON, INTERPRET, next_pow2, tl, triton
+from . import decode_attention as _da  # its merge kernel exists only with Triton: looked up at call time
+from .decode_attention import _sm_count, decode_attention
+from .quant_pack import kernel_supports, quantize_pack
+from .decode_strided import decode_attention_strided
+from .reference import PackedKV
+from .strided import StridedQuantizedTensor, quantize_pack_strided, strided_supported
+
+try:
+    from transformers.cache_utils import Cache, CacheLayerMixin
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Cache, CacheLayerMixin = object, object  # type: ignore[assignment,misc]
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _step_kernel(K_NEW, V_NEW, snb, snh,  # new token (B, H, 1, D)
+                     KR, VR, srb, srh, srt,  # rings (B, H, RING, D), same strides for K and V
+                     KP, skp_b, skp_h, skp_t, KS, KZ, sks_b, sks_h, sks_g,
+                     VP, svp_b, svp_h, svp_t, VS, VZ, svs_b, svs_h, svs_t,
+                     LENS, H,
+                     D: tl.constexpr, R: tl.constexpr, RING: tl.constexpr, KG: tl.constexpr, KBITS: tl.constexpr,
+                     VG: tl.constexpr, VBITS: tl.constexpr, STRIDED: tl.constexpr):
+        """Per (b, h): flush what is due (base layer's rule, applied after the previous append), then write the
+        new token into the rings. ``lens`` is read only (``_lens_kernel`` advances it afterwards).
+        ``STRIDED``: the strided layout (``strided.py``), else KIVI's storage layout (key dim 2 = groups)."""
+        pid = tl.program_id(0)
+        b = pid // H
+        h = pid % H
+        T = tl.load(LENS)
+        TKQ = tl.load(LENS + 1)
+        TVQ = tl.load(LENS + 2)
+        d = tl.arange(0, D)
+        kr_base = KR + b * srb + h * srh
+        vr_base = VR + b * srb + h * srh
+        # values: one token leaves the residual once it holds more than R
+        if T - TVQ > R:
+            VHI: tl.constexpr = (1 << VBITS) - 1
+            NG: tl.constexpr = D // VG
+            VPPB: tl.constexpr = 8 // VBITS
+            VDP: tl.constexpr = D // VPPB
+            x = tl.load(vr_base + (TVQ % RING) * srt + d).to(tl.float32)
+            xg = tl.reshape(x, [NG, VG])
+            zero = tl.min(xg, axis=1).to(VS.dtype.element_ty)
+            scale = tl.math.div_rn(tl.max(xg, axis=1) - zero.to(tl.float32), VHI * 1.0).to(VS.dtype.element_ty)
+            s = scale.to(tl.float32)
+            s = tl.where(s > 0, s, 1.0)
+            y = tl.math.div_rn(xg - zero.to(tl.float32)[:, None], s[:, None])
+            c = tl.minimum(tl.maximum((y + 12582912.0) - 12582912.0, 0.0), VHI * 1.0).to(tl.int32)
+            if STRIDED:  # channel j * VDP + byte -> slot j of that byte
+                c3 = tl.reshape(c, [VPPB, VDP])
+                packed = tl.sum(c3 << (tl.arange(0, VPPB) * VBITS)[:, None], axis=0).to(tl.uint8)
+            else:  # KIVI: channel byte * VPPB + j -> slot j
+                c3 = tl.reshape(c, [VDP, VPPB])
+                packed = tl.sum(c3 << (tl.arange(0, VPPB) * VBITS)[None, :], axis=1).to(tl.uint8)
+            tl.store(VP + b * svp_b + h * svp_h + TVQ * svp_t + tl.arange(0, VDP), packed)
+            g = tl.arange(0, NG)
+            tl.store(VS + b * svs_b + h * svs_h + TVQ * svs_t + g, scale)
+            tl.store(VZ + b * svs_b + h * svs_h + TVQ * svs_t + g, zero)
+        # keys: a block of R tokens (R // KG groups) leaves the residual once it holds R
+        if T - TKQ >= R:
+            KHI: tl.constexpr = (1 << KBITS) - 1
+            KPPB: tl.constexpr = 8 // KBITS
+            KDP: tl.constexpr = D // KPPB
+            KGB: tl.constexpr = KG // KPPB
+            tk = tl.arange(0, KG)
+            for gi in tl.static_range(R // KG):
+                t0 = TKQ + gi * KG
+                x = tl.load(kr_base + ((t0 + tk) % RING)[:, None] * srt + d[None, :]).to(tl.float32)  # (KG, D)
+                zero = tl.min(x, axis=0).to(KS.dtype.element_ty)
+                scale = tl.math.div_rn(tl.max(x, axis=0) - zero.to(tl.float32), KHI * 1.0).to(KS.dtype.element_ty)
+                s = scale.to(tl.float32)
+                s = tl.where(s > 0, s, 1.0)
+                y = tl.math.div_rn(x - zero.to(tl.float32)[None, :], s[None, :])
+                c = tl.minimum(tl.maximum((y + 12582912.0) - 12582912.0, 0.0), KHI * 1.0).to(tl.int32)
+                if STRIDED:  # per token, channels strided over the bit slots
+                    c3 = tl.reshape(c, [KG, KPPB, KDP])
+                    packed = tl.sum(c3 << (tl.arange(0, KPPB) * KBITS)[None, :, None], axis=1).to(tl.uint8)
+                    kk = tl.arange(0, KDP)
+                    tl.store(KP + b * skp_b + h * skp_h + (t0 + tk)[:, None] * skp_t + kk[None, :], packed)
+                else:  # KIVI: per channel, KPPB consecutive tokens per byte; dim 2 of KP is the group
+                    c3 = tl.reshape(c, [KGB, KPPB, D])
+                    packed = tl.sum(c3 << (tl.arange(0, KPPB) * KBITS)[None, :, None], axis=1).to(tl.uint8)
+                    kk = tl.arange(0, KGB)
+                    tl.store(KP + b * skp_b + h * skp_h + (t0 // KG) * skp_t + d[None, :] * KGB + kk[:, None], packed)
+                goff = b * sks_b + h * sks_h + (t0 // KG) * sks_g + d
+                tl.store(KS + goff, scale)
+                tl.store(KZ + goff, zero)
+        # the new token (after the flush read its rows: the rings hold R + 1 < RING live rows)
+        row = T % RING
+        tl.store(kr_base + row * srt + d, tl.load(K_NEW + b * snb + h * snh + d).to(KR.dtype.element_ty))
+        tl.store(vr_base + row * srt + d, tl.load(V_NEW + b * snb + h * snh + d).to(VR.dtype.element_ty))
+
+    @triton.jit
+    def _lens_kernel(LENS, R: tl.constexpr, NEW: tl.constexpr):
+        T = tl.load(LENS)
+        TKQ = tl.load(LENS + 1)
+        TVQ = tl.load(LENS + 2)
+        tl.store(LENS + 1, tl.where(T - TKQ >= R, TKQ + R, TKQ))
+        tl.store(LENS + 2, tl.where(T - TVQ > R, TVQ + 1, TVQ))
+        tl.store(LENS, T + NEW)
+
+    @triton.jit
+    def _dense_decode_kernel(Q, sqb, sqh, K, V, skb, skh, skt, LENS, M_OUT, L_OUT, ACC_OUT, H, num_splits, qk_scale,
+                             HG: tl.constexpr, HG_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                             F32: tl.constexpr):
+        """Split-K decode over 16-bit K/V (B, H, cap, D) with the length on the device (baseline kernel)."""
+        pid_bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        T = tl.load(LENS)
+        per = tl.cdiv(tl.cdiv(T, num_splits), BLOCK_N) * BLOCK_N
+        lo = split * per
+        hi = tl.minimum(lo + per, T)
+        hh = tl.arange(0, HG_PAD)
+        hmask = hh < HG
+        qrow = h * HG + hh
+        d = tl.arange(0, D)
+        qT = tl.load(Q + b * sqb + qrow[None, :] * sqh + d[:, None], mask=hmask[None, :], other=0.0).to(tl.float32)
+        qT = (qT * qk_scale).to(K.dtype.element_ty)
+        m_i = tl.full([HG_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([HG_PAD], tl.float32)
+        acc = tl.zeros([D, HG_PAD], tl.float32)
+        n = tl.arange(0, BLOCK_N)
+        base = b * skb + h * skh
+        for start in range(lo, hi, BLOCK_N):
+            t = start + n
+            live = t < hi
+            k = tl.load(K + base + t[:, None] * skt + d[None, :], mask=live[:, None], other=0.0)
+            if F32:
+                sT = tl.dot(k.to(tl.float32), qT.to(tl.float32), input_precision="ieee")
+            else:
+                sT = tl.dot(k, qT)
+            sT = tl.where(live[:, None], sT, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sT, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            pT = tl.exp2(sT - m_safe[None, :])
+            l_i = l_i * alpha + tl.sum(pT, axis=0)
+            m_i = m_new
+            v = tl.load(V + base + t[:, None] * skt + d[None, :], mask=live[:, None], other=0.0)
+            if F32:
+                acc = acc * alpha[None, :] + tl.dot(tl.trans(v.to(tl.float32)), pT, input_precision="ieee")
+            else:
+                acc = acc * alpha[None, :] + tl.dot(tl.trans(v), pT.to(v.dtype))
+        o = (b * H * HG + qrow) * num_splits + split
+        tl.store(M_OUT + o, m_i, mask=hmask)
+        tl.store(L_OUT + o, l_i, mask=hmask)
+        tl.store(ACC_OUT + o[None, :] * D + d[:, None], acc, mask=hmask[None, :])
+
+
+def _splits(batch_kv_heads: int, device: torch.device, waves: int = 4, tokens: int = 1 << 30, block: int = 128) -> int:
+    """Fixed split count for graph mode: ~``waves`` programs per SM over ``batch_kv_heads`` heads, at least 2,
+    at most one per ``block`` tokens of capacity (and 256)."""
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4
+    return max(2, min(-(-waves * sms // max(1, batch_kv_heads)), max(2, tokens // block), 256))
+
+
+def decode_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, num_splits: int,
+                           scale: float | None = None, block_n: int = 64, num_warps: int = 4,
+                           workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """``q (B, Hq, D)`` over the first ``lens[0]`` tokens of 16-bit ``k``/``v (B, H, cap, D)`` (GQA)."""
+    B, Hq, D = q.shape
+    H = k.shape[1]
+    HG = Hq // H
+    if workspace is None:
+        workspace = (torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device),
+                     torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device),
+                     torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device))
+    m_ws, l_ws, acc_ws = workspace
+    f32 = k.dtype == torch.float32 or (INTERPRET and k.dtype == torch.bfloat16)
+    sc = (D ** -0.5 if scale is None else scale) * math.log2(math.e)
+    _dense_decode_kernel[(B * H, num_splits)](q, q.stride(0), q.stride(1), k, v, k.stride(0), k.stride(1), k.stride(2),
+                                              lens, m_ws, l_ws, acc_ws, H, num_splits, sc, HG=HG,
+                                              HG_PAD=max(16, next_pow2(HG)), D=D, BLOCK_N=block_n, F32=f32,
+                                              num_warps=num_warps)
+    if out is None:
+        out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    _da._decode_reduce_kernel[(B * Hq,)](m_ws, l_ws, acc_ws, out, out.stride(0), out.stride(1), Hq, num_splits,
+                                     D=D, S_PAD=next_pow2(num_splits), num_warps=4)
+    return out
+
+
+@dataclass
+class GraphDecode:
+    """What a static layer's decode ``update`` returns (as key and value) to the ``"kvshrink"`` attention."""
+
+    layer: "StaticKiviLayer | StaticDenseLayer"
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        lay = self.layer
+        return (lay.batch, lay.num_heads, lay.capacity, lay.head_dim)
+
+    def attend(self, q: torch.Tensor, scale: float | None) -> torch.Tensor:
+        return self.layer.attend(q, scale)
+
+
+class _StaticBase(CacheLayerMixin):
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = int(capacity)
+        self.seen = 0  # host count (bookkeeping for transformers; replayed graph steps do not advance it)
+        self.lens: torch.Tensor | None = None
+        self.splits = 0
+        self._ws: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _workspace(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, Hq, D = q.shape
+        if self._ws is None or self._ws[0].shape != (B, Hq, self.splits):
+            self._ws = (torch.empty(B, Hq, self.splits, dtype=torch.float32, device=q.device),
+                        torch.empty(B, Hq, self.splits, dtype=torch.float32, device=q.device),
+                        torch.empty(B, Hq, self.splits, D, dtype=torch.float32, device=q.device))
+        return self._ws
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def _check_prefill(self, key_states: torch.Tensor) -> None:
+        if self.seen:
+            raise NotImplementedError("static (graph) layers take one prefill chunk into an empty cache, then "
+                                      "single-token decode steps")
+        if key_states.shape[-2] > self.capacity:
+            raise ValueError(f"prompt of {key_states.shape[-2]} tokens exceeds capacity {self.capacity}")
+
+
+class StaticDenseLayer(_StaticBase):
+    """16-bit K/V preallocated for ``capacity`` tokens; the length lives on the device."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch, self.num_heads, _, self.head_dim = key_states.shape
+        shape = (self.batch, self.num_heads, self.capacity, self.head_dim)
+        self.k = torch.zeros(shape, dtype=key_states.dtype, device=self.device)
+        self.v = torch.zeros_like(self.k)
+        self.lens = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self._one = torch.ones(1, dtype=torch.int32, device=self.device)
+        self.splits = _splits(self.batch * self.num_heads, self.device, tokens=self.capacity)
+        self.is_initialized = True
+
+    def prefill(self, k: torch.Tensor, v: torch.Tensor, batch_start: int = 0) -> None:
+        """Store a prompt of ``n`` tokens for rows ``[batch_start, batch_start + k.shape[0])`` (every row must
+        be given the same ``n``; rows may come in several calls, so large batches fill without a full copy)."""
+        n = k.shape[-2]
+        rows = slice(batch_start, batch_start + k.shape[0])
+        self.k[rows, :, :n].copy_(k)
+        self.v[rows, :, :n].copy_(v)
+        self.lens.fill_(n)
+        self.seen = n
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        if n > 1:
+            self._check_prefill(key_states)
+            self.prefill(key_states, value_states)
+            return key_states, value_states
+        idx = self.lens.long()  # device index: no host read of the length
+        self.k.index_copy_(2, idx, key_states)
+        self.v.index_copy_(2, idx, value_states)
+        self.lens.add_(self._one)
+        self.seen += 1
+        handle = GraphDecode(self)
+        return handle, handle
+
+    def attend(self, q: torch.Tensor, scale: float | None) -> torch.Tensor:
+        return decode_attention_dense(q, self.k, self.v, self.lens, self.splits, scale, workspace=self._workspace(q))
+
+    def nbytes(self) -> int:
+        return 0 if self.lens is None else 2 * self.k.numel() * self.k.element_size()
+
+
+class StaticKiviLayer(_StaticBase):
+    """KIVI with fixed buffers, residual rings and device lengths (see module docstring). ``layout``: KIVI's
+    storage layout (default: its kernel was the faster one on the H100) or the channel-strided one; ``waves``:
+    main splits per KV head such that ~``waves`` programs per SM run over the quantized tokens;
+    ``tail_splits`` programs take the residual/partial-block tail."""
+
+    def __init__(self, capacity: int, bits: int = 2, group: int = 128, residual: int = 128,
+                 scale_dtype: torch.dtype = torch.float16, tail_splits: int = 4, layout: str = "kivi",
+                 waves: int = 16) -> None:
+        super().__init__(capacity)
+        self.waves = waves  # main splits: enough programs for ~waves x (one program per SM)
+        if layout not in ("strided", "kivi"):
+            raise ValueError(f"layout must be 'strided' or 'kivi', got {layout!r}")
+        self.layout = layout
+        if residual < group or residual % group:
+            raise ValueError(f"graph mode needs residual ({residual}) a positive multiple of group ({group})")
+        self.bits, self.group, self.residual, self.scale_dtype = bits, group, residual, scale_dtype
+        # live residual rows: values hold R + 1 tokens before their flush and the new token is written after
+        # it, keys at most R: R + 2 rows never overwrite a token still needed
+        self.ring = residual + 2
+        self.tail_splits = tail_splits
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, _, D = key_states.shape
+        if self.layout == "strided" and not (strided_supported(self.bits, self.group, "token", D)
+                                             and strided_supported(self.bits, self.group, "channel", D)):
+            raise ValueError(f"graph mode: bits={self.bits}, group={self.group}, head_dim={D} not in the strided layout")
+        if self.layout == "kivi" and not (self.bits in (2, 4, 8) and kernel_supports(self.bits, self.group, D)):
+            raise ValueError(f"graph mode: bits={self.bits}, group={self.group}, head_dim={D} not served by the kernels")
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch, self.num_heads, self.head_dim = B, H, D
+        cap = -(-self.capacity // self.group) * self.group
+        self.capacity = cap
+        dev, dp = self.device, packed_size(D, self.bits)
+        strided = self.layout == "strided"
+        if strided:
+            self.kp = torch.zeros(B, H, cap, dp, dtype=torch.uint8, device=dev)
+        else:
+            self.kp = torch.zeros(B, H, cap // self.group, D, packed_size(self.group, self.bits), dtype=torch.uint8,
+                                  device=dev)
+        self.ks = torch.zeros(B, H, cap // self.group, D, dtype=self.scale_dtype, device=dev)
+        self.kz = torch.zeros_like(self.ks)
+        self.vp = torch.zeros(B, H, cap, dp, dtype=torch.uint8, device=dev)
+        self.vs = torch.zeros(B, H, cap, D // self.group, dtype=self.scale_dtype, device=dev)
+        self.vz = torch.zeros_like(self.vs)
+        rdt = half_dtype(key_states.dtype)
+        self.kr = torch.zeros(B, H, self.ring, D, dtype=rdt, device=dev)
+        self.vr = torch.zeros_like(self.kr)
+        self.lens = torch.zeros(3, dtype=torch.int32, device=dev)
+        self.splits = _splits(B * H, dev, waves=self.waves, tokens=cap) + self.tail_splits
+        cls = StridedQuantizedTensor if strided else QuantizedTensor
+        self.kv = PackedKV(cls(self.kp, self.ks, self.kz, self.bits, "token", self.group, cap, D, key_states.dtype),
+                           self.kr,
+                           cls(self.vp, self.vs, self.vz, self.bits, "channel", self.group, cap, D, key_states.dtype),
+                           self.vr)
+        self.is_initialized = True
+
+    def _flush_rule(self, n: int) -> tuple[int, int]:
+        """(Tkq, Tvq) after ``n`` tokens were appended at once: ``UniformLayer._flush_count``."""
+        return (n // self.residual) * self.residual, max(0, n - self.residual)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        if n > 1:
+            self._check_prefill(key_states)
+            self.prefill(key_states, value_states)
+            return key_states, value_states
+        self._step(key_states, value_states)
+        self.seen += 1
+        handle = GraphDecode(self)
+        return handle, handle
+
+    def prefill(self, k: torch.Tensor, v: torch.Tensor, batch_start: int = 0) -> None:
+        """Store a prompt of ``n`` tokens (base layer's flush rule) for rows ``[batch_start, +k.shape[0])``;
+        every row must be given the same ``n``, possibly over several calls."""
+        n = k.shape[-2]
+        tkq, tvq = self._flush_rule(n)
+        half = self.kr.dtype
+        r = slice(batch_start, batch_start + k.shape[0])
+        qpack = quantize_pack_strided if self.layout == "strided" else quantize_pack
+        kp_rows = tkq if self.layout == "strided" else tkq // self.group
+        if tkq:
+            qpack(k[:, :, :tkq].to(half), self.bits, "token", self.group, self.scale_dtype,
+                  out=(self.kp[r, :, :kp_rows], self.ks[r, :, :tkq // self.group], self.kz[r, :, :tkq // self.group]))
+        if tvq:
+            qpack(v[:, :, :tvq].to(half), self.bits, "channel", self.group, self.scale_dtype,
+                  out=(self.vp[r, :, :tvq], self.vs[r, :, :tvq], self.vz[r, :, :tvq]))
+        lo = min(tkq, tvq)
+        rows = torch.arange(lo, n, device=k.device) % self.ring
+        self.kr[r, :, rows] = k[:, :, lo:].to(half)
+        self.vr[r, :, rows] = v[:, :, lo:].to(half)
+        self.lens.copy_(torch.tensor([n, tkq, tvq], dtype=torch.int32))
+        self.seen = n
+
+    def _step(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        B, H, _, D = k.shape
+        k = k if k.stride(-1) == 1 else k.contiguous()
+        v = v if v.stride(-1) == 1 and v.stride()[:2] == k.stride()[:2] else v.contiguous()
+        if v.stride()[:2] != k.stride()[:2]:
+            k = k.contiguous()
+        _step_kernel[(B * H,)](k, v, k.stride(0), k.stride(1),
+                               self.kr, self.vr, *self.kr.stride()[:3],
+                               self.kp, *self.kp.stride()[:3], self.ks, self.kz, *self.ks.stride()[:3],
+                               self.vp, *self.vp.stride()[:3], self.vs, self.vz, *self.vs.stride()[:3],
+                               self.lens, H, D=D, R=self.residual, RING=self.ring, KG=self.group, KBITS=self.bits,
+                               VG=self.group, VBITS=self.bits, STRIDED=self.layout == "strided", num_warps=4)
+        _lens_kernel[(1,)](self.lens, R=self.residual, NEW=1, num_warps=1)
+
+    def attend(self, q: torch.Tensor, scale: float | None) -> torch.Tensor:
+        fn = decode_attention_strided if self.layout == "strided" else decode_attention
+        return fn(q, self.kv, scale=scale, lens=self.lens, ring=self.ring, num_splits=self.splits,
+                  main_splits=self.splits - self.tail_splits, workspace=self._workspace(q))
+
+    def state(self) -> PackedKV:
+        """The held tokens as a host-mode :class:`PackedKV` (syncs: for tests and inspection only)."""
+        T, tkq, tvq = (int(x) for x in self.lens.tolist())
+        cls = StridedQuantizedTensor if self.layout == "strided" else QuantizedTensor
+        kp_rows = tkq if self.layout == "strided" else tkq // self.group
+        kq = cls(self.kp[:, :, :kp_rows], self.ks[:, :, :tkq // self.group], self.kz[:, :, :tkq // self.group],
+                 self.bits, "token", self.group, tkq, self.head_dim, self.dtype) if tkq else None
+        vq = cls(self.vp[:, :, :tvq], self.vs[:, :, :tvq], self.vz[:, :, :tvq], self.bits, "channel", self.group,
+                 tvq, self.head_dim, self.dtype) if tvq else None
+        kr = self.kr[:, :, torch.arange(tkq, T, device=self.kr.device) % self.ring] if T > tkq else None
+        vr = self.vr[:, :, torch.arange(tvq, T, device=self.vr.device) % self.ring] if T > tvq else None
+        return PackedKV(kq, kr, vq, vr)
+
+    def nbytes(self) -> int:
+        if self.lens is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.kp, self.ks, self.kz, self.vp, self.vs, self.vz,
+                                                           self.kr, self.vr))
+
+
+def make_static_cache(model: torch.nn.Module, capacity: int, kind: str = "kivi", **kw) -> "Cache":
+    """A transformers ``Cache`` of static layers (``kind`` "kivi" or "dense") for graph-captured decoding, and
+    ``model`` switched to the ``"kvshrink"`` attention (undo with ``kvshrink.kernels.disable``)."""
+    from .attention import enable
+
+    n = model.config.num_hidden_layers
+    layers = [StaticKiviLayer(capacity, **kw) if kind == "kivi" else StaticDenseLayer(capacity) for _ in range(n)]
+    enable(model)
+    return Cache(layers=layers)
+
+
+class GraphDecoder:
+    """One greedy decode step of ``model`` over a static cache, captured in a CUDA graph and replayed.
+
+    ``step()`` replays: feeds the last token, writes the next into ``self.tokens`` (device). No host sync.
+    """
+
+    def __init__(self, model: torch.nn.Module, cache, first_tokens: torch.Tensor, position: int,
+                 warmup: int = 2) -> None:
+        self.model, self.cache = model, cache
+        dev = first_tokens.device
+        self.tokens = first_tokens.clone().view(-1, 1)
+        self.pos = torch.full_like(self.tokens, position)
+        self.cache_position = torch.full((1,), position, dtype=torch.long, device=dev)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(warmup):  # compiles the kernels; these steps are real decode steps
+                self._forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph):
+            self._forward()
+
+    def _forward(self) -> None:
+        out = self.model(input_ids=self.tokens, position_ids=self.pos, cache_position=self.cache_position,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.tokens.copy_(out.logits[:, -1].argmax(-1, keepdim=True))
+        self.pos.add_(1)
+        self.cache_position.add_(1)
+
+    def step(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.tokens
+
+
+__all__ = ["StaticKiviLayer", "StaticDenseLayer", "GraphDecode", "GraphDecoder", "make_static_cache",
+           "decode_attention_dense"]
