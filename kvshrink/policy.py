@@ -6,13 +6,15 @@ A policy layer (:class:`PolicyLayer`) sits between transformers and the quantize
 1. returns the held past (``inner.dense()``) followed by the new chunk, in full, so that this step's
    attention is exact (the pattern of transformers' sliding-window layer, see TRANSFORMERS_NOTES.md);
 2. lets the method choose which of the held + new tokens stay (:meth:`PolicyLayer.choose`);
-3. hands only those to ``inner`` (``inner.append``). When stored tokens are evicted too, the inner layer
-   is rebuilt from its dense tokens (:func:`select_held`): exact for ``none``; for a quantizer it
-   re-quantizes the kept tokens (the core API has no way to drop tokens from packed storage).
+3. hands only those to ``inner`` (``inner.append``). When stored tokens are evicted too: plain tensors
+   (``none``) drop them exactly; a quantizer's packed storage cannot drop single tokens (per-channel key
+   groups span tokens), so it sits behind a :class:`DeferredEviction` that marks evicted tokens, gives
+   attention only the kept ones, and compacts (stores the kept tokens again, quantizing them a second time)
+   only once ``COMPACT_EVERY`` evicted tokens have piled up -- not at every decode step.
    Quantizers that keep per-token data captured for the whole chunk by hooks (pre-RoPE positions, sinks:
    rotatekv, kvquant; ``takes_index``) are told which chunk tokens each head keeps,
-   ``append(k, v, index=(B, H, T'))``, and drop stored tokens themselves (their ``select(idx)``), so that
-   every kept key is re-RoPE'd at its own position.
+   ``append(k, v, index=(B, H, T'))``, and compact themselves (their ``select(idx)``), so that every kept
+   key is re-RoPE'd at its own position.
 
 ``held() < seen`` once tokens are evicted; the base class's ``get_mask_sizes = (held + q, seen - held)``
 keeps stock SDPA/eager masks right.
@@ -191,7 +193,7 @@ def push(layer: CompressedLayer, k: torch.Tensor, v: torch.Tensor, index: torch.
 
 def clear_tokens(layer: CompressedLayer) -> None:
     """Forget every held token of ``layer`` but keep its configuration (dtype, a policy's channel set...)."""
-    if isinstance(layer, PolicyLayer):
+    if isinstance(layer, (PolicyLayer, DeferredEviction)):
         layer.clear_tokens()
         return
     for name in layer.state_fields:
@@ -204,8 +206,9 @@ def select_held(layer: CompressedLayer, idx: torch.Tensor) -> None:
 
     Exact for a plain tensor layer (``none``). Packed storage cannot drop single tokens (per-channel key
     groups span tokens), so a quantizer's layer is rebuilt from its dequantized kept tokens: the kept
-    tokens are quantized a second time. A core ``CompressedLayer.select(idx)`` would avoid that. A layer
-    with its own ``select(idx)`` (rotatekv, kvquant: positions and sinks kept consistent) does it itself.
+    tokens are quantized a second time (policies put quantizers behind :class:`DeferredEviction`, which
+    does this rarely). A layer with its own ``select(idx)`` (rotatekv, kvquant: positions and sinks kept
+    consistent; DeferredEviction) does it itself.
     """
     if isinstance(layer, PolicyLayer):
         layer.select(idx)
@@ -223,6 +226,107 @@ def select_held(layer: CompressedLayer, idx: torch.Tensor) -> None:
     K, V = layer.dense()
     clear_tokens(layer)
     push(layer, gather_tokens(K, idx), gather_tokens(V, idx))
+
+
+# -- evicting from quantized storage ---------------------------------------------------------------
+#: evicted-but-stored tokens a :class:`DeferredEviction` tolerates before it compacts its quantizer's layer
+COMPACT_EVERY = 32
+
+
+class DeferredEviction(CompressedLayer):
+    """A quantizer's layer behind a policy that evicts stored tokens: evict by marking, compact rarely.
+
+    Packed storage cannot drop single tokens (per-channel key groups span tokens), so compacting rebuilds the
+    layer from its kept tokens, which quantizes them again (or the layer's own ``select``). A policy that
+    evicts at every decode step (H2O, StreamingLLM, LM-Infinite) would re-quantize its whole held set at
+    every step, and the error would pile up step after step. Here evicted tokens are only marked (``live``,
+    one bool per stored token and head, counted in :meth:`nbytes`); attention reads the live tokens only
+    (:meth:`dense` gathers them), so what the model sees is exactly the policy's choice; the layer is
+    compacted once ``every`` evicted tokens have piled up, so each token is re-quantized about once per
+    ``every`` evictions instead of at each one. The price: up to ``every`` evicted tokens per head still
+    held in storage between compactions (in the bytes reported).
+    """
+
+    def __init__(self, inner: CompressedLayer, every: int = COMPACT_EVERY) -> None:
+        super().__init__()
+        self.inner, self.every = inner, every
+        self.live: torch.Tensor | None = None  # (B, H, stored) bool; None: every stored token is held
+        self._idx: torch.Tensor | None = None  # held -> stored indices (derived from live)
+
+    @property
+    def takes_index(self) -> bool:  # type: ignore[override]
+        return self.inner.takes_index
+
+    def __getattr__(self, name: str):  # read the quantizer's own attributes through the wrapper
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        if not self.inner.is_initialized:
+            self.inner.lazy_initialization(key_states, value_states)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        push(self.inner, k, v, index)
+        if self.live is not None:
+            B, H, n = self.live.shape[0], self.live.shape[1], k.shape[-2]
+            self.live = torch.cat([self.live, self.live.new_ones(B, H, n)], dim=-1)
+            self._idx = None
+
+    def held(self) -> int:
+        return self.inner.held() if self.live is None else int(self.live[0, 0].sum())
+
+    def _held_idx(self) -> torch.Tensor:
+        if self._idx is None:
+            B, H, T = self.live.shape
+            self._idx = self.live.nonzero()[:, 2].reshape(B, H, -1)  # row-major: per head, in text order
+        return self._idx
+
+    def dense(self):
+        K, V = self.inner.dense()
+        if self.live is None or K is None:
+            return K, V
+        idx = self._held_idx()
+        return gather_tokens(K, idx), gather_tokens(V, idx)
+
+    def select(self, idx: torch.Tensor) -> None:
+        keep = idx if self.live is None else self._held_idx().gather(2, idx)  # indices into stored tokens
+        stored = self.inner.held()
+        if stored - keep.shape[-1] >= self.every or keep.shape[-1] == 0:
+            select_held(self.inner, keep)  # compact: quantize the kept tokens again, once
+            self.live = self._idx = None
+        elif keep.shape[-1] < stored:
+            B, H = keep.shape[:2]
+            self.live = torch.zeros(B, H, stored, dtype=torch.bool, device=keep.device).scatter_(2, keep, True)
+            self._idx = None
+
+    def clear_tokens(self) -> None:
+        clear_tokens(self.inner)
+        self.live = self._idx = None
+        self.seen = 0
+
+    def stored(self) -> Iterator[torch.Tensor]:
+        yield from self.inner.stored()
+        if self.live is not None:
+            yield self.live
+
+    def map_state(self, fn) -> None:
+        self.inner.map_state(fn)
+        if self.live is not None:
+            self.live, self._idx = fn(self.live), None
+
+    def reset(self) -> None:
+        super().reset()
+        self.inner.reset()
+        self.live = self._idx = None
+
+
+def _rebuilds_on_evict(layer: CompressedLayer) -> bool:
+    """Whether dropping stored tokens from ``layer`` means storing the kept ones again (packed storage)."""
+    if isinstance(layer, (PolicyLayer, DeferredEviction)):
+        return False
+    return set(layer.state_fields) != {"keys", "values"}
 
 
 # -- the policy layer --------------------------------------------------------------------------------
@@ -243,6 +347,8 @@ class PolicyLayer(CompressedLayer):
 
     def __init__(self, inner: CompressedLayer, layer_idx: int, info: Any) -> None:
         super().__init__()
+        if _rebuilds_on_evict(inner):
+            inner = DeferredEviction(inner)
         self.inner, self.layer_idx, self.info = inner, layer_idx, info
         self.active = True  # False: store new tokens as they come (e.g. a question after a compressed context)
         self.queries: torch.Tensor | None = None  # window queries of the current chunk (set by the hook)
@@ -348,9 +454,9 @@ class PolicyLayer(CompressedLayer):
             # every held token stays: only new tokens are dropped, nothing stored is touched
             new = keep[..., held:] - held
             push(self.inner, gather_tokens(k, new), gather_tokens(v, new), new if index is None else index.gather(2, new))
-        elif self.inner.takes_index:
-            # stored tokens are evicted too, and the inner layer keeps per-token data of the chunk (positions):
-            # store the whole chunk with that data, then let the layer drop tokens itself (select_held)
+        elif self.inner.takes_index or isinstance(self.inner, DeferredEviction):
+            # stored tokens are evicted too: store the whole chunk (with its per-token data, e.g. positions, for
+            # layers that take an index), then drop tokens: marked by DeferredEviction, compacted now and then
             push(self.inner, k, v, index)
             select_held(self.inner, keep)
         else:
