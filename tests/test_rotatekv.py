@@ -165,6 +165,7 @@ def test_nbytes_counts_every_stored_tensor(tiny):
     expected += B * T * 4  # int32 positions
     expected += 2 * B * H * S * D * 2 + B * S * 4  # fp16 sink keys/values, int32 sink indices
     expected += 2 * H * D * 8  # the layer's channel order and its inverse (int64)
+    expected += B * H * D * 2  # fp16 per-channel key offset (center)
     assert layer.nbytes() == expected
     assert layer.kq.tokens == n_q and layer.k_res.shape[2] == 4
 
@@ -181,8 +182,9 @@ def test_two_bit_reasonable_and_smaller_than_kivi(tiny, key_axis):
     _chunked(model, kivi, ids, 64)
     # tiny random models have flat logits; the bound only catches gross errors (wrong positions, lost tokens)
     assert (out.softmax(-1) - ref.softmax(-1)).abs().max() < 0.2
-    # head_dim 32 = one group: 3 bits per entry like KIVI's, plus int32 positions and the channel order
-    extra = 2 * (96 * 4 + 2 * 64 * 8)
+    # head_dim 32 = one group: 3 bits per entry like KIVI's, plus int32 positions, the channel order and
+    # the fp16 key offset
+    extra = 2 * (96 * 4 + 2 * 64 * 8 + 2 * 32 * 2)
     assert rk.nbytes() <= kivi.nbytes() + extra
 
 
@@ -346,3 +348,28 @@ def test_beam_search_reorders_every_stored_tensor(tiny):
         out = model.generate(input_ids=ids, past_key_values=make_cache(model, EXACT), **kw)
         ref = model.generate(input_ids=ids, past_key_values=DynamicCache(config=model.config), **kw)
     assert torch.equal(out, ref)
+
+
+def test_key_centering_is_lossless_at_16_bits_and_absorbs_a_key_bias(tiny):
+    """``center``: a per-channel offset subtracted before quantizing and added back on read. With biased keys
+    (a constant per-channel offset, as Qwen2's k_proj bias gives) 2-bit per-token groups lose far less."""
+    cfg = tiny("llama").config
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 2, 64, 32, generator=g)
+    v = torch.randn(1, 2, 64, 32, generator=g)
+    bias = 8.0 * torch.randn(1, 2, 1, 32, generator=g)  # the same offset on every token
+
+    def err(spec, keys):
+        layer = make_cache(cfg, spec + ",prerope=false,reorder=false,sinks=false").layers[0]
+        layer.update(keys, v)
+        K, _ = layer.dense()
+        return float((K - keys).norm() / (keys - keys.mean(2, keepdim=True)).norm()), layer
+
+    exact, layer = err("rotatekv:bits=16,center=true", k + bias)
+    assert exact < 1e-3 and layer.k_mu is not None and layer.k_mu.shape == (1, 2, 1, 32)
+    assert layer.nbytes() >= 2 * 2 * 32  # the offset is stored (fp16, per head and channel) and counted
+    off = err("rotatekv:bits=2,center=false", k + bias)[0]
+    on = err("rotatekv:bits=2,center=true", k + bias)[0]
+    assert on < 0.5 * off
+    # without a bias centering changes little either way
+    assert err("rotatekv:bits=2,center=true", k)[0] < 1.2 * err("rotatekv:bits=2,center=false", k)[0]
