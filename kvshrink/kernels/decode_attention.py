@@ -379,6 +379,31 @@ def packed_decode_supported(kv: PackedKV, head_dim: int) -> bool:
     return HAS_TRITON
 
 
+def plan_splits(programs: int, T: int, tkq: int, tvq: int, block_n: int, tail_n: int, fast: bool,
+                num_splits: int | None, waves: float, dev: torch.device) -> tuple[int, int, int, int, int]:
+    """How a split-K decode divides ``T`` tokens (host mode): whole ``block_n`` blocks where both streams are
+    quantized go to ``main_splits`` programs per head (``per_split`` tokens each, ``num_splits`` chosen to fill
+    the SMs unless given), the rest (residuals, ragged end) to tail programs of ``tail_chunk`` tokens.
+    Returns ``(fast_end, per_split, main_splits, tail_chunk, num_splits)``; shared by both decode kernels."""
+    fast_end = (min(tkq, tvq) // block_n) * block_n if fast else 0
+    if fast_end:
+        if num_splits is None:
+            sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) \
+                if dev.type == "cuda" else 4
+            num_splits = choose_splits(programs, fast_end, block_n, sms, waves)
+        per_split = -(-fast_end // num_splits)
+        per_split = -(-per_split // block_n) * block_n
+        main_splits = -(-fast_end // per_split)
+    else:
+        per_split, main_splits = block_n, 0
+    tail = T - fast_end
+    tail_splits = min(-(-tail // (2 * tail_n)), 16) if tail > 0 else 0
+    tail_chunk = -(-max(tail, 1) // max(tail_splits, 1))
+    tail_chunk = -(-tail_chunk // tail_n) * tail_n
+    tail_splits = -(-tail // tail_chunk) if tail > 0 else 0
+    return fast_end, per_split, main_splits, tail_chunk, max(1, main_splits + tail_splits)
+
+
 def decode_attention(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor | None = None, scale: float | None = None,
                      out: torch.Tensor | None = None, num_splits: int | None = None,
                      block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
@@ -450,23 +475,8 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor | None = 
             raise ValueError("graph mode needs mask=None and fixed num_splits > main_splits > 0")
         fast_end = per_split = tail_chunk = 0
     else:
-        fast_end = (min(kv.tkq, kv.tvq) // block_n) * block_n if fast else 0
-        if fast_end:
-            if num_splits is None:
-                sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) \
-                    if dev.type == "cuda" else 4
-                num_splits = choose_splits(B * Hkv, fast_end, block_n, sms, waves)
-            per_split = -(-fast_end // num_splits)
-            per_split = -(-per_split // block_n) * block_n
-            main_splits = -(-fast_end // per_split)
-        else:
-            per_split, main_splits = block_n, 0
-        tail = T - fast_end
-        tail_splits = min(-(-tail // (2 * tail_n)), 16) if tail > 0 else 0
-        tail_chunk = -(-max(tail, 1) // max(tail_splits, 1))
-        tail_chunk = -(-tail_chunk // tail_n) * tail_n
-        tail_splits = -(-tail // tail_chunk) if tail > 0 else 0
-        num_splits = max(1, main_splits + tail_splits)
+        fast_end, per_split, main_splits, tail_chunk, num_splits = plan_splits(
+            B * Hkv, T, kv.tkq, kv.tvq, block_n, tail_n, fast, num_splits, waves, dev)
     if workspace is None:
         m_ws = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=dev)
         l_ws = torch.empty_like(m_ws)

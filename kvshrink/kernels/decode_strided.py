@@ -24,7 +24,7 @@ import torch
 
 from ._triton import HAS_TRITON, INTERPRET, next_pow2, tl, triton
 from . import decode_attention as _da  # its merge kernel exists only with Triton: looked up at call time
-from .decode_attention import _dummy, _sm_count, choose_splits
+from .decode_attention import _dummy, plan_splits
 from .reference import PackedKV
 from .strided import StridedQuantizedTensor, strided_supported
 
@@ -392,23 +392,8 @@ def decode_attention_strided(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor |
                 maskt = maskt.contiguous()
             if tuple(maskt.shape) != (B, T):
                 raise ValueError(f"mask must be (batch, tokens) = {(B, T)}, got {tuple(maskt.shape)}")
-        fast_end = (min(tkq, tvq) // block_n) * block_n if fast else 0
-        if fast_end:
-            if num_splits is None:
-                sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) \
-                    if dev.type == "cuda" else 4
-                num_splits = choose_splits(B * Hkv, fast_end, block_n, sms, waves)
-            per_split = -(-fast_end // num_splits)
-            per_split = -(-per_split // block_n) * block_n
-            main_splits = -(-fast_end // per_split)
-        else:
-            per_split, main_splits = block_n, 0
-        tail = T - fast_end
-        tail_splits = min(-(-tail // (2 * tail_n)), 16) if tail > 0 else 0
-        tail_chunk = -(-max(tail, 1) // max(tail_splits, 1))
-        tail_chunk = -(-tail_chunk // tail_n) * tail_n
-        tail_splits = -(-tail // tail_chunk) if tail > 0 else 0
-        num_splits = max(1, main_splits + tail_splits)
+        fast_end, per_split, main_splits, tail_chunk, num_splits = plan_splits(
+            B * Hkv, T, tkq, tvq, block_n, tail_n, fast, num_splits, waves, dev)
     if mask is not None:
         sm_b = maskt.stride(0)
     else:
