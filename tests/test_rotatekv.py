@@ -262,6 +262,29 @@ def test_builtin_calibration_warns_and_orders_channels_by_mean(tiny):
     torch.testing.assert_close(layer.perm[layer.inv_perm], torch.arange(64))
 
 
+def test_calibration_means_are_the_rotated_keys_own_means(tiny):
+    """The channel statistic is the mean of the rotated pre-RoPE keys themselves, not of keys already
+    centred by ``center`` (whose means would be ~0 and give an arbitrary order)."""
+    from kvshrink.methods.rotatekv import calibrate
+    from kvshrink.rope import invert_rope
+
+    model = tiny("qwen2", layers=1)  # qwen2: k_proj has a bias, so channel means are far from 0
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.bias.normal_(0, 2.0)
+    ids = _ids(B=1, T=40)
+    method = RotateKV(key_axis="channel", center=True)
+    got = calibrate(model, method, ids)["layer.0.mean"]
+    # independent: post-RoPE keys of a plain forward, RoPE inverted, rotated by the layer's own transform
+    with torch.no_grad():
+        k = model(ids, use_cache=True).past_key_values.layers[0].keys.float()
+        cos, sin = model.model.rotary_emb(k, torch.arange(40)[None])
+        pre = invert_rope(k, cos.float(), sin.float())
+    layer = make_cache(model, "rotatekv:bits=16,reorder=false,sinks=false").layers[0]
+    want = layer.rotate_keys(pre).transpose(1, 2).reshape(40, -1).double().mean(0)
+    torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-3)
+    assert float(want.abs().max()) > 0.5  # the bias makes this a test of centring, not of zeros
+
+
 @pytest.mark.parametrize("spec, message", [
     ("rotatekv:bits=5", "bits"),
     ("rotatekv:bits=2,clip=1.5", "clip"),

@@ -698,8 +698,9 @@ def channel_statistics(model, method: RotateKV, input_ids: torch.Tensor, window:
     over the tokens of ``input_ids`` (B, T) run through ``model`` in windows of ``window`` tokens."""
     from ..cache import make_cache
 
+    # center=False: the statistic is the channels' own mean; a centred probe would hand back means of ~0
     probe = RotateKV(bits=16, head_group=method.head_group, fwht=method.fwht, reorder=False, prerope=method.prerope,
-                     sinks=False, rotate_values=False)
+                     sinks=False, rotate_values=False, center=False)
     sums: dict[int, torch.Tensor] = {}
     count = 0
     device = next(model.parameters()).device
