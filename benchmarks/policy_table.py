@@ -88,7 +88,11 @@ def build(dirs: list[Path], quantizer: str) -> tuple[str, dict]:
         head = (f"Cells: ΔPPL / top-1 / passkey / bytes × fp16. Policies alone keep the model's dtype (fp32 on this "
                 f"CPU, `none` = 2.000), so alone their × fp16 is twice their share of `none`'s bytes. "
                 f"`none`: PPL {none['ppl']:.3f}, passkey {none['passkey_acc']:.2f}.\n\n")
-    record = {"quantizer": quantizer, "budgets": list(BUDGETS), "none": none, "rows": rows}
+    sys.path.insert(0, str(REPO))
+    from kvshrink.peers.compare import git_commit, now_utc
+
+    record = {"date": now_utc(), "git_commit": git_commit(REPO), "device": "cpu", "quantizer": quantizer,
+              "budgets": list(BUDGETS), "runs": [str(d) for d in dirs], "none": none, "rows": rows}
     return head + "\n".join(lines) + "\n", record
 
 
