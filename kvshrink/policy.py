@@ -443,9 +443,7 @@ class PolicyLayer(CompressedLayer):
         # Protocol: after choose(), per-token metadata in token_fields covers the held + n tokens.
         keep = self.choose(K, V, n, valid) if self.active else self._extend_meta(n, K)
         if keep is None:
-            if valid is not None:
-                npad = (~valid).sum(-1)
-                self.npad = npad if bool(npad.any()) else None
+            self._count_padding(valid)
             push(self.inner, k, v, index)
             return
         self._gather_meta(keep, valid)
@@ -462,6 +460,12 @@ class PolicyLayer(CompressedLayer):
         else:
             clear_tokens(self.inner)
             push(self.inner, gather_tokens(K, keep), gather_tokens(V, keep))
+
+    def _count_padding(self, valid: torch.Tensor | None) -> None:
+        """All held + new tokens stay: remember how many of each row/head are left padding (``npad``)."""
+        if valid is not None:
+            npad = (~valid).sum(-1)
+            self.npad = npad if bool(npad.any()) else None
 
     def _extend_meta(self, n: int, K: torch.Tensor) -> None:
         """Compression off: give per-token metadata entries for ``n`` new tokens (subclasses with metadata)."""

@@ -131,28 +131,6 @@ def test_same_budget_errors_as_snapkv():
 
 
 # -- budgets -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("spec,after_prefill,after_decode", [
-    ("ems:budget=40,window=8", 40, 44),  # prompt compressed once, decoded tokens all kept
-    ("ems:budget=0.25,window=8", 16, 20),
-    ("ems:budget=100,window=8", 64, 68),  # budget above the prompt: nothing to do
-    ("ems:budget=0.01,window=8", 1, 5),  # a budget of one state: no room for the window
-])
-def test_budgets_exact(llama, spec, after_prefill, after_decode):
-    ids = ids_for()
-    cache = make_cache(llama, spec)
-    with torch.no_grad():
-        out = llama(ids, past_key_values=cache)
-        assert cache.tokens_held() == [after_prefill] * 2
-        tok = out.logits[:, -1:].argmax(-1)
-        for i in range(4):
-            out = llama(tok, past_key_values=cache, position_ids=torch.tensor([[T + i]]))
-            tok = out.logits[:, -1:].argmax(-1)
-    assert cache.tokens_held() == [after_decode] * 2
-    assert cache.get_seq_length() == T + 4
-    k, v = cache.layers[0].dense()
-    assert k.shape == (1, 2, after_decode, 32) and torch.isfinite(k).all() and torch.isfinite(v).all()
-
-
 def test_chunked_prefill_keeps_the_budget(llama):
     ids = ids_for(n=96)
     cache = make_cache(llama, "ems:budget=24,window=8")

@@ -55,6 +55,10 @@ def llama_eager():
     ("h2o:budget=0.5", 32, 34),
     ("snapkv:budget=40,window=8", 40, 44),  # prompt compressed once, decoded tokens all kept
     ("snapkv:budget=0.25,window=8", 16, 20),
+    ("ems:budget=40,window=8", 40, 44),  # prompt compressed once, decoded tokens all kept
+    ("ems:budget=0.25,window=8", 16, 20),
+    ("ems:budget=100,window=8", 64, 68),  # budget above the prompt: nothing to do
+    ("ems:budget=0.01,window=8", 1, 5),  # a budget of one state: no room for the window
 ])
 def test_budgets_exact(llama, spec, after_prefill, after_decode):
     ids = ids_for()
@@ -68,6 +72,8 @@ def test_budgets_exact(llama, spec, after_prefill, after_decode):
             tok = out.logits[:, -1:].argmax(-1)
     assert cache.tokens_held() == [after_decode] * 2
     assert cache.get_seq_length() == T + 4
+    k, v = cache.layers[0].dense()
+    assert k.shape == (1, 2, after_decode, 32) and torch.isfinite(k).all() and torch.isfinite(v).all()
 
 
 def test_resolve_budget():

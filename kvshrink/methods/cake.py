@@ -149,9 +149,7 @@ class CakeLayer(PolicyLayer):
         if not self.active or n <= 1 or self.coordinator is None:
             if self.active and n > 1:
                 self.require_queries("cake")
-            if valid is not None:
-                npad = (~valid).sum(-1)
-                self.npad = npad if bool(npad.any()) else None
+            self._count_padding(valid)
             self.flush()
             push(self.inner, k, v)
             return

@@ -97,9 +97,7 @@ class KVMergerLayer(PolicyLayer):
         valid = self._valid(held, n, K.shape[0], K.device)
         cap = resolve_budget(self.budget, self.seen + n)
         if not self.active or n <= 1 or T <= cap:
-            if valid is not None:
-                npad = (~valid).sum(-1)
-                self.npad = npad if bool(npad.any()) else None
+            self._count_padding(valid)
             push(self.inner, k, v)
             return
         w = min(self.window, n, cap - 1)

@@ -94,9 +94,7 @@ class ThinKLayer(PolicyLayer):
         valid = self._valid(self.held(), k.shape[-2], K.shape[0], K.device)
         if self.channels is None:
             self.channels = self.select_channels(k, valid)
-        if valid is not None:
-            npad = (~valid).sum(-1)
-            self.npad = npad if bool(npad.any()) else None
+        self._count_padding(valid)
         whole = self.tail is not None and (k.shape[-2] == 1 or not self.active or self.tail.held() > 0)
         if whole:
             push(self.tail, k, v, index)
