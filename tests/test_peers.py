@@ -241,3 +241,65 @@ def test_kvpress_press_runs_through_the_protocol_when_its_env_exists(tiny_dir):
     per_token = 2 * LAYERS * KV_HEADS * HEAD_DIM * 4
     assert snap["bytes"] == per_token * (24 + 15) and ref["bytes"] == per_token * (48 + 15)
     assert snap["kl_mean"] > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Speed task (decode speed and memory at long context; run on the GPU by benchmarks/peers_gpu.py)
+# --------------------------------------------------------------------------------------------------
+
+TINY_CONFIG = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+
+
+def test_speed_task_measures_every_method_per_setting_and_records_failures():
+    job = {"task": "speed", "model_config": TINY_CONFIG, "dtype": "float32", "device": "cpu",
+           "settings": [[1, 96], [2, 40]], "steps": 3, "warmup": 1, "seed": 0,
+           "methods": [{"label": "kivi2", "desc": {"engine": "kvshrink", "spec": "kivi:bits=2,group=16,residual=16"}},
+                       {"label": "snap", "desc": {"engine": "kvshrink", "spec": "snapkv:budget=0.5"}},
+                       {"label": "bogus", "desc": {"engine": "kvshrink", "spec": "nosuchmethod"}}]}
+    answer = worker.run_speed_job(job)
+    rows = {(r["label"], r["batch"], r["context"]): r for r in answer["results"]}
+    for b, t in job["settings"]:
+        ref, kivi, snap = (rows[(k, b, t)] for k in ("reference (DynamicCache)", "kivi2", "snap"))
+        assert ref["ok"] and kivi["ok"] and snap["ok"]
+        seen = t + 1 + 3
+        # the uncompressed cache holds exactly K and V of every token seen: 2 layers x 2 heads x 16 x fp32
+        assert ref["bytes"] == b * seen * 2 * 2 * 2 * 16 * 4
+        assert ref["bytes_per_token"] == ref["bytes"] / (b * seen)
+        assert kivi["bytes"] < ref["bytes"] / 2 and snap["bytes"] < ref["bytes"]
+        assert kivi["decode_ms_per_step"] > 0 and kivi["decode_tokens_per_s"] > 0
+        assert kivi["decode_speedup_vs_ref"] > 0
+        bogus = rows[("bogus", b, t)]
+        assert not bogus["ok"] and "nosuchmethod" in bogus["error"]
+    # the repeat of the reference is folded into one row of both timings per setting
+    assert sum(r["label"] == "reference decode ms (both runs)" for r in answer["results"]) == 2
+
+
+def test_peer_env_inherits_this_interpreters_packages(tmp_path):
+    """--torch-pin inherit: a peer venv sees this interpreter's torch (a GPU host's CUDA build) through a
+    .pth placed after its own site-packages, so packages installed into the venv still win."""
+    import subprocess
+    import venv
+
+    venv.EnvBuilder(with_pip=False).create(tmp_path / "v")
+    py = str(tmp_path / "v" / "bin" / "python")
+    envs._inherit_site(py)
+    out = subprocess.run([py, "-c", "import sys, torch; print(torch.__version__); print(sys.path.index("
+                          "[p for p in sys.path if p.endswith('site-packages') and 'v/lib' in p][0]))"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    version, own_index = out.stdout.split()
+    assert version == torch.__version__
+    inherited = subprocess.run([py, "-c", "import sys; print(sys.path)"], capture_output=True, text=True).stdout
+    assert inherited.index("v/lib") < inherited.index(envs._site_dirs()[0])  # the venv's own packages first
+
+
+def test_peer_env_wheelhouse_needs_the_peers_folder(tmp_path):
+    env = envs.PeerEnv("dummy", ("somepkg==1.0",))
+    with pytest.raises(envs.PeerEnvError, match="no wheels for the dummy peer"):
+        env.wheels(tmp_path)
+    (tmp_path / "dummy").mkdir()
+    (tmp_path / "dummy" / "b-1.0-py3-none-any.whl").write_bytes(b"")
+    (tmp_path / "dummy" / "a-1.0-py3-none-any.whl").write_bytes(b"")
+    assert [w.name for w in env.wheels(tmp_path)] == ["a-1.0-py3-none-any.whl", "b-1.0-py3-none-any.whl"]
+    assert env.wheels(None) == []

@@ -36,6 +36,9 @@ Protocol (one job = one model, one text, one list of methods; fp32 unless ``dtyp
    uncompressed in one forward pass (positions continuing after the context), then decode greedily
    ``max_new_tokens`` tokens token by token. The generated ids are returned; the caller checks them.
 
+A second task, ``"task": "speed"`` (:func:`run_speed_job`), measures decode speed and memory at long
+context on a random-weight model built from a config (no text, no weights to ship): see its docstring.
+
 Run: ``python worker.py < job.json > answer.json``.
 """
 from __future__ import annotations
@@ -217,17 +220,31 @@ class KVPressEngine(Engine):
 class KVShrinkEngine(Engine):
     """A kvshrink spec (``make_cache(model, spec)``); only usable in kvshrink's own environment."""
 
-    def __init__(self, spec: str, attn: str | None = None) -> None:
+    def __init__(self, spec: str, attn: str | None = None, kernels: bool = False, reserve: int | None = None) -> None:
         self.spec = spec
         self.attn = attn
+        self.kernels = kernels  # GPU: kernel layers + the "kvshrink" attention (kvshrink.kernels)
+        self.reserve = reserve
         self._make_cache: Callable | None = None
 
     def new_cache(self, model):
+        if self.kernels:
+            from kvshrink.kernels import make_kernel_cache
+
+            return make_kernel_cache(model, self.spec, reserve=self.reserve)
         if self._make_cache is None:
             from kvshrink.cache import make_cache
 
             self._make_cache = make_cache
         return self._make_cache(model, self.spec)
+
+    def close(self, cache):
+        super().close(cache)
+        if self.kernels:
+            from kvshrink.kernels import disable
+
+            for model in list(_MODELS):
+                disable(model)
 
     def extra(self, cache):
         nbytes = getattr(cache, "nbytes", None)
@@ -244,13 +261,16 @@ def make_engine(desc: dict[str, Any]) -> Engine:
     if kind == "kvpress":
         return KVPressEngine(desc["press"], desc.get("kwargs"), desc.get("attn"))
     if kind == "kvshrink":
-        return KVShrinkEngine(desc["spec"], desc.get("attn"))
+        return KVShrinkEngine(desc["spec"], desc.get("attn"), bool(desc.get("kernels")), desc.get("reserve"))
     raise ValueError(f"unknown engine {kind!r}: expected dynamic, hf_quantized, kvpress or kvshrink")
 
 
 # --------------------------------------------------------------------------------------------------
 # The protocol
 # --------------------------------------------------------------------------------------------------
+
+
+_MODELS: list[Any] = []  # models built in this process (an engine that switched their attention resets it)
 
 
 class Runner:
@@ -278,6 +298,7 @@ class Runner:
                 kw["attn_implementation"] = attn
             m = AutoModelForCausalLM.from_pretrained(self.job["model_dir"], **kw)
             self._models[attn] = m.to(self.device).eval()
+            _MODELS.append(self._models[attn])
         return self._models[attn]
 
     def _sync(self) -> None:
@@ -383,6 +404,132 @@ class Runner:
         return answers
 
 
+# --------------------------------------------------------------------------------------------------
+# Speed and memory at long context (GPU): random-weight model, random token ids, no text needed
+# --------------------------------------------------------------------------------------------------
+
+
+def random_model(job: dict[str, Any], attn: str | None) -> Any:
+    """A random-weight model from ``job["model_config"]`` (``model_type`` + config fields), built on the
+    job's device in its dtype with seed ``job["seed"]``: the same weights in every environment that has
+    the same torch. No weights travel and no hub is reached."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(job["model_config"])
+    cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    torch.manual_seed(int(job.get("seed", 0)))
+    with torch.device(job.get("device", "cuda")):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, job.get("dtype", "bfloat16")),
+                                                 attn_implementation=attn or "sdpa")
+    model.eval()
+    _MODELS.append(model)
+    return model
+
+
+def speed_run(model: Any, engine: Engine, batch: int, context: int, steps: int, warmup: int, seed: int
+              ) -> dict[str, Any]:
+    """Prefill ``batch`` x ``context`` random token ids into the method's cache (its press active), then
+    ``warmup`` + ``steps`` greedy decode steps, the last ``steps`` timed. Memory from torch's allocator,
+    relative to what was allocated before the prefill (the weights): peak during prefill, held after it
+    (the cache, plus a few KB of logits), peak during decoding. Bytes of the cache counted as in
+    :func:`cache_tensors` after the last step."""
+    import torch
+
+    dev = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).to(dev)
+    cuda = dev.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
+    mem = (lambda: torch.cuda.memory_allocated(dev)) if cuda else (lambda: 0)
+    peak = (lambda: torch.cuda.max_memory_allocated(dev)) if cuda else (lambda: 0)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+    base = mem()
+    cache = engine.new_cache(model)
+    with torch.inference_mode():
+        sync()
+        t0 = time.perf_counter()
+        with engine.prefill_context(model):
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        sync()
+        t1 = time.perf_counter()
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        del out
+        prefill_peak = peak() - base
+        held = mem() - base
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
+        t2 = t1
+        for i in range(warmup + steps):
+            if i == warmup:
+                sync()
+                t2 = time.perf_counter()
+            pos = torch.full((batch, 1), context + i, device=dev, dtype=torch.long)
+            out = model(input_ids=nxt, past_key_values=cache, position_ids=pos, use_cache=True)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            del out
+        sync()
+        t3 = time.perf_counter()
+    decode_peak = peak() - base
+    nbytes, nbytes16 = tensors_nbytes(cache_tensors(cache))
+    extra = engine.extra(cache)
+    engine.close(cache)
+    del cache
+    ms = 1000 * (t3 - t2) / steps if steps else None
+    tokens = context + warmup + steps
+    return {"batch": batch, "context": context, "steps": steps, "prefill_s": t1 - t0, "decode_ms_per_step": ms,
+            "decode_tokens_per_s": batch * 1000 / ms if ms else None, "bytes": nbytes, "bytes16": nbytes16,
+            "bytes_per_token": nbytes / (batch * tokens), "mem_after_prefill": held,
+            "prefill_peak_mem": prefill_peak, "decode_peak_mem": decode_peak, **extra}
+
+
+def run_speed_job(job: dict[str, Any]) -> dict[str, Any]:
+    """For every setting (batch, context): the uncompressed reference, then every method, then the
+    reference again (its faster decode is the baseline of ``decode_vs_ref``). A failing method (out of
+    memory, an unsupported model) is recorded with its error, and the allocator is emptied."""
+    import torch
+
+    models: dict[str | None, Any] = {}
+    results: list[dict[str, Any]] = []
+    steps, warmup, seed = int(job.get("steps", 16)), int(job.get("warmup", 4)), int(job.get("seed", 0))
+    ref_desc = {"engine": "dynamic"}
+    for batch, context in job["settings"]:
+        rows: list[dict[str, Any]] = []
+        todo = [("reference (DynamicCache)", ref_desc), *[(m["label"], m["desc"]) for m in job.get("methods", [])],
+                ("reference (repeat)", ref_desc)]
+        for label, desc in todo:
+            entry: dict[str, Any] = {"label": label, "desc": desc, "batch": batch, "context": context}
+            try:
+                engine = make_engine(desc)
+                if engine.attn not in models:
+                    models[engine.attn] = random_model(job, engine.attn)
+                entry.update(speed_run(models[engine.attn], engine, batch, context, steps, warmup, seed))
+                entry["ok"] = True
+            except Exception as exc:
+                entry.update(ok=False, error=f"{type(exc).__name__}: {exc}".strip()[:2000],
+                             traceback=traceback.format_exc()[-4000:])
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if job.get("progress_path"):
+                with open(job["progress_path"], "a", encoding="utf-8") as f:
+                    f.write(json.dumps({k: v for k, v in entry.items() if k != "traceback"}) + "\n")
+            rows.append(entry)
+        refs = [r["decode_ms_per_step"] for r in rows if r["label"].startswith("reference") and r.get("ok")]
+        base = min(refs, default=None)
+        for r in rows:
+            if r.get("ok") and base and r.get("decode_ms_per_step"):
+                r["decode_speedup_vs_ref"] = base / r["decode_ms_per_step"]
+        results.extend(r for r in rows if r["label"] != "reference (repeat)")
+        results.append({"label": "reference decode ms (both runs)", "batch": batch, "context": context,
+                        "ok": True, "reference_ms": refs})
+    dev = torch.device(job.get("device", "cuda"))
+    return {"protocol_version": PROTOCOL_VERSION, "task": "speed", "versions": versions(), "device": str(dev),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "dtype": job.get("dtype", "bfloat16"), "results": results}
+
+
 def versions() -> dict[str, str]:
     """Versions of the packages that matter, as installed in this environment."""
     from importlib import metadata
@@ -455,7 +602,7 @@ def main() -> int:
     real_stdout = sys.stdout
     sys.stdout = sys.stderr  # libraries' prints must not corrupt the JSON answer
     try:
-        answer = run_job(job)
+        answer = run_speed_job(job) if job.get("task") == "speed" else run_job(job)
     except Exception as exc:
         answer = {"fatal": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:],
                   "versions": versions()}
