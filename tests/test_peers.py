@@ -256,6 +256,8 @@ def test_speed_task_measures_every_method_per_setting_and_records_failures():
            "settings": [[1, 96], [2, 40]], "steps": 3, "warmup": 1, "seed": 0,
            "methods": [{"label": "kivi2", "desc": {"engine": "kvshrink", "spec": "kivi:bits=2,group=16,residual=16"}},
                        {"label": "snap", "desc": {"engine": "kvshrink", "spec": "snapkv:budget=0.5"}},
+                       {"label": "kivi2k", "desc": {"engine": "kvshrink", "spec": "kivi:bits=2,group=16,residual=16",
+                                                    "kernels": True, "reserve": "auto"}},
                        {"label": "bogus", "desc": {"engine": "kvshrink", "spec": "nosuchmethod"}}]}
     answer = worker.run_speed_job(job)
     rows = {(r["label"], r["batch"], r["context"]): r for r in answer["results"]}
@@ -269,6 +271,8 @@ def test_speed_task_measures_every_method_per_setting_and_records_failures():
         assert kivi["bytes"] < ref["bytes"] / 2 and snap["bytes"] < ref["bytes"]
         assert kivi["decode_ms_per_step"] > 0 and kivi["decode_tokens_per_s"] > 0
         assert kivi["decode_speedup_vs_ref"] > 0
+        # kernel layers (CPU: their torch reference path) hold the same bytes as the plain layers
+        assert rows[("kivi2k", b, t)]["ok"] and rows[("kivi2k", b, t)]["bytes"] == kivi["bytes"]
         bogus = rows[("bogus", b, t)]
         assert not bogus["ok"] and "nosuchmethod" in bogus["error"]
     # the repeat of the reference is folded into one row of both timings per setting

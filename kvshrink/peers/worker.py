@@ -251,6 +251,40 @@ class KVShrinkEngine(Engine):
         return {"own_nbytes": int(nbytes())} if callable(nbytes) else {}
 
 
+class KVShrinkGraphEngine(Engine):
+    """kvshrink's graph-capturable static layers (``kvshrink.kernels.graph``: ``kind`` "kivi" or "dense"),
+    decoded by replaying one greedy step captured in a CUDA graph. CUDA only; speed task only (the static
+    layers take one prefill into an empty cache, then single tokens, with no padding)."""
+
+    def __init__(self, kind: str, kw: dict[str, Any] | None = None) -> None:
+        self.kind, self.kw = kind, dict(kw or {})
+        self.capacity = 0
+
+    def new_cache(self, model):
+        from kvshrink.kernels import make_static_cache
+
+        return make_static_cache(model, self.capacity, kind=self.kind, **self.kw)
+
+    def decode(self, model, cache, first, position: int, warmup: int, steps: int, sync) -> float:
+        """Capture (after ``warmup`` real steps), replay ``steps`` times; seconds for the replays."""
+        from kvshrink.kernels import GraphDecoder
+
+        dec = GraphDecoder(model, cache, first, position, warmup=max(1, warmup))
+        dec.step()  # the first replay (not timed)
+        sync()
+        t = time.perf_counter()
+        for _ in range(steps):
+            dec.step()
+        sync()
+        return time.perf_counter() - t
+
+    def close(self, cache):
+        from kvshrink.kernels import disable
+
+        for model in list(_MODELS):
+            disable(model)
+
+
 def make_engine(desc: dict[str, Any]) -> Engine:
     """Build an engine from its JSON description (``{"engine": ..., ...}``)."""
     kind = desc["engine"]
@@ -262,7 +296,9 @@ def make_engine(desc: dict[str, Any]) -> Engine:
         return KVPressEngine(desc["press"], desc.get("kwargs"), desc.get("attn"))
     if kind == "kvshrink":
         return KVShrinkEngine(desc["spec"], desc.get("attn"), bool(desc.get("kernels")), desc.get("reserve"))
-    raise ValueError(f"unknown engine {kind!r}: expected dynamic, hf_quantized, kvpress or kvshrink")
+    if kind == "kvshrink_graph":
+        return KVShrinkGraphEngine(desc["kind"], desc.get("kw"))
+    raise ValueError(f"unknown engine {kind!r}: expected dynamic, hf_quantized, kvpress, kvshrink or kvshrink_graph")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -447,8 +483,13 @@ def speed_run(model: Any, engine: Engine, batch: int, context: int, steps: int, 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
     base = mem()
+    total = context + warmup + steps + 2
+    if getattr(engine, "reserve", None) == "auto":  # kernel layers: buffers sized once for this run
+        engine.reserve = total
+    if isinstance(engine, KVShrinkGraphEngine):
+        engine.capacity = total
     cache = engine.new_cache(model)
-    with torch.inference_mode():
+    with torch.inference_mode() if not isinstance(engine, KVShrinkGraphEngine) else torch.no_grad():
         sync()
         t0 = time.perf_counter()
         with engine.prefill_context(model):
@@ -461,23 +502,26 @@ def speed_run(model: Any, engine: Engine, batch: int, context: int, steps: int, 
         held = mem() - base
         if cuda:
             torch.cuda.reset_peak_memory_stats(dev)
-        t2 = t1
-        for i in range(warmup + steps):
-            if i == warmup:
-                sync()
-                t2 = time.perf_counter()
-            pos = torch.full((batch, 1), context + i, device=dev, dtype=torch.long)
-            out = model(input_ids=nxt, past_key_values=cache, position_ids=pos, use_cache=True)
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            del out
-        sync()
-        t3 = time.perf_counter()
+        if isinstance(engine, KVShrinkGraphEngine):
+            elapsed = engine.decode(model, cache, nxt, context, warmup, steps, sync)
+        else:
+            t2 = time.perf_counter()
+            for i in range(warmup + steps):
+                if i == warmup:
+                    sync()
+                    t2 = time.perf_counter()
+                pos = torch.full((batch, 1), context + i, device=dev, dtype=torch.long)
+                out = model(input_ids=nxt, past_key_values=cache, position_ids=pos, use_cache=True)
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                del out
+            sync()
+            elapsed = time.perf_counter() - t2
     decode_peak = peak() - base
     nbytes, nbytes16 = tensors_nbytes(cache_tensors(cache))
     extra = engine.extra(cache)
     engine.close(cache)
     del cache
-    ms = 1000 * (t3 - t2) / steps if steps else None
+    ms = 1000 * elapsed / steps if steps else None
     tokens = context + warmup + steps
     return {"batch": batch, "context": context, "steps": steps, "prefill_s": t1 - t0, "decode_ms_per_step": ms,
             "decode_tokens_per_s": batch * 1000 / ms if ms else None, "bytes": nbytes, "bytes16": nbytes16,
@@ -491,6 +535,11 @@ def run_speed_job(job: dict[str, Any]) -> dict[str, Any]:
     memory, an unsupported model) is recorded with its error, and the allocator is emptied."""
     import torch
 
+    if job.get("device", "cuda").startswith("cuda") and job.get("sdpa_flash", True):
+        # The same SDPA kernel for every library: PyTorch's default on Hopper (cuDNN attention) plans again
+        # for every new KV length, ~1.5 ms of host time per call, so the first run over a set of lengths
+        # is 2-4x slower than a repeat (measured: 64-105 vs 20-28 ms per step for DynamicCache).
+        torch.backends.cuda.enable_cudnn_sdp(False)
     models: dict[str | None, Any] = {}
     results: list[dict[str, Any]] = []
     steps, warmup, seed = int(job.get("steps", 16)), int(job.get("warmup", 4)), int(job.get("seed", 0))
