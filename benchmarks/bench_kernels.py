@@ -13,6 +13,12 @@ Sections (``--only`` picks some):
 * ``e2e``     the same in eager mode (host-bound: HF eager Llama needs ~33 ms CPU per step), fp16 cache vs
               ``kivi:bits=2`` served by the kernels, and the largest batch whose cache fits a fixed budget.
 
+* ``rdecode`` only the RotateKV decode kernel rows (``rkv_*`` keys, with SDPA beside them); the ``decode`` section
+              carries the same rows after KIVI's. RotateKV layout: key_axis=channel, G=4 heads per Hadamard
+              group, a random channel permutation, key centre, 4 sink tokens, pre-RoPE keys (RoPE in the kernel).
+* ``e2e`` also runs ``rotatekv:bits=2`` (kernel layers; channel order calibrated with the calibrate API on
+  random token ids), next to fp16 and kivi.
+
 Decode rows carry both kernels: ``g128``/``g32`` = the channel-strided layout (decode_strided.py),
 ``g128_kivi``/``g32_kivi`` = KIVI's storage layout (decode_attention.py); ``dense_triton`` = the graph-mode
 16-bit baseline kernel.
@@ -126,7 +132,8 @@ def sdpa_decode_fn(q, k, v):
     return run
 
 
-def sec_decode(res: dict, copy_bw: float, variants: list[dict], svariants: list[dict]) -> None:
+def sec_decode(res: dict, copy_bw: float, variants: list[dict], svariants: list[dict],
+               rvariants: list[dict] | None = None) -> None:
     from kvshrink.kernels import decode_attention, decode_attention_ref
     from kvshrink.kernels.decode_strided import decode_attention_strided
     from kvshrink.kernels.graph import _splits, decode_attention_dense
@@ -213,9 +220,112 @@ def sec_decode(res: dict, copy_bw: float, variants: list[dict], svariants: list[
                 row["dequant_sdpa_ms"] = bench(deq, warmup=5, rep=20)
             del kvs, qs
             torch.cuda.empty_cache()
+        if rvariants:
+            try:
+                rotatekv_rows(row, B, T, copy_bw, rvariants)
+            except Exception:  # noqa: BLE001
+                log(f"rotatekv rows failed at B={B} T={T}:\n{traceback.format_exc()}")
         rows.append(row)
         log("decode " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
     res["decode"] = rows
+
+
+def make_rotatekv_state(B, T, bits=2, G=4, sinks=4, seed=0, dtype=torch.float16):
+    """A RotateKV decode state (kvshrink.kernels.rotatekv_decode.RotateKVState) of T quantized tokens + the new one,
+    with random codes, scales, centre, channel permutation and ``sinks`` exact sink tokens (timing and the kernel's
+    accuracy against its own reference do not depend on the values being real keys)."""
+    from kvshrink.kernels.rotatekv_decode import RotateKVState
+    from kvshrink.storage import QuantizedTensor
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dev = "cuda"
+
+    def stream():
+        packed = torch.randint(0, 256, (B, HKV, T, D * bits // 8), device=dev, dtype=torch.uint8, generator=g)
+        scale = (torch.rand(B, HKV, T, 1, device=dev, generator=g) * 0.3 + 0.05).to(torch.float16)
+        zero = (-scale.float() * (2 ** bits - 1) / 2).to(torch.float16)
+        return QuantizedTensor(packed, scale, zero, bits, "channel", D, T, D, dtype)
+
+    kq, vq = stream(), stream()
+    sidx = torch.arange(sinks, device=dev, dtype=torch.int32)[None].expand(B, sinks).contiguous()
+    didx = torch.cat([sidx.long(), torch.full((B, 1), T, device=dev, dtype=torch.long)], 1)
+    return RotateKVState(
+        kq=kq, vq=vq, k_mu=(torch.randn(B, HKV, 1, D, device=dev, generator=g) * 0.1).to(torch.float16),
+        inv_perm=torch.randperm(HKV * D, device=dev, generator=g).to(torch.int32),
+        pos=torch.arange(T, device=dev, dtype=torch.int32)[None].expand(B, T).contiguous(),
+        inv_freq=1.0 / (500000.0 ** (torch.arange(0, D, 2, device=dev, dtype=torch.float32) / D)), rope_scale=1.0,
+        head_group=G, rotate_values=True, sink_idx=sidx,
+        dense_k=torch.randn(B, HKV, sinks + 1, D, device=dev, dtype=dtype, generator=g),
+        dense_v=torch.randn(B, HKV, sinks + 1, D, device=dev, dtype=dtype, generator=g), dense_idx=didx, tokens=T + 1)
+
+
+def rotatekv_rows(row: dict, B: int, T: int, copy_bw: float, rvariants: list[dict]) -> None:
+    """RotateKV decode kernel at B x T (keys ``rkv_*``): time, GB/s over the bytes it reads, roof, accuracy."""
+    from kvshrink.kernels.rotatekv_decode import attention_ref, decode_attention_rotatekv, state_dense
+
+    per_copy = B * HKV * T * (2 * D * 2 // 8 + 8) * 1.0
+    states = [make_rotatekv_state(B, T, seed=i) for i in range(copies_for(per_copy))]
+    qs = [torch.randn(B, HQ, D, device="cuda", dtype=torch.float16) for _ in states]
+    rot = Rotator(len(states))
+    read = states[0].nbytes() + qs[0].numel() * 2 * 2
+    row["rkv_bytes"] = read
+    row["rkv_roof_ms"] = read / copy_bw * 1e3
+    best = None
+    for var in rvariants:
+        try:
+            decode_attention_rotatekv(qs[0], states[0], **var)
+            ms = bench(lambda: decode_attention_rotatekv(qs[(j := rot())], states[j], **var))
+        except Exception as e:  # noqa: BLE001 - record and go on
+            log(f"rotatekv variant {var} failed at B={B} T={T}: {type(e).__name__}: {e}")
+            continue
+        row.setdefault("rkv_variants", []).append({**var, "ms": ms})
+        if best is None or ms < best[0]:
+            best = (ms, var)
+    if best is None:
+        return
+    ms, var = best
+    row.update(rkv_ms=ms, rkv_variant=var, rkv_GBps=read / (ms * 1e-3) / 1e9, rkv_roof_frac=row["rkv_roof_ms"] / ms)
+    if "sdpa_ms" in row:
+        row["rkv_speedup_vs_sdpa"] = row["sdpa_ms"] / ms
+    if B * T <= 8 * 32768:  # accuracy vs the state's float32 torch reference (validated against RotateKVLayer.dense)
+        q = torch.randn(B, HQ, D, device="cuda", dtype=torch.float16)
+        k, v = state_dense(states[0], torch.float32)
+        ref = attention_ref(q, k, v)
+        del k, v
+        out = decode_attention_rotatekv(q, states[0], **var)
+        row["rkv_rel_err"] = float((out.float() - ref).norm() / ref.norm())
+        if (B, T) == (8, 32768):  # today's path: dense K/V of the whole cache, then SDPA
+            def deq():
+                k, v = state_dense(states[0], torch.float16)
+                with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.FLASH_ATTENTION]):
+                    return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
+            row["rkv_dequant_sdpa_ms"] = bench(deq, warmup=2, rep=5)
+    del states, qs
+    torch.cuda.empty_cache()
+
+
+def sec_rdecode(res: dict, copy_bw: float, rvariants: list[dict]) -> None:
+    """Only the RotateKV rows, with fp16 SDPA flash beside them (same inputs as the decode section's)."""
+    rows = []
+    for B, T in DECODE_CONFIGS:
+        torch.cuda.empty_cache()
+        row = {"B": B, "T": T, "Hq": HQ, "Hkv": HKV, "D": D}
+        n = copies_for(2 * B * HKV * T * D * 2)
+        qs = [torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.float16) for _ in range(n)]
+        ks = [torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16) for _ in range(n)]
+        vs = [torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16) for _ in range(n)]
+        rot = Rotator(n)
+        fns = [sdpa_decode_fn(qs[i], ks[i], vs[i]) for i in range(n)]
+        row["sdpa_ms"] = bench(lambda: fns[rot()]())
+        del qs, ks, vs, fns
+        torch.cuda.empty_cache()
+        try:
+            rotatekv_rows(row, B, T, copy_bw, rvariants)
+        except Exception:  # noqa: BLE001
+            log(f"rotatekv rows failed at B={B} T={T}:\n{traceback.format_exc()}")
+        rows.append(row)
+        log("rdecode " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
+    res["rdecode"] = rows
 
 
 def make_packed_bytes(B, T, group, bits=2):
@@ -521,6 +631,123 @@ def sec_e2e(res: dict, model, T: int, steps: int, group: int) -> None:
     res.setdefault("e2e", []).append(out)
 
 
+def rotatekv_calib_spec(model, n_tokens: int = 512) -> str:
+    """``rotatekv:bits=2,calib=FILE`` with the channel order calibrated by kvshrink's calibrate API on seeded random
+    token ids (the random-weight model has no tokenizer, so no built-in text), saved as a calibration file."""
+    import tempfile
+
+    from kvshrink.calibration import make_metadata, save_calibration, tokens_sha256
+    from kvshrink.methods.rotatekv import RotateKV, calibrate
+    from kvshrink.model_info import model_info
+
+    method, info = RotateKV(bits=2), model_info(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, n_tokens), generator=torch.Generator().manual_seed(0))
+    tensors = calibrate(model, method, ids)
+    meta = make_metadata(method.name, method.calib_params(info), info.identity(), tensors, tokens_sha256(ids), n_tokens)
+    path = save_calibration(os.path.join(tempfile.mkdtemp(prefix="kvshrink_bench_"), "rotatekv.safetensors"), tensors,
+                            meta)
+    return f"rotatekv:bits=2,calib={path}"
+
+
+def fill_rotatekv(model, cache, B, T, chunk=1024, sinks=(0,)):
+    """Fill RotateKV kernel layers with T random post-RoPE tokens at positions 0..T-1 through the layer's own store
+    path (RoPE inverted, rotated, reordered, centred, quantized; ``sinks`` kept exact), without running attention."""
+    from kvshrink.kernels import KernelRotateKVLayer
+    from kvshrink.rope import RopeSource, rotary_modules
+
+    src = RopeSource()
+    rot = rotary_modules(model)[0]
+    h = rot.register_forward_hook(src.hook, with_kwargs=True)
+    cos, _ = rot(torch.empty(0, device="cuda", dtype=torch.bfloat16), torch.arange(2, device="cuda")[None])
+    h.remove()
+    fn = src.recompute_fn(cos)
+    for layer in cache.layers:
+        assert isinstance(layer, KernelRotateKVLayer)
+        layer.rope_fn = fn
+        for s0 in range(0, T, chunk):
+            n = min(chunk, T - s0)
+            k = torch.randn(B, HKV, n, D, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn(B, HKV, n, D, device="cuda", dtype=torch.bfloat16)
+            if not layer.is_initialized:
+                layer.lazy_initialization(k, v)
+            pos = torch.arange(s0, s0 + n, device="cuda", dtype=torch.int32)[None].expand(B, n)
+            slots = torch.tensor(list(sinks), device="cuda")[None].expand(B, len(sinks)) if s0 == 0 and sinks else None
+            layer._store(k, v, pos, None, None, slots)
+            layer.seen += n
+
+
+def sec_e2e_rotatekv(res: dict, model, T: int, steps: int) -> None:
+    """Eager decode tok/s with ``rotatekv:bits=2`` kernel layers at the fp16 max batch of the e2e section (if it
+    ran) and B=8, its bytes per sequence and largest batch in the same budget; the dense path (dequantize the
+    whole cache every step, no kernel) once at B=8 for comparison."""
+    from kvshrink.kernels import disable, make_kernel_cache
+
+    spec = rotatekv_calib_spec(model)
+    out = {"T": T, "steps": steps, "spec": "rotatekv:bits=2 (calib: random ids)", "runs": []}
+    cap = T + steps + 4
+    c = make_kernel_cache(model, spec, reserve=cap)
+    disable(model)
+    fill_rotatekv(model, c, 2, T)
+    out["bytes_per_seq"] = c.nbytes() / 2
+    del c
+    torch.cuda.empty_cache()
+    prev = res.get("e2e", {})
+    prev = prev[-1] if isinstance(prev, list) and prev else prev if isinstance(prev, dict) else {}
+    budget = prev.get("kv_budget_bytes") or (torch.cuda.mem_get_info()[0] - 6 * 2**30)
+    out["kv_budget_bytes"] = budget
+    out["max_batch"] = int(budget // out["bytes_per_seq"])
+    log(f"e2e rotatekv: per seq {out['bytes_per_seq'] / 2**20:.0f} MiB, max batch {out['max_batch']} "
+        f"(budget {budget / 2**30:.1f} GiB)")
+    if not prev.get("max_batch_fp16"):  # the e2e section did not run: measure the 16-bit baseline here
+        c = fp16_cache(model, 2, cap)
+        fill_fp16(c, 2, 128)
+        per_fp16 = sum(layer.nbytes() for layer in c.layers) / 2
+        del c
+        torch.cuda.empty_cache()
+        prev = {"max_batch_fp16": int(budget // per_fp16)}
+        out["bytes_per_seq_fp16"] = per_fp16
+        out["max_batch_fp16"] = prev["max_batch_fp16"]
+        out["max_batch_ratio"] = out["max_batch"] / max(1, prev["max_batch_fp16"])
+        B = prev["max_batch_fp16"]
+        try:
+            c = fp16_cache(model, B, cap)
+            fill_fp16(c, B, T)
+            tps, ms = decode_tps(model, c, B, T, steps)
+            del c
+            out["runs"].append({"cache": "fp16", "B": B, "tokens_per_s": tps, "ms_per_step": ms})
+            log(f"e2e fp16 B={B} T={T}: {tps:.0f} tok/s, {ms:.2f} ms/step")
+        except Exception as e:  # noqa: BLE001
+            out["runs"].append({"cache": "fp16", "B": B, "error": f"{type(e).__name__}: {e}"[:300]})
+        torch.cuda.empty_cache()
+
+    def run(B, kernels=True):
+        c = make_kernel_cache(model, spec, reserve=cap)
+        try:
+            fill_rotatekv(model, c, B, T)
+            for layer in c.layers:  # off: the base layer's decode step (dense K/V of the whole cache + SDPA)
+                layer.use_kernels = kernels
+            return decode_tps(model, c, B, T, steps)
+        finally:
+            disable(model)
+            del c
+            torch.cuda.empty_cache()
+
+    batches = list(dict.fromkeys(b for b in (prev.get("max_batch_fp16"), out["max_batch"], 8) if b))
+    for B, kernels in [(b, True) for b in batches] + [(8, False)]:
+        label = "rotatekv" if kernels else "rotatekv_dense_path"
+        try:
+            tps, ms = run(B, kernels)
+            out["runs"].append({"cache": label, "B": B, "tokens_per_s": tps, "ms_per_step": ms,
+                                "peak_GiB": torch.cuda.max_memory_allocated() / 2**30})
+            log(f"e2e {label} B={B} T={T}: {tps:.0f} tok/s, {ms:.2f} ms/step")
+        except Exception as e:  # noqa: BLE001 - OOM or a failure: record and go on
+            out["runs"].append({"cache": label, "B": B, "error": f"{type(e).__name__}: {e}"[:300]})
+            log(f"e2e {label} B={B} failed:\n{traceback.format_exc()}")
+            torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    res["e2e_rotatekv"] = out
+
+
 def pick_launch(res: dict) -> None:
     """Use the fastest strided-kernel variant at 8x32K (group 128) as its default for what follows (e2e)."""
     import importlib
@@ -652,7 +879,12 @@ def git_commit() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/kernels.json")
-    ap.add_argument("--only", default="roof,decode,quant,graph,e2e")
+    ap.add_argument("--only", default="roof,decode,quant,graph,e2e",
+                    help="sections: roof, decode (KIVI + RotateKV rows), rdecode (RotateKV rows only), quant, graph, "
+                         "e2e (fp16, kivi and rotatekv:bits=2), e2e_rkv (rotatekv:bits=2 beside fp16 only)")
+    ap.add_argument("--rvariants", default="32:8:2:4,16:4:2:4,32:8:3:4,32:8:2:8,64:8:2:4",
+                    help="RotateKV decode kernel variants block_n:num_warps:num_stages:waves (fastest reported); "
+                         "empty: no RotateKV rows in the decode section")
     ap.add_argument("--e2e-T", type=int, default=8192)
     ap.add_argument("--e2e-steps", type=int, default=16)
     ap.add_argument("--graph-steps", type=int, default=32)
@@ -680,6 +912,8 @@ def main() -> int:
         return [dict(zip(keys, map(int, v.split(":")))) for v in spec.split(",")]
 
     variants, svariants = parse(args.variants), parse(args.svariants)
+    rvariants = [dict(zip(("block_n", "num_warps", "num_stages", "waves"), map(int, v.split(":"))))
+                 for v in args.rvariants.split(",") if v]
     t0 = time.time()
     copy_bw = 3.0e12
 
@@ -690,7 +924,9 @@ def main() -> int:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
 
-    sections = [("roof", lambda: sec_roof(res)), ("decode", lambda: sec_decode(res, copy_bw, variants, svariants))]
+    sections = [("roof", lambda: sec_roof(res)),
+                ("decode", lambda: sec_decode(res, copy_bw, variants, svariants, rvariants)),
+                ("rdecode", lambda: sec_rdecode(res, copy_bw, rvariants))]
     for name, fn in sections:
         if name in only:
             try:
@@ -702,7 +938,7 @@ def main() -> int:
             except Exception:  # noqa: BLE001
                 log(f"section {name} failed:\n{traceback.format_exc()}")
             dump()
-    if only & {"quant", "e2e", "graph"}:
+    if only & {"quant", "e2e", "graph", "e2e_rkv"}:
         try:
             model = build_model()
             if "quant" in only:
@@ -722,6 +958,12 @@ def main() -> int:
                     sec_e2e(res, model, args.e2e_T, args.e2e_steps, args.e2e_group)
                 except Exception:  # noqa: BLE001
                     log(f"section e2e failed:\n{traceback.format_exc()}")
+                dump()
+            if only & {"e2e", "e2e_rkv"}:
+                try:
+                    sec_e2e_rotatekv(res, model, args.e2e_T, args.e2e_steps)
+                except Exception:  # noqa: BLE001
+                    log(f"section e2e (rotatekv) failed:\n{traceback.format_exc()}")
         except Exception:  # noqa: BLE001
             log(f"model build failed:\n{traceback.format_exc()}")
     dump()
@@ -735,11 +977,16 @@ def summary(res: dict) -> None:
         parts = [f"B={r['B']:>2} T={r['T']:>6}  sdpa {r['sdpa_ms']:.3f}"]
         if "dense_triton_ms" in r:
             parts.append(f"dense-triton {r['dense_triton_ms']:.3f}")
-        for key in ("g128", "g128_kivi", "g32", "g32_kivi"):
+        for key in ("g128", "g128_kivi", "g32", "g32_kivi", "rkv"):
             if f"{key}_ms" in r:
                 parts.append(f"{key} {r[f'{key}_ms']:.3f} ({r[f'{key}_speedup_vs_sdpa']:.2f}x, "
                              f"{r[f'{key}_GBps']:.0f} GB/s, roof {r[f'{key}_roof_frac']:.0%})")
         print("  ".join(parts))
+    for r in res.get("rdecode", []):
+        if "rkv_ms" in r:
+            print(f"B={r['B']:>2} T={r['T']:>6}  sdpa {r['sdpa_ms']:.3f}  rotatekv {r['rkv_ms']:.3f} "
+                  f"({r.get('rkv_speedup_vs_sdpa', float('nan')):.2f}x, {r['rkv_GBps']:.0f} GB/s, "
+                  f"roof {r['rkv_roof_frac']:.0%}, rel err {r.get('rkv_rel_err', float('nan')):.1e})")
     if "quant" in res:
         q = res["quant"]
         print(f"== quant+pack at 8K: prefill {q['prefill_fp16_ms']:.1f} ms; "
@@ -752,6 +999,11 @@ def summary(res: dict) -> None:
               f"at each max batch {g.get('throughput_ratio_at_each_max_batch', float('nan')):.2f}x")
         for r in g["runs"]:
             print("   ", {k: v for k, v in r.items() if k != "error"}, "ERROR" if "error" in r else "")
+    er = res.get("e2e_rotatekv")
+    if er:
+        print(f"== e2e rotatekv:bits=2 T={er['T']}: {er['bytes_per_seq'] / 2**20:.0f} MiB/seq, max batch {er['max_batch']}")
+        for r in er["runs"]:
+            print("   ", r)
     for e in res.get("e2e", []):
         print(f"== e2e T={e['T']}: max batch fp16 {e['max_batch_fp16']} kivi {e['max_batch_kivi']} "
               f"({e['max_batch_ratio']:.2f}x); speedup at fp16 max batch {e.get('speedup_at_fp16_max_batch', float('nan')):.2f}x")

@@ -2,6 +2,7 @@
 no device time: registers, spills, shared memory, layout conversions in the TTGIR, and a SASS histogram.
 
     python benchmarks/inspect_kernels.py [--block-n 64] [--warps 4] [--stages 2] [--group 128] [--sass]
+    python benchmarks/inspect_kernels.py --module rotatekv_decode --hg 4 --rkv-g 4 [--prerope 0]
 """
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ def main() -> int:
     ap.add_argument("--fast", type=int, default=1)
     ap.add_argument("--tail", type=int, default=32)
     ap.add_argument("--kernel", default="_decode_split_kernel")
-    ap.add_argument("--module", default="decode_attention", help="decode_attention (KIVI layout) or decode_strided")
+    ap.add_argument("--module", default="decode_attention", help="decode_attention (KIVI layout), decode_strided or rotatekv_decode")
     ap.add_argument("--lens", type=int, default=0, help="strided kernel: graph mode (device lengths, ring residual)")
     ap.add_argument("--pv-rows", type=int, default=1, help="strided kernel: p @ codes (1) or codes^T @ p^T (0)")
+    ap.add_argument("--rkv-g", type=int, default=4, help="rotatekv_decode: KV heads per Hadamard group")
+    ap.add_argument("--prerope", type=int, default=1, help="rotatekv_decode: RoPE in the kernel (1) or not (0)")
     ap.add_argument("--sass", action="store_true")
     ap.add_argument("--maxnreg", type=int, default=0)
     ap.add_argument("--dump", default="")
@@ -43,6 +46,8 @@ def main() -> int:
     da = importlib.import_module(f"kvshrink.kernels.{args.module}")
     if args.module == "decode_strided" and args.kernel == "_decode_split_kernel":
         args.kernel = "_decode_strided_kernel"
+    if args.module == "rotatekv_decode" and args.kernel == "_decode_split_kernel":
+        args.kernel = "_rkv_split_kernel"
 
     fn = getattr(da, args.kernel)
     names = fn.arg_names
@@ -50,21 +55,25 @@ def main() -> int:
                  TAIL_N=args.tail, KBITS=args.bits, KG=args.group, VBITS=args.bits, VG=args.group, HAS_MASK=False, DOT_F32=False,
                  F32=False, FAST=bool(args.fast), HAS_LENS=bool(args.lens), RING=256 if args.lens else 0,
                  PV_ROWS=bool(args.pv_rows))
+    # RotateKV's kernel (--module rotatekv_decode): --hg is the query heads per KV head, --rkv-g the head group
+    const.update(G=args.rkv_g, QROWS=max(16, 1 << (args.rkv_g * args.hg - 1).bit_length()), PREROPE=bool(args.prerope),
+                 HAS_PERM=True, HAS_MU=True, HAS_SINKS=True, S_PAD=16)
     ptr = {"Q": "*fp16", "KP": "*u8", "KS": "*fp16", "KZ": "*fp16", "KR": "*fp16", "VP": "*u8", "VS": "*fp16",
-           "VZ": "*fp16", "VR": "*fp16", "MASK": "*i8", "M_OUT": "*fp32", "L_OUT": "*fp32", "ACC_OUT": "*fp32", "LENS": "*i32"}
+           "VZ": "*fp16", "VR": "*fp16", "MASK": "*i8", "M_OUT": "*fp32", "L_OUT": "*fp32", "ACC_OUT": "*fp32", "LENS": "*i32",
+           "MU": "*fp16", "INV": "*i32", "HD": "*fp16", "POS": "*i32", "FREQ": "*fp32", "SINK": "*i32"}
     sig = {}
     for n in names:
         if n in const:
             sig[n] = "constexpr"
         elif n in ptr:
             sig[n] = ptr[n]
-        elif n == "qk_scale":
+        elif n in ("qk_scale", "rope_mult"):
             sig[n] = "fp32"
         else:
             sig[n] = "i32"
     # what the launcher specializes at run time: 16-byte aligned pointers, strides that are multiples of 16
     not16 = {"svs_t", "T", "TKQ", "TVQ", "H", "num_splits", "smask_b", "qk_scale", "HQ", "FAST_END", "MAIN_SPLITS",
-             "TAIL_CHUNK", "tokens_per_split"}
+             "TAIL_CHUNK", "tokens_per_split", "rope_mult", "R", "SLOTS", "NSINK", "spos_b", "ssink_b", "sks_t", "svs_t"}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if sig[n] != "constexpr" and n not in not16 and not n.startswith("so_")}
     src = ASTSource(fn=fn, signature=sig, constexprs={k: v for k, v in const.items() if k in names}, attrs=attrs)

@@ -7,6 +7,8 @@
   attention interface (CUDA); on CPU everything stays on the torch reference path.
 * :func:`decode_attention_strided` / :func:`quantize_pack_strided` — the same over the channel-strided layout
   (``strided.py``; same bytes, codes packed along each token's channels with strided bit slots).
+* :func:`decode_attention_rotatekv` / :class:`KernelRotateKVLayer` — RotateKV's packed cache attended directly
+  (channel order, grouped-head Hadamard and RoPE undone inside the kernel; ``rotatekv_decode.py``).
 * :func:`make_static_cache` / :class:`GraphDecoder` — static cache layers (device-side lengths, residual rings,
   fixed split counts) whose decode step a CUDA graph captures and replays (``graph.py``).
 
@@ -21,6 +23,8 @@ from .graph import GraphDecoder, StaticDenseLayer, StaticKiviLayer, decode_atten
 from .layer import KernelUniformLayer, PackedDecode
 from .quant_pack import kernel_supports, quantize_pack
 from .reference import PackedKV, decode_attention_ref
+from .rotatekv_decode import RotateKVState, decode_attention_rotatekv
+from .rotatekv_layer import KernelRotateKVLayer, RotateKVDecode
 from .strided import StridedQuantizedTensor, quantize_pack_strided, strided_supported
 
 __all__ = ["HAS_TRITON", "kernels_usable", "convert_cache", "disable", "enable", "kvshrink_attention",
@@ -28,4 +32,4 @@ __all__ = ["HAS_TRITON", "kernels_usable", "convert_cache", "disable", "enable",
            "PackedDecode", "kernel_supports", "quantize_pack", "PackedKV", "decode_attention_ref",
            "decode_attention_strided", "strided_decode_supported", "StridedQuantizedTensor", "quantize_pack_strided",
            "strided_supported", "GraphDecoder", "StaticDenseLayer", "StaticKiviLayer", "decode_attention_dense",
-           "make_static_cache"]
+           "make_static_cache", "RotateKVState", "decode_attention_rotatekv", "KernelRotateKVLayer", "RotateKVDecode"]

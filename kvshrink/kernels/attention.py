@@ -24,6 +24,8 @@ from .decode_attention import decode_attention, packed_decode_supported
 from .decode_strided import decode_attention_strided, strided_decode_supported
 from .graph import GraphDecode
 from .layer import KernelUniformLayer, PackedDecode
+from .rotatekv_decode import decode_attention_rotatekv, unsupported_reason
+from .rotatekv_layer import KernelRotateKVLayer, RotateKVDecode
 
 NAME = "kvshrink"
 _registered = False
@@ -67,6 +69,8 @@ def kvshrink_attention(module: torch.nn.Module, query: torch.Tensor, key: Any, v
     """transformers attention function: packed decode kernel for :class:`PackedDecode`, else SDPA."""
     if isinstance(key, GraphDecode) and query.shape[2] == 1:  # static layers (graph.py): no padding mask
         return key.attend(query[:, :, 0, :], scaling).unsqueeze(1), None
+    if isinstance(key, RotateKVDecode):
+        return _rotatekv_attention(module, query, key, attention_mask, dropout, scaling, **kwargs)
     if not isinstance(key, PackedDecode):
         return _dense_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     B, Hq, q_len, D = query.shape
@@ -79,6 +83,21 @@ def kvshrink_attention(module: torch.nn.Module, query: torch.Tensor, key: Any, v
     mask = _mask_rows(attention_mask, B, key.kv.tokens)
     out = decode_packed(query[:, :, 0, :], key.kv, mask=mask, scale=scaling)
     return out.unsqueeze(1), None  # (B, 1, Hq, D), as transformers' attention functions return
+
+
+def _rotatekv_attention(module, query, handle: RotateKVDecode, attention_mask, dropout, scaling, **kwargs):
+    """RotateKV's decode kernel (RoPE inside, sinks exact), or its dense K/V + SDPA when it cannot serve."""
+    B, Hq, q_len, D = query.shape
+    why = unsupported_reason(handle.state, D, Hq) if q_len == 1 else f"{q_len} query tokens"
+    if why is None and (kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
+                        or kwargs.get("sliding_window") is not None or (dropout and module.training)):
+        why = "soft-capping, attention sinks of the model, sliding window or dropout"
+    if why is not None:  # correctness first: dequantize this step and use SDPA
+        k, v = handle.dense(query.dtype)
+        return _dense_sdpa(module, query, k, v, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    mask = _mask_rows(attention_mask, B, handle.state.tokens)
+    out = decode_attention_rotatekv(query[:, :, 0, :], handle.state, mask=mask, scale=scaling)
+    return out.unsqueeze(1), None
 
 
 def register() -> None:
@@ -95,15 +114,19 @@ def register() -> None:
 
 
 def convert_cache(cache) -> int:
-    """Swap every KIVI-layout :class:`~kvshrink.layer.UniformLayer` of ``cache`` for a kernel layer
-    (state copied). Returns how many layers were converted; others are left as they are."""
+    """Swap every KIVI-layout :class:`~kvshrink.layer.UniformLayer` and every RotateKV layer with per-token key
+    groups (``key_axis="channel"``, the default) of ``cache`` for a kernel layer (state copied). Returns how many layers were converted; others are left as they are."""
     from ..layer import UniformLayer
+    from ..methods.rotatekv import RotateKVLayer
 
     n = 0
     for i, layer in enumerate(cache.layers):
         if (type(layer) is UniformLayer and layer.key_axis == "token" and layer.value_axis == "channel"
                 and not layer.symmetric):
             cache.layers[i] = KernelUniformLayer.from_uniform(layer)
+            n += 1
+        elif type(layer) is RotateKVLayer and layer.key_axis == "channel":  # the RotateKV decode kernel's layout
+            cache.layers[i] = KernelRotateKVLayer.from_layer(layer)
             n += 1
     return n
 
@@ -139,6 +162,6 @@ def make_kernel_cache(model: torch.nn.Module, spec: Any = "kivi", *, reserve: in
     enable(model, cache)
     if reserve:
         for layer in cache.layers:
-            if isinstance(layer, KernelUniformLayer):
+            if isinstance(layer, (KernelUniformLayer, KernelRotateKVLayer)):
                 layer.reserve(reserve)
     return cache

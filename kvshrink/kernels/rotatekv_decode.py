@@ -1,0 +1,562 @@
+"""Decode attention that reads RotateKV's packed cache directly, RoPE applied inside the kernel (Triton).
+
+RotateKV (Su et al. 2025, arXiv 2501.16383; layout in :mod:`kvshrink.methods.rotatekv`) stores, per layer
+and token ``t``, keys as codes of ``P · H_n · k_pre(t) - mu`` with ``H_n`` the normalized Sylvester
+Hadamard matrix over each group of ``G`` KV heads (``n = G*D`` channels, head-major), ``P`` a calibrated
+gather over all ``H*D`` channels (stored channel ``j`` = rotated channel ``perm[j]``) and ``mu`` a
+per-channel centre; values as codes of ``v · H_D`` per head. Keys are pre-RoPE, so no rotation can be
+folded into the query alone (RoPE depends on each stored token's position). The kernel undoes everything
+per block of tokens instead, exactly:
+
+* **permutation**: rotated channel ``c`` lives at stored position ``inv_perm[c]``, i.e. head
+  ``inv_perm[c] // D``, channel ``inv_perm[c] % D``: key bytes and scale/zero are *gathered* per channel
+  (one program reads the bytes of the ``G*D`` channels of its rotation group wherever ``perm`` put them).
+* **grouped-head Hadamard**: Sylvester's ``H_{G*D} = H_G ⊗ H_D`` (:func:`kvshrink.rotation.hadamard_matrix`),
+  so with ``y[a, :]`` the rotated channels ``a*D .. a*D+D-1`` of the group, the pre-RoPE key of head ``a'``
+  is ``x[a'] = (1/sqrt(G D)) sum_a H_G[a, a'] (y[a] @ H_D)``. RoPE acts identically on every head of a
+  token, so it commutes with the head mixing, and the score of query ``q_j`` (its KV head ``a_j``) is
+
+      q_j · RoPE_t(x[a_j]) = sum_a H_G[a, a_j] · q_j · RoPE_t(y[a] @ H_D) / sqrt(G D)
+
+  with ``H_G[a, a'] = (-1)^popcount(a & a')``: per head tile ``a`` one ``tl.dot`` of the dequantized
+  ``(tokens, D)`` tile with the ±1 matrix ``H_D`` (exact in fp16), RoPE in registers, and a score
+  product for *all* query rows of the group, signed per row. ``1/sqrt(G D)`` and RoPE's
+  ``attention_scaling`` are folded into the (fp32) cos/sin.
+* **RoPE** (rotate-half pairing, full rotary width): with ``z = y @ H_D`` split in halves,
+  ``k_lo = z_lo cos - z_hi sin``, ``k_hi = z_hi cos + z_lo sin``, ``cos/sin = cos/sin(pos_t · inv_freq)``
+  (fp32, as transformers' rotary modules compute them); so ``H_D`` is applied as its two column halves and
+  ``rotate_half`` costs no product at all.
+* **values**: ``out_j = (sum_t p_jt v_rot(t)) H_D^T / sqrt(D)``: accumulated in the rotated domain per KV
+  head (query rows of other heads masked out of ``p``: the matrix unit pads to 16 rows anyway), and
+  rotated back once per output row in the merge kernel.
+
+``prerope=false``: keys are stored post-RoPE, so ``H_D`` folds into the query once per program
+(``q_j · x[a_j] = sum_a H_G[a, a_j] (q_j H_D) · y[a] / sqrt(G D)``) and the main loop has one product per head.
+
+Flash-decoding split-K as :mod:`.decode_attention`: grid ``(B * H/G, splits)``, one program per rotation
+group and slice of tokens, online softmax in exp2, partial ``(max, sum, acc)`` per split. Everything
+that is not in the quantized stream -- exact sink tokens, the unquantized residual, the new token -- is a
+small *dense segment* attended in torch; its partial is one more split, merged by log-sum-exp in the merge
+kernel. Sink tokens are removed from the quantized stream inside the kernel (their codes are replaced on
+read by the exact copies, as :meth:`RotateKVLayer.dense` does).
+
+Reference: :meth:`kvshrink.methods.rotatekv.RotateKVLayer.dense` + softmax attention (the tests), and
+:func:`state_dense` (dense K/V of a :class:`RotateKVState`: the fallback when the kernel cannot serve a call).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..storage import QuantizedTensor
+from ._triton import HAS_TRITON, INTERPRET, next_pow2, tl, triton
+from .decode_attention import _dummy, _sm_count, choose_splits
+
+RKV_BITS = (2, 4, 8)
+RKV_HEAD_DIMS = (64, 128)
+MAX_QROWS = 64  # G * (query heads per KV head), padded: the score tile's rows
+MAX_SPLITS = 255  # + the dense segment: the merge kernel holds <= 256 partials
+LOG2E = math.log2(math.e)
+
+#: launch settings when a call names none: sm_90 compile (benchmarks/inspect_kernels.py --module rotatekv_decode,
+#: G=4, 4 query heads per KV head) gives 206 registers and no spills (32-byte stack: libdevice sin/cos) with
+#: these; block_n 64 or 4 warps hit 255 registers and spill 0.4-0.8 KB. Not yet timed on a GPU.
+LAUNCH: dict = {"block_n": 32, "num_warps": 8, "num_stages": 2, "waves": 4}
+
+
+# ---------------------------------------------------------------------------------------------- state
+@dataclass
+class RotateKVState:
+    """One layer's RotateKV cache as the decode kernel reads it (``T = tq + dense tokens``).
+
+    Quantized stream, tokens ``[0, tq)`` (``key_axis="channel"`` layout, may be views into capacity buffers):
+    ``kq``/``vq`` codes + fp scale/zero, ``k_mu (B, H, 1, D)`` or None, ``inv_perm (H*D,)`` int32 (stored
+    position of each rotated channel; None = identity), ``pos (B, >= tq)`` int32 positions (prerope),
+    ``inv_freq (D/2,)`` float32 and ``rope_scale`` (RoPE's ``attention_scaling``), ``head_group`` = G,
+    ``rotate_values`` (values stored as ``v @ H_D``), ``sink_idx (B, S)`` int32 sink tokens (-1 = none):
+    excluded from the quantized stream.
+
+    Dense segment (attended exactly, in torch): ``dense_k (B, H, Td, D)`` post-RoPE keys, ``dense_v`` values
+    *in the stored value domain* (``v @ H_D`` when ``rotate_values``), ``dense_idx (B, Td)`` int64 token index
+    of each entry in ``[0, T)`` (for the padding mask), -1 = no token.
+    """
+
+    kq: QuantizedTensor | None
+    vq: QuantizedTensor | None
+    k_mu: torch.Tensor | None
+    inv_perm: torch.Tensor | None
+    pos: torch.Tensor | None
+    inv_freq: torch.Tensor | None
+    rope_scale: float
+    head_group: int
+    rotate_values: bool
+    sink_idx: torch.Tensor | None
+    dense_k: torch.Tensor
+    dense_v: torch.Tensor
+    dense_idx: torch.Tensor
+    tokens: int
+
+    @property
+    def tq(self) -> int:
+        return 0 if self.kq is None else self.kq.tokens
+
+    @property
+    def prerope(self) -> bool:
+        return self.inv_freq is not None
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.dense_k.shape[1]
+
+    def nbytes(self) -> int:
+        """Bytes the decode step reads: codes, scales, zeros, centre, positions, the dense segment."""
+        n = 0
+        for qt in (self.kq, self.vq):
+            if qt is not None:
+                n += sum(t.numel() * t.element_size() for t in qt.tensors())
+        if self.pos is not None:
+            n += self.pos.shape[0] * self.tq * 4
+        for t in (self.dense_k, self.dense_v):
+            n += t.numel() * t.element_size()
+        return n
+
+
+def unsupported_reason(state: RotateKVState, head_dim: int, num_q_heads: int) -> str | None:
+    """Why :func:`decode_attention_rotatekv` cannot serve ``state`` (None: it can)."""
+    if not HAS_TRITON:
+        return "Triton is not installed"
+    if head_dim not in RKV_HEAD_DIMS:
+        return f"head_dim {head_dim} (kernel: {RKV_HEAD_DIMS})"
+    G, H = state.head_group, state.num_kv_heads
+    if G < 1 or G & (G - 1) or H % G:
+        return f"head_group {G} is not a power of two dividing {H} KV heads"
+    if num_q_heads % H:
+        return f"{num_q_heads} query heads is not a multiple of {H} KV heads"
+    if next_pow2(max(16, G * (num_q_heads // H))) > MAX_QROWS:
+        return f"{G * (num_q_heads // H)} query rows per rotation group (kernel: <= {MAX_QROWS})"
+    if (state.kq is None) != (state.vq is None) or (state.kq is not None and state.kq.tokens != state.vq.tokens):
+        return "key and value streams cover different tokens"
+    for qt, name in ((state.kq, "keys"), (state.vq, "values")):
+        if qt is None:
+            continue
+        if qt.axis != "channel" or qt.zero is None:
+            return f"{name}: only asymmetric per-token groups (key_axis=channel) are read by the kernel"
+        if qt.bits not in RKV_BITS:
+            return f"{name}: {qt.bits} bits (kernel: {RKV_BITS})"
+        g = qt.group
+        if g & (g - 1) or head_dim % g or g < 8 // qt.bits:
+            return f"{name}: group {g} (kernel: a power of two dividing head_dim, >= codes per byte)"
+        if qt.packed.stride(-1) != 1 or qt.scale.stride(-1) != 1 or qt.zero.stride(-1) != 1:
+            return f"{name}: storage with a non-contiguous last dim"
+    if state.pos is not None and state.pos.dim() != 2:
+        return "per-head positions (an eviction policy in front)"
+    if state.sink_idx is not None and state.sink_idx.dim() != 2:
+        return "per-head sink slots (an eviction policy in front)"
+    if state.prerope and state.inv_freq.numel() != head_dim // 2:
+        return "partial rotary embedding"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+if HAS_TRITON:
+    from .decode_attention import _codes_to_float
+
+    @triton.jit
+    def _hg_sign(x):
+        """(-1)^popcount(x) as float32, x < 256: the Sylvester Hadamard entry H[a, a'] for x = a & a'."""
+        x = x ^ (x >> 4)
+        x = x ^ (x >> 2)
+        x = x ^ (x >> 1)
+        return 1.0 - 2.0 * (x & 1).to(tl.float32)
+
+    @triton.jit
+    def _dot(a, b, DOT_F32: tl.constexpr):
+        """fp16 operands, fp32 accumulation on the matrix units; IEEE fp32 when the model runs in fp32."""
+        if DOT_F32:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            return tl.dot(a.to(tl.float16), b.to(tl.float16))
+
+    @triton.jit
+    def _key_tile(KP, kp_off, skp_h, skp_t, KS, KZ, ks_off, sks_h, sks_t, MU, mu_off, smu_h, INV, c, t, live,
+                  D: tl.constexpr, KBITS: tl.constexpr, KG: tl.constexpr, HAS_PERM: tl.constexpr,
+                  HAS_MU: tl.constexpr):
+        """Dequantized rotated-domain keys (tokens ``t``, rotated channels ``c``), float32 ``(N, D)``:
+        bytes, scales and zeros gathered from wherever the channel order put each channel."""
+        KPPB: tl.constexpr = 8 // KBITS
+        KMASK: tl.constexpr = (1 << KBITS) - 1
+        if HAS_PERM:
+            sp = tl.load(INV + c)
+        else:
+            sp = c
+        hs = sp // D  # stored head
+        ch = sp % D  # stored channel within the head
+        lm = live[:, None]
+        kb = tl.load(KP + kp_off + hs[None, :] * skp_h + t[:, None] * skp_t + (ch // KPPB)[None, :], mask=lm, other=0)
+        code = (kb.to(tl.int32) >> ((ch % KPPB) * KBITS)[None, :]) & KMASK
+        soff = ks_off + hs[None, :] * sks_h + t[:, None] * sks_t + (ch // KG)[None, :]
+        ksc = tl.load(KS + soff, mask=lm, other=0.0).to(tl.float32)
+        kze = tl.load(KZ + soff, mask=lm, other=0.0).to(tl.float32)
+        y = _codes_to_float(code) * ksc + kze
+        if HAS_MU:
+            y += tl.load(MU + mu_off + hs * smu_h + ch).to(tl.float32)[None, :]
+        return y
+
+    @triton.jit
+    def _value_slot(vb, shift: tl.constexpr, VMASK: tl.constexpr, vsc, vze):
+        return _codes_to_float((vb >> shift) & VMASK) * vsc + vze
+
+    # T and everything derived from it change every decode step: no specialization on them
+    @triton.jit(do_not_specialize=["TQ", "tokens_per_split", "NSINK", "spos_b", "smask_b", "ssink_b"])
+    def _rkv_split_kernel(
+            Q, sqb, sqh,  # (B, Hq, D)
+            KP, skp_b, skp_h, skp_t,  # key codes (B, H, T, D*KBITS/8), packed along stored channels
+            KS, KZ, sks_b, sks_h, sks_t,  # key scale/zero (B, H, T, D/KG)
+            MU, smu_b, smu_h,  # key centre (B, H, 1, D), stored channel order
+            INV,  # (H*D,) int32: stored position of each rotated channel
+            HD,  # (D, D) Sylvester ±1 matrix (unnormalized)
+            POS, spos_b,  # (B, T) int32 positions
+            FREQ,  # (D/2,) float32 inverse frequencies
+            VP, svp_b, svp_h, svp_t,  # value codes (B, H, T, D*VBITS/8)
+            VS, VZ, svs_b, svs_h, svs_t,  # value scale/zero (B, H, T, D/VG)
+            SINK, ssink_b, NSINK,  # (B, S) int32 sink token indices, -1 = none
+            MASK, smask_b,  # (B, T) int8, 1 = attend
+            M_OUT, L_OUT, ACC_OUT, SLOTS,  # (B, Hq, SLOTS), (B, Hq, SLOTS), (B, Hq, SLOTS, D) float32
+            R, TQ, tokens_per_split, qk_scale, rope_mult,
+            G: tl.constexpr, HG: tl.constexpr, QROWS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+            KBITS: tl.constexpr, KG: tl.constexpr, VBITS: tl.constexpr, VG: tl.constexpr,
+            PREROPE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_MU: tl.constexpr, HAS_SINKS: tl.constexpr,
+            S_PAD: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr):
+        VPPB: tl.constexpr = 8 // VBITS
+        VDP: tl.constexpr = D // VPPB
+        VMASK: tl.constexpr = (1 << VBITS) - 1
+        D2: tl.constexpr = D // 2
+
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid // R
+        r = pid % R
+        d = tl.arange(0, D)
+        dh = tl.arange(0, D2)
+        jj = tl.arange(0, QROWS)
+        rows_ok = jj < G * HG
+        qrow = r * (G * HG) + jj  # query heads of KV heads r*G .. r*G+G-1 are contiguous
+        arow = jj // HG  # each row's KV head within the group
+        qbase = Q + b * sqb + qrow[:, None] * sqh
+        if PREROPE:
+            q_lo = tl.load(qbase + dh[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32) * qk_scale
+            q_hi = tl.load(qbase + D2 + dh[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32) * qk_scale
+            freq = tl.load(FREQ + dh)
+        else:
+            q = tl.load(qbase + d[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32) * qk_scale
+            # keys stored post-RoPE: H_D (and 1/sqrt(G D)) move onto the query once
+            qh = _dot(q, tl.load(HD + d[:, None] * D + d[None, :]), DOT_F32) * rope_mult
+        if HAS_SINKS:
+            si = tl.arange(0, S_PAD)
+            sidx = tl.load(SINK + b * ssink_b + si, mask=si < NSINK, other=-1)
+
+        m_i = tl.full([QROWS], float("-inf"), tl.float32)
+        l_i = tl.zeros([QROWS], tl.float32)
+        # value accumulators per code slot: acc<j>[:, cb] is channel cb * VPPB + j (as decode_attention.py)
+        acc0 = tl.zeros([QROWS, VDP], tl.float32)
+        acc1 = tl.zeros([QROWS, VDP], tl.float32)
+        acc2 = tl.zeros([QROWS, VDP], tl.float32)
+        acc3 = tl.zeros([QROWS, VDP], tl.float32)
+        cb = tl.arange(0, VDP)
+
+        lo = split * tokens_per_split
+        hi = tl.minimum(lo + tokens_per_split, TQ)
+        kp_off = b * skp_b
+        ks_off = b * sks_b
+        mu_off = b * smu_b
+        n = tl.arange(0, BLOCK_N)
+        for start in range(lo, hi, BLOCK_N):
+            t = start + n
+            live = t < hi
+            ok = live
+            if HAS_MASK:
+                ok = ok & (tl.load(MASK + b * smask_b + t, mask=live, other=0) != 0)
+            if HAS_SINKS:  # sinks are attended exactly in the dense segment, not from their codes
+                hit = tl.sum((t[:, None] == sidx[None, :]).to(tl.int32), axis=1)
+                ok = ok & (hit == 0)
+            if PREROPE:
+                ang = tl.load(POS + b * spos_b + t, mask=live, other=0).to(tl.float32)[:, None] * freq[None, :]
+                cs = tl.cos(ang) * rope_mult  # rope_mult = attention_scaling / sqrt(G D)
+                sn = tl.sin(ang) * rope_mult
+                hd_lo = tl.load(HD + d[:, None] * D + dh[None, :])
+                hd_hi = tl.load(HD + d[:, None] * D + D2 + dh[None, :])
+            s = tl.zeros([QROWS, BLOCK_N], tl.float32)
+            for a in range(G):  # not unrolled: one head tile live at a time (registers)
+                y = _key_tile(KP, kp_off, skp_h, skp_t, KS, KZ, ks_off, sks_h, sks_t, MU, mu_off, smu_h, INV,
+                              (r * G + a) * D + d, t, live, D, KBITS, KG, HAS_PERM, HAS_MU)
+                if PREROPE:
+                    z_lo = _dot(y, hd_lo, DOT_F32)  # (N, D/2): y @ H_D, first half of the channels
+                    z_hi = _dot(y, hd_hi, DOT_F32)
+                    w_lo = z_lo * cs - z_hi * sn  # RoPE, rotate-half pairing
+                    w_hi = z_hi * cs + z_lo * sn
+                    part = _dot(q_lo, tl.trans(w_lo), DOT_F32) + _dot(q_hi, tl.trans(w_hi), DOT_F32)
+                else:
+                    part = _dot(qh, tl.trans(y), DOT_F32)
+                s += _hg_sign(arow & a)[:, None] * part  # H_G[a, a_j]
+            s = tl.where(ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
+            acc0 = acc0 * alpha[:, None]
+            acc1 = acc1 * alpha[:, None]
+            acc2 = acc2 * alpha[:, None]
+            acc3 = acc3 * alpha[:, None]
+            for a in range(G):  # not unrolled: one head tile live at a time (registers)
+                pa = tl.where((arow == a)[:, None], p, 0.0)  # only the query rows of KV head r*G + a
+                h = r * G + a
+                vb = tl.load(VP + b * svp_b + h * svp_h + t[:, None] * svp_t + cb[None, :], mask=live[:, None],
+                             other=0).to(tl.int32)
+                if VG == D:
+                    voff = b * svs_b + h * svs_h + t * svs_t
+                    vsc = tl.load(VS + voff, mask=live, other=0.0).to(tl.float32)[:, None]
+                    vze = tl.load(VZ + voff, mask=live, other=0.0).to(tl.float32)[:, None]
+                else:
+                    voff = b * svs_b + h * svs_h + t[:, None] * svs_t + ((cb * VPPB) // VG)[None, :]
+                    vsc = tl.load(VS + voff, mask=live[:, None], other=0.0).to(tl.float32)
+                    vze = tl.load(VZ + voff, mask=live[:, None], other=0.0).to(tl.float32)
+                acc0 += _dot(pa, _value_slot(vb, 0, VMASK, vsc, vze), DOT_F32)
+                if VPPB > 1:
+                    acc1 += _dot(pa, _value_slot(vb, VBITS, VMASK, vsc, vze), DOT_F32)
+                if VPPB > 2:
+                    acc2 += _dot(pa, _value_slot(vb, 2 * VBITS, VMASK, vsc, vze), DOT_F32)
+                    acc3 += _dot(pa, _value_slot(vb, 3 * VBITS, VMASK, vsc, vze), DOT_F32)
+
+        o = (b * R * G * HG + qrow) * SLOTS + split
+        tl.store(M_OUT + o, m_i, mask=rows_ok)
+        tl.store(L_OUT + o, l_i, mask=rows_ok)
+        optr = ACC_OUT + o[:, None] * D + (cb * VPPB)[None, :]
+        tl.store(optr, acc0, mask=rows_ok[:, None])
+        if VPPB > 1:
+            tl.store(optr + 1, acc1, mask=rows_ok[:, None])
+        if VPPB > 2:
+            tl.store(optr + 2, acc2, mask=rows_ok[:, None])
+            tl.store(optr + 3, acc3, mask=rows_ok[:, None])
+
+    @triton.jit
+    def _rkv_merge_kernel(M_IN, L_IN, ACC_IN, HD, OUT, so_b, so_h, HQ, SLOTS, inv_sqrt_d,
+                          D: tl.constexpr, S_PAD: tl.constexpr, ROT_V: tl.constexpr):
+        """Log-sum-exp merge of the splits (and the dense segment's partial), then ``o @ H_D^T / sqrt(D)``."""
+        pid = tl.program_id(0)  # b * HQ + head
+        b = pid // HQ
+        hq = pid % HQ
+        s = tl.arange(0, S_PAD)
+        smask = s < SLOTS
+        m = tl.load(M_IN + pid * SLOTS + s, mask=smask, other=float("-inf"))
+        l = tl.load(L_IN + pid * SLOTS + s, mask=smask, other=0.0)
+        m_max = tl.max(m, axis=0)
+        m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+        w = tl.exp2(m - m_safe)
+        total = tl.sum(w * l, axis=0)
+        d = tl.arange(0, D)
+        acc = tl.load(ACC_IN + (pid * SLOTS + s)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
+        o = tl.sum(acc * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+        if ROT_V:  # Sylvester's H_D is symmetric: H_D^T = H_D
+            hd = tl.load(HD + d[:, None] * D + d[None, :]).to(tl.float32)
+            o = tl.sum(o[:, None] * hd, axis=0) * inv_sqrt_d
+        tl.store(OUT + b * so_b + hq * so_h + d, o.to(OUT.dtype.element_ty))
+
+
+# ---------------------------------------------------------------------------------------------- host side
+@functools.lru_cache(maxsize=None)
+def _hadamard_pm1(D: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """Sylvester's ``D x D`` ±1 matrix (entries ``(-1)^popcount(i & j)``), unnormalized: exact in fp16."""
+    i = torch.arange(D)
+    x = i[:, None] & i[None, :]
+    par = torch.zeros_like(x)
+    while bool(x.any()):
+        par ^= x & 1
+        x = x >> 1
+    return (1 - 2 * par).to(dtype=dtype, device=device).contiguous()
+
+
+def hadamard_normalized(D: int, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``H_D / sqrt(D)``: what :func:`kvshrink.rotation.hadamard_transform` multiplies by (power-of-two D)."""
+    return _hadamard_pm1(D, torch.float32, str(torch.device(device))).to(dtype) * (D ** -0.5)
+
+
+def _dense_partial(q: torch.Tensor, state: RotateKVState, mask: torch.Tensor | None, qk_scale: float):
+    """(max, sum, acc) in log2 units of the dense segment, per query head: ``(B, Hq)``, ``(B, Hq)``, ``(B, Hq, D)``."""
+    B, Hq, D = q.shape
+    H = state.num_kv_heads
+    qf = q.float().reshape(B, H, Hq // H, D) * qk_scale
+    s = qf @ state.dense_k.float().transpose(-1, -2)  # (B, H, HG, Td)
+    idx = state.dense_idx
+    valid = idx >= 0
+    if mask is not None:
+        valid = valid & mask.bool().gather(1, idx.clamp(min=0))
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    m = s.amax(-1)
+    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    p = torch.exp2(s - m_safe[..., None])
+    acc = p @ state.dense_v.float()
+    return m.reshape(B, Hq), p.sum(-1).reshape(B, Hq), acc.reshape(B, Hq, D)
+
+
+def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch.Tensor | None = None,
+                              scale: float | None = None, out: torch.Tensor | None = None,
+                              num_splits: int | None = None, block_n: int | None = None,
+                              num_warps: int | None = None, num_stages: int | None = None,
+                              waves: int | None = None) -> torch.Tensor:
+    """Attention of ``q (B, Hq, D)`` (one token per sequence, post-RoPE) over a RotateKV cache ``state``.
+
+    ``mask (B, T)`` bool/int, nonzero where a token may be attended (``T = state.tokens``). Returns
+    ``(B, Hq, D)`` in ``q.dtype`` (or writes ``out``). Raises ValueError for what :func:`unsupported_reason`
+    names; callers fall back to :func:`state_dense` + dense attention.
+    """
+    B, Hq, D = q.shape
+    why = unsupported_reason(state, D, Hq)
+    if why is not None:
+        raise ValueError(f"decode_attention_rotatekv: {why}")
+    block_n = max(16, block_n or LAUNCH["block_n"])
+    num_warps = num_warps or LAUNCH["num_warps"]
+    num_stages = num_stages or LAUNCH["num_stages"]
+    waves = waves or LAUNCH["waves"]
+    H, G = state.num_kv_heads, state.head_group
+    HG, R = Hq // H, H // G
+    T, tq, dev = state.tokens, state.tq, q.device
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    maskt = None
+    if mask is not None:
+        if tuple(mask.shape) != (B, T):
+            raise ValueError(f"mask must be (batch, tokens) = {(B, T)}, got {tuple(mask.shape)}")
+        maskt = mask.to(torch.int8).contiguous()
+    sc = D ** -0.5 if scale is None else scale
+    qk_scale = sc * LOG2E  # the softmax runs in exp2
+    if tq > 0:
+        sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) \
+            if dev.type == "cuda" else 4
+        splits = max(1, min(num_splits or choose_splits(B * R, tq, block_n, sms, waves), MAX_SPLITS))
+        per_split = -(-tq // splits)
+        per_split = -(-per_split // block_n) * block_n  # whole blocks per split
+        splits = -(-tq // per_split)
+    else:
+        splits, per_split = 0, block_n
+    slots = splits + 1  # the last slot: the dense segment
+    m_ws = torch.empty(B, Hq, slots, dtype=torch.float32, device=dev)
+    l_ws = torch.empty_like(m_ws)
+    acc_ws = torch.empty(B, Hq, slots, D, dtype=torch.float32, device=dev)
+    m_d, l_d, acc_d = _dense_partial(q, state, maskt, qk_scale)
+    m_ws[:, :, splits] = m_d
+    l_ws[:, :, splits] = l_d
+    acc_ws[:, :, splits] = acc_d
+    # Triton's interpreter multiplies bf16 matrices wrongly (numpy has no bf16): dot in fp32 there
+    dot_f32 = q.dtype == torch.float32 or (INTERPRET and q.dtype == torch.bfloat16)
+    hd = _hadamard_pm1(D, torch.float32 if dot_f32 else torch.float16, str(dev))
+    if splits:
+        _launch_split(q, state, maskt, m_ws, l_ws, acc_ws, slots, splits, per_split, qk_scale, hd, block_n,
+                      num_warps, num_stages, dot_f32, R, HG)
+    if out is None:
+        out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
+    if out.stride(-1) != 1 or tuple(out.shape) != (B, Hq, D):
+        raise ValueError("out must be (B, Hq, D) with a contiguous last dim")
+    _rkv_merge_kernel[(B * Hq,)](m_ws, l_ws, acc_ws, hd, out, out.stride(0), out.stride(1), Hq, slots, D ** -0.5,
+                                 D=D, S_PAD=next_pow2(slots), ROT_V=state.rotate_values, num_warps=4)
+    return out
+
+
+def _launch_split(q, state: RotateKVState, maskt, m_ws, l_ws, acc_ws, slots, splits, per_split, qk_scale, hd,
+                  block_n, num_warps, num_stages, dot_f32, R, HG) -> None:
+    B, Hq, D = q.shape
+    dev = q.device
+    G = state.head_group
+    kq, vq = state.kq, state.vq
+    i32, f16 = _dummy(dev, torch.int32), _dummy(dev, torch.float16)
+    mu = state.k_mu
+    mu_st = (mu.stride(0), mu.stride(1)) if mu is not None else (0, 0)
+    if mu is not None and mu.stride(-1) != 1:
+        raise ValueError("k_mu must have a contiguous last dim")
+    pos, freq = state.pos, state.inv_freq
+    if state.prerope and pos.stride(-1) != 1:
+        pos = pos.contiguous()
+    sink = state.sink_idx
+    nsink = 0 if sink is None else sink.shape[-1]
+    if sink is not None and sink.stride(-1) != 1:
+        sink = sink.contiguous()
+    rope_mult = (state.rope_scale if state.prerope else 1.0) / math.sqrt(G * D)
+    _rkv_split_kernel[(B * R, splits)](
+        q, q.stride(0), q.stride(1),
+        kq.packed, *kq.packed.stride()[:3], kq.scale, kq.zero, *kq.scale.stride()[:3],
+        mu if mu is not None else f16, *mu_st,
+        state.inv_perm if state.inv_perm is not None else i32,
+        hd,
+        pos if state.prerope else i32, pos.stride(0) if state.prerope else 0,
+        freq if state.prerope else _dummy(dev, torch.float32),
+        vq.packed, *vq.packed.stride()[:3], vq.scale, vq.zero, *vq.scale.stride()[:3],
+        sink if nsink else i32, sink.stride(0) if nsink else 0, nsink,
+        maskt if maskt is not None else _dummy(dev, torch.int8), maskt.stride(0) if maskt is not None else 0,
+        m_ws, l_ws, acc_ws, slots,
+        R, state.tq, per_split, qk_scale, rope_mult,
+        G=G, HG=HG, QROWS=next_pow2(max(16, G * HG)), D=D, BLOCK_N=block_n, KBITS=kq.bits, KG=kq.group,
+        VBITS=vq.bits, VG=vq.group, PREROPE=state.prerope, HAS_PERM=state.inv_perm is not None,
+        HAS_MU=mu is not None, HAS_SINKS=nsink > 0, S_PAD=next_pow2(max(nsink, 1)),
+        HAS_MASK=maskt is not None, DOT_F32=dot_f32, num_warps=num_warps, num_stages=num_stages)
+
+
+# ---------------------------------------------------------------------------------------------- torch reference
+def rope_tables(pos: torch.Tensor, inv_freq: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` ``(B, T, D)`` as transformers' standard rotary module computes them (fp32)."""
+    freqs = pos.float()[..., None] * inv_freq.float()
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos() * scale, emb.sin() * scale
+
+
+def state_dense(state: RotateKVState, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ``T`` tokens' post-RoPE keys and values of ``state`` as ``dtype`` (float32 math, one cast), as
+    :meth:`RotateKVLayer.dense` reads them plus the dense segment placed at its token indices."""
+    from ..rope import apply_rope
+    from ..rotation import hadamard_transform
+
+    B, H, _, D = state.dense_k.shape
+    T, tq, G = state.tokens, state.tq, state.head_group
+    K = torch.zeros(B, H, T + 1, D, dtype=torch.float32, device=state.dense_k.device)  # + a dump slot for -1
+    V = torch.zeros_like(K)
+    if tq:
+        y = state.kq.dequantize(torch.float32)
+        if state.k_mu is not None:
+            y = y + state.k_mu.float()
+        y = y.transpose(1, 2).reshape(B, tq, H * D)
+        if state.inv_perm is not None:
+            y = y.index_select(-1, state.inv_perm.long())
+        x = hadamard_transform(y.reshape(B, tq, H // G, G * D), inverse=True).reshape(B, tq, H, D).transpose(1, 2)
+        if state.prerope:
+            cos, sin = rope_tables(state.pos[:, :tq], state.inv_freq, state.rope_scale)
+            x = apply_rope(x, cos, sin)
+        K[:, :, :tq] = x
+        v = state.vq.dequantize(torch.float32)
+        V[:, :, :tq] = hadamard_transform(v, inverse=True) if state.rotate_values else v
+    dv = state.dense_v.float()
+    if state.rotate_values:
+        dv = hadamard_transform(dv, inverse=True)
+    idx = torch.where(state.dense_idx >= 0, state.dense_idx, T)[:, None, :, None].expand(B, H, -1, D)
+    K.scatter_(2, idx, state.dense_k.float())
+    V.scatter_(2, idx, dv)
+    return K[:, :, :T].to(dtype), V[:, :, :T].to(dtype)
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                  scale: float | None = None) -> torch.Tensor:
+    """Plain float32 softmax attention of ``q (B, Hq, D)`` over dense ``k, v (B, H, T, D)`` (GQA)."""
+    B, Hq, D = q.shape
+    rep = Hq // k.shape[1]
+    k = k.float().repeat_interleave(rep, dim=1)
+    v = v.float().repeat_interleave(rep, dim=1)
+    s = torch.einsum("bhd,bhtd->bht", q.float(), k) * (D ** -0.5 if scale is None else scale)
+    if mask is not None:
+        s = s.masked_fill(~mask.bool()[:, None, :], float("-inf"))
+    return torch.einsum("bht,bhtd->bhd", torch.softmax(s, dim=-1).nan_to_num(0.0), v)
+
+
+__all__ = ["RotateKVState", "decode_attention_rotatekv", "unsupported_reason", "state_dense", "attention_ref",
+           "rope_tables", "hadamard_normalized", "LAUNCH"]
