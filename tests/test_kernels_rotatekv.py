@@ -169,11 +169,13 @@ def test_kernel_detects_wrong_state():
         assert err > 10 * TOL[torch.float32], (spoil, err)
 
 
-def test_kernel_layer_stores_what_base_layer_stores():
-    """In-place capacity buffers + the quantization seam keep the base layer's bytes, through regrowth,
-    batch selection (state replaced wholesale) and further appends."""
+@pytest.mark.parametrize("residual", [3, 0])
+def test_kernel_layer_stores_what_base_layer_stores(residual):
+    """In-place capacity buffers + the quantization seam (residual 3) or the fused rotate+quantize+pack kernel
+    (residual 0: every chunk stored whole) keep the base layer's bytes exactly, through regrowth, batch
+    selection (state replaced wholesale) and further appends."""
     B, H, D, G = 2, 2, 64, 2
-    base = build(B, H, D, G, 30, 2, torch.float16, residual=3)
+    base = build(B, H, D, G, 30, 2, torch.float16, residual=residual)
     kl = KernelRotateKVLayer(base.m, 0, H, D, G, base.perm)
     kl.rope_fn = base.rope_fn
     kl.reserve(40)
@@ -190,12 +192,15 @@ def test_kernel_layer_stores_what_base_layer_stores():
         if i == 150:
             for layer in (kl, ref):
                 layer.batch_select_indices(torch.tensor([1, 0], device=DEV))
+    held = 300 - residual
+    assert kl.fused_store(k[:, :, :1], pos[:, :1]) == (residual == 0)
     for a, b in ((kl.kq, ref.kq), (kl.vq, ref.vq)):
-        assert a.tokens == b.tokens == 297
+        assert a.tokens == b.tokens == held
         for x, y in zip(a.tensors(), b.tensors()):
             assert torch.equal(x, y)
-    assert torch.equal(kl.k_res, ref.k_res) and torch.equal(kl.pos, ref.pos)
-    assert kl.kq.packed.shape[2] == 297 and kl._k.cap() >= 297  # a view into a larger buffer
+    assert (kl.k_res is None and ref.k_res is None) or torch.equal(kl.k_res, ref.k_res)
+    assert torch.equal(kl.pos, ref.pos) and torch.equal(kl.k_mu, ref.k_mu)
+    assert kl.kq.packed.shape[2] == held and kl._k.cap() >= held  # a view into a larger buffer
 
 
 def _generate(model, cache, ids, am, steps):

@@ -15,10 +15,12 @@ differences, both for ``key_axis="channel"`` (the default layout):
 
 Attention semantics are the base layer's: the new token attends to the compressed past and to itself exactly.
 
-Quantization seam: new tokens are quantized by :meth:`_quantize_keys` / :meth:`_quantize_values`, which
-receive the block in the stored (rotated, reordered, centred) domain and the capacity-buffer views to write;
-a fused rotate+quantize+pack kernel can override them (or override ``_store`` for whole chunks and write
-through :meth:`_claim_rows` / :meth:`_commit_rows`).
+Storing: with ``residual=0`` (the paper's default) every chunk goes, whole, through the fused Triton
+rotate+quantize+pack kernel (:mod:`.rotatekv_pack`: inverse RoPE, grouped-head FWHT, channel order, centre,
+clipped quantization and packing in one launch per stream, bit-identical to the torch path), written in place
+into the capacity buffers. Otherwise (a residual, the CPU, layouts the kernel does not cover) new tokens take
+the base layer's torch transform and are quantized by :meth:`_quantize_keys` / :meth:`_quantize_values`, which
+receive the block in the stored (rotated, reordered, centred) domain and the capacity-buffer views to write.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from ..rope import apply_rope
 from ..storage import QuantizedTensor, check_finite, packed_size
 from ._triton import kernels_usable
 from .layer import GROW_MIN_TOKENS, _Stream
+from .rotatekv_pack import rotatekv_pack_supported, rotatekv_quantize_keys, rotatekv_quantize_values
 from .rotatekv_decode import (RKV_BITS, RKV_HEAD_DIMS, RotateKVState, hadamard_normalized, rope_tables,
                               state_dense)
 
@@ -128,7 +131,36 @@ class KernelRotateKVLayer(RotateKVLayer):
         packed, scale, zero = stream.views(stream.rows)
         return QuantizedTensor(packed, scale, zero, bits, "channel", group, stream.rows, D, dtype)
 
-    # -- the quantization seam -------------------------------------------------------------------------
+    # -- storing -------------------------------------------------------------------------------------
+    def fused_store(self, k: torch.Tensor, pos: torch.Tensor | None) -> bool:
+        """Whether a chunk is stored by the fused pack kernel: nothing stays unquantized (``residual=0``, no
+        residual held), positions shared by all heads, and a layout/device the kernel covers."""
+        return (self.use_kernels and not self.simulated and self.key_axis == "channel" and self.m.residual == 0
+                and self.k_res is None and self.v_res is None and (pos is None or pos.dim() == 2)
+                and (self.pos is None or self.pos.dim() == 2) and rotatekv_pack_supported(self, k))
+
+    def _store(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None, cos: torch.Tensor | None,
+               sin: torch.Tensor | None, slots: torch.Tensor | None) -> None:
+        """The base layer's ``_store`` (same steps, same bytes), through the fused kernel when it applies."""
+        if not self.fused_store(k, pos):
+            return super()._store(k, v, pos, cos, sin, slots)
+        if slots is not None:
+            self._add_sink_slots(k, v, slots, self._held())
+        if self.m.prerope:
+            if cos is None:
+                cos, sin = self._rope_at(pos)
+            self._add_pos(pos)
+        n = k.shape[-2]
+        for stream, q in ((self._k, self.kq), (self._v, self.vq)):
+            self._sync(stream, q)
+        out = self._claim_rows(self._k, k, n, self.bits, self.key_group)
+        rotatekv_quantize_keys(self, k, cos, sin, out=out)  # sets k_mu from this chunk first (center)
+        self.kq = self._commit_rows(self._k, n, self.bits, self.key_group, self.D, k.dtype)
+        out = self._claim_rows(self._v, v, n, self.bits, self.value_group)
+        rotatekv_quantize_values(self, v, out=out)
+        self.vq = self._commit_rows(self._v, n, self.bits, self.value_group, self.D, v.dtype)
+
+    # -- the quantization seam (torch path) ---------------------------------------------------------------
     def _quantize_keys(self, block: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
         """Quantize stored-domain keys ``block (B, H, n, D)`` into ``out`` (views of the capacity buffers)."""
         q = quantize_clipped(block, self.bits, "channel", self.key_group, self.clip, self.scale_dtype)
