@@ -676,6 +676,22 @@ def fill_rotatekv(model, cache, B, T, chunk=1024, sinks=(0,)):
             layer.seen += n
 
 
+def sec_rpack(res: dict) -> None:
+    """RotateKV's fused rotate+quantize+pack kernel vs its torch path (kvshrink.kernels.rotatekv_pack): K and V
+    of all 32 layers at an 8K prefill of the Llama-3-8B shape (G=4, prerope, reorder, centre), as a share of
+    the 16-bit prefill the ``quant`` section measured, and one decode token at B=1 and B=64."""
+    from kvshrink.kernels.rotatekv_pack import bench_rotatekv_pack
+
+    out = {"prefill": bench_rotatekv_pack(T=8192), "decode_b1": bench_rotatekv_pack(T=1, B=1),
+           "decode_b64": bench_rotatekv_pack(T=1, B=64)}
+    pre = res.get("quant", {}).get("prefill_fp16_ms")
+    if pre:
+        out["prefill_fp16_ms"] = pre
+        out["fused_share_of_prefill"] = out["prefill"].get("fused_ms", 0) / pre
+    res["rpack"] = out
+    log(f"rpack: {json.dumps(out)}")
+
+
 def sec_e2e_rotatekv(res: dict, model, T: int, steps: int) -> None:
     """Eager decode tok/s with ``rotatekv:bits=2`` kernel layers at the fp16 max batch of the e2e section (if it
     ran) and B=8, its bytes per sequence and largest batch in the same budget; the dense path (dequantize the
@@ -881,7 +897,8 @@ def main() -> int:
     ap.add_argument("--out", default="benchmarks/results/kernels.json")
     ap.add_argument("--only", default="roof,decode,quant,graph,e2e",
                     help="sections: roof, decode (KIVI + RotateKV rows), rdecode (RotateKV rows only), quant, graph, "
-                         "e2e (fp16, kivi and rotatekv:bits=2), e2e_rkv (rotatekv:bits=2 beside fp16 only)")
+                         "e2e (fp16, kivi and rotatekv:bits=2), e2e_rkv (rotatekv:bits=2 beside fp16 only), rpack (RotateKV's "
+                         "fused rotate+quantize+pack vs its torch path; after quant for the prefill share)")
     ap.add_argument("--rvariants", default="32:8:2:4,16:4:2:4,32:8:3:4,32:8:2:8,64:8:2:4",
                     help="RotateKV decode kernel variants block_n:num_warps:num_stages:waves (fastest reported); "
                          "empty: no RotateKV rows in the decode section")
@@ -938,7 +955,7 @@ def main() -> int:
             except Exception:  # noqa: BLE001
                 log(f"section {name} failed:\n{traceback.format_exc()}")
             dump()
-    if only & {"quant", "e2e", "graph", "e2e_rkv"}:
+    if only & {"quant", "e2e", "graph", "e2e_rkv", "rpack"}:
         try:
             model = build_model()
             if "quant" in only:
@@ -947,6 +964,12 @@ def main() -> int:
                     dump()
                 except Exception:  # noqa: BLE001
                     log(f"section quant failed:\n{traceback.format_exc()}")
+            if "rpack" in only:
+                try:
+                    sec_rpack(res)
+                    dump()
+                except Exception:  # noqa: BLE001
+                    log(f"section rpack failed:\n{traceback.format_exc()}")
             if "graph" in only:
                 try:
                     sec_graph(res, model, args.e2e_T, args.graph_steps, args.e2e_group)

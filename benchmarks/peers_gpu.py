@@ -83,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed decode steps before them")
     p.add_argument("--envs", default="ours,kvpress,hfquant")
     p.add_argument("--only", default="", help="run only methods whose label contains this substring")
+    p.add_argument("--methods", default="", help="run only these exact labels, separated by ';'")
     p.add_argument("--wheelhouse", default=None, help="folder with <peer>/*.whl: offline peer installs")
     p.add_argument("--torch-pin", default=INHERIT, help="torch for peer venvs (default: inherit this one's)")
     p.add_argument("--device", default="cuda")
@@ -134,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     record = {"date": now_utc(), "commit": git_commit(REPO), "settings": settings, "steps": args.steps,
               "warmup": args.warmup, "model_config": config, "dtype": args.dtype, "envs": {}, "results": []}
     for env_name in [e for e in args.envs.split(",") if e]:
-        todo = [m for m in methods().get(env_name, []) if args.only in m["label"]]
+        wanted = {x.strip() for x in args.methods.split(";") if x.strip()}
+        todo = [m for m in methods().get(env_name, [])
+                if args.only in m["label"] and (not wanted or m["label"] in wanted)]
         if not todo and env_name != "ours":
             continue
         if env_name == "ours":
