@@ -81,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--settings", default="1x32768,16x8192", help="comma list of BATCHxCONTEXT")
     p.add_argument("--steps", type=int, default=12, help="timed decode steps per run")
     p.add_argument("--warmup", type=int, default=3, help="untimed decode steps before them")
+    p.add_argument("--warm-context", type=int, default=512,
+                   help="tokens of an untimed run of each method before its timed one (0: none)")
     p.add_argument("--envs", default="ours,kvpress,hfquant")
     p.add_argument("--only", default="", help="run only methods whose label contains this substring")
     p.add_argument("--methods", default="", help="run only these exact labels, separated by ';'")
@@ -152,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[peers-gpu] {env_name}: environment failed: {exc}", file=sys.stderr)
                 continue
         job = {"task": "speed", "model_config": config, "dtype": args.dtype, "device": args.device,
-               "settings": settings, "steps": args.steps, "warmup": args.warmup, "seed": 0, "methods": todo}
+               "settings": settings, "steps": args.steps, "warmup": args.warmup, "seed": 0, "methods": todo,
+               "warm_context": args.warm_context}
         answer, secs = timed(lambda: run_worker(python, job, timeout=args.timeout))
         print(f"[peers-gpu] {env_name}: {secs:.0f} s", file=sys.stderr)
         record["envs"][env_name] = {k: v for k, v in answer.items() if k != "results"}

@@ -253,7 +253,7 @@ TINY_CONFIG = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "int
 
 def test_speed_task_measures_every_method_per_setting_and_records_failures():
     job = {"task": "speed", "model_config": TINY_CONFIG, "dtype": "float32", "device": "cpu",
-           "settings": [[1, 96], [2, 40]], "steps": 3, "warmup": 1, "seed": 0,
+           "settings": [[1, 96], [2, 40]], "steps": 3, "warmup": 1, "seed": 0, "warm_context": 16,
            "methods": [{"label": "kivi2", "desc": {"engine": "kvshrink", "spec": "kivi:bits=2,group=16,residual=16"}},
                        {"label": "snap", "desc": {"engine": "kvshrink", "spec": "snapkv:budget=0.5"}},
                        {"label": "kivi2k", "desc": {"engine": "kvshrink", "spec": "kivi:bits=2,group=16,residual=16",

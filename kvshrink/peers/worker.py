@@ -531,7 +531,9 @@ def speed_run(model: Any, engine: Engine, batch: int, context: int, steps: int, 
 
 def run_speed_job(job: dict[str, Any]) -> dict[str, Any]:
     """For every setting (batch, context): the uncompressed reference, then every method, then the
-    reference again (its faster decode is the baseline of ``decode_vs_ref``). A failing method (out of
+    reference again (its faster decode is the baseline of ``decode_vs_ref``). With ``warm_context``, each
+    run is preceded by an untimed one over that many tokens (first-call costs: Triton compiling a
+    kernel, a backend building its extension, cuBLAS picking algorithms, stay out of the timings). A failing method (out of
     memory, an unsupported model) is recorded with its error, and the allocator is emptied."""
     import torch
 
@@ -543,6 +545,7 @@ def run_speed_job(job: dict[str, Any]) -> dict[str, Any]:
     models: dict[str | None, Any] = {}
     results: list[dict[str, Any]] = []
     steps, warmup, seed = int(job.get("steps", 16)), int(job.get("warmup", 4)), int(job.get("seed", 0))
+    warm_context = int(job.get("warm_context", 0))  # a short untimed run of each method before its timed one
     ref_desc = {"engine": "dynamic"}
     for batch, context in job["settings"]:
         rows: list[dict[str, Any]] = []
@@ -554,6 +557,8 @@ def run_speed_job(job: dict[str, Any]) -> dict[str, Any]:
                 engine = make_engine(desc)
                 if engine.attn not in models:
                     models[engine.attn] = random_model(job, engine.attn)
+                if warm_context:  # compile kernels / tune libraries on a short run first: not timed
+                    speed_run(models[engine.attn], engine, batch, min(warm_context, context), 2, 1, seed)
                 entry.update(speed_run(models[engine.attn], engine, batch, context, steps, warmup, seed))
                 entry["ok"] = True
             except Exception as exc:
