@@ -2,6 +2,8 @@
 import warnings
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from transformers import DynamicCache
 
@@ -396,3 +398,23 @@ def test_key_centering_is_lossless_at_16_bits_and_absorbs_a_key_bias(tiny):
     assert on < 0.5 * off
     # without a bias centering changes little either way
     assert err("rotatekv:bits=2,center=true", k)[0] < 1.2 * err("rotatekv:bits=2,center=false", k)[0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 300), st.sampled_from(["rand", "ties", "zeros", "huge", "tiny"]),
+       st.integers(0, 2**31 - 1))
+def test_lower_median_by_bisection_equals_torch_median(rows, n, kind, seed):
+    """The CUDA path of sink detection (bisection on float bit patterns) returns torch.median's value exactly."""
+    from kvshrink.methods.rotatekv import lower_median
+
+    a = torch.rand(rows, n, generator=torch.Generator().manual_seed(seed))
+    if kind == "ties":
+        a = (a * 3).floor()
+    elif kind == "zeros":
+        a[:, : n // 2 + 1] = 0
+    elif kind == "huge":
+        a = a * 1e30
+    elif kind == "tiny":
+        a = a * 1e-40  # subnormals
+    assert torch.equal(lower_median(a, bisect=True), a.median(dim=1).values)
+    assert torch.equal(lower_median(a), a.median(dim=1).values)
