@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         config["num_hidden_layers"] = args.layers
     wheelhouse = Path(args.wheelhouse) if args.wheelhouse else None
     record = {"date": now_utc(), "commit": git_commit(REPO), "settings": settings, "steps": args.steps,
-              "warmup": args.warmup, "model_config": config, "dtype": args.dtype, "envs": {}, "results": []}
+              "warmup": args.warmup, "warm_context": args.warm_context, "model_config": config, "dtype": args.dtype,
+              "envs": {}, "results": []}
     for env_name in [e for e in args.envs.split(",") if e]:
         wanted = {x.strip() for x in args.methods.split(";") if x.strip()}
         todo = [m for m in methods().get(env_name, [])

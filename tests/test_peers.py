@@ -251,7 +251,13 @@ TINY_CONFIG = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "int
                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
 
 
-def test_speed_task_measures_every_method_per_setting_and_records_failures():
+def test_speed_task_measures_every_method_per_setting_and_records_failures(monkeypatch):
+    import kvshrink.kernels
+
+    reserves = []
+    real = kvshrink.kernels.make_kernel_cache
+    monkeypatch.setattr(kvshrink.kernels, "make_kernel_cache",
+                        lambda model, spec, reserve=None: reserves.append(reserve) or real(model, spec, reserve=reserve))
     job = {"task": "speed", "model_config": TINY_CONFIG, "dtype": "float32", "device": "cpu",
            "settings": [[1, 96], [2, 40]], "steps": 3, "warmup": 1, "seed": 0, "warm_context": 16,
            "methods": [{"label": "kivi2", "desc": {"engine": "kvshrink", "spec": "kivi:bits=2,group=16,residual=16"}},
@@ -275,6 +281,8 @@ def test_speed_task_measures_every_method_per_setting_and_records_failures():
         assert rows[("kivi2k", b, t)]["ok"] and rows[("kivi2k", b, t)]["bytes"] == kivi["bytes"]
         bogus = rows[("bogus", b, t)]
         assert not bogus["ok"] and "nosuchmethod" in bogus["error"]
+    # reserve="auto": every run (the untimed warm-up over 16 tokens, then the timed one) sizes its own buffers
+    assert reserves == [16 + 1 + 2 + 2, 96 + 1 + 3 + 2, 16 + 1 + 2 + 2, 40 + 1 + 3 + 2]
     # the repeat of the reference is folded into one row of both timings per setting
     assert sum(r["label"] == "reference decode ms (both runs)" for r in answer["results"]) == 2
 
@@ -298,7 +306,8 @@ def test_peer_env_inherits_this_interpreters_packages(tmp_path):
     assert inherited.index("v/lib") < inherited.index(envs._site_dirs()[0])  # the venv's own packages first
 
 
-def test_peer_env_wheelhouse_needs_the_peers_folder(tmp_path):
+def test_peer_env_wheelhouse_needs_the_peers_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVSHRINK_CACHE", str(tmp_path / "cache"))
     env = envs.PeerEnv("dummy", ("somepkg==1.0",))
     with pytest.raises(envs.PeerEnvError, match="no wheels for the dummy peer"):
         env.wheels(tmp_path)
@@ -307,3 +316,6 @@ def test_peer_env_wheelhouse_needs_the_peers_folder(tmp_path):
     (tmp_path / "dummy" / "a-1.0-py3-none-any.whl").write_bytes(b"")
     assert [w.name for w in env.wheels(tmp_path)] == ["a-1.0-py3-none-any.whl", "b-1.0-py3-none-any.whl"]
     assert env.wheels(None) == []
+    assert not env.ready(envs.INHERIT, tmp_path / "elsewhere")  # no wheel folder: not ready, no exception
+    with pytest.raises(envs.PeerEnvError, match="needs --torch-pin inherit"):
+        env.ensure("torch==2.13.0", log=lambda s: None, wheelhouse=tmp_path)

@@ -99,9 +99,10 @@ class PeerEnv:
         """Whether the venv exists and was completely installed with exactly these pins."""
         try:
             recorded = json.loads(self._marker().read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            wanted = self._wanted(torch_pin, wheelhouse)
+        except (OSError, ValueError, PeerEnvError):  # no marker, a bad one, or no wheels for this peer
             return False
-        return recorded == self._wanted(torch_pin, wheelhouse) and self.python().is_file()
+        return recorded == wanted and self.python().is_file()
 
     def ensure(self, torch_pin: str = DEFAULT_TORCH_PIN, log=print, wheelhouse: Path | None = None) -> Path:
         """Create (or reuse) the venv; return its python. Raises :class:`PeerEnvError` on failure.
@@ -111,6 +112,10 @@ class PeerEnv:
         The marker ``installed.json`` is written only after every install succeeded, so an
         interrupted install is redone from scratch on the next call.
         """
+        if wheelhouse is not None and torch_pin != INHERIT:
+            raise PeerEnvError(
+                f"a wheelhouse installs only the peer's own wheels, offline: it needs --torch-pin {INHERIT} (the "
+                f"venv reuses this interpreter's torch); got {torch_pin!r}")
         if self.ready(torch_pin, wheelhouse):
             return self.python()
         if torch_pin != INHERIT and not torch_pin.startswith("torch=="):

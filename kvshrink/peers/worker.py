@@ -220,18 +220,21 @@ class KVPressEngine(Engine):
 class KVShrinkEngine(Engine):
     """A kvshrink spec (``make_cache(model, spec)``); only usable in kvshrink's own environment."""
 
-    def __init__(self, spec: str, attn: str | None = None, kernels: bool = False, reserve: int | None = None) -> None:
+    def __init__(self, spec: str, attn: str | None = None, kernels: bool = False,
+                 reserve: int | str | None = None) -> None:
         self.spec = spec
         self.attn = attn
         self.kernels = kernels  # GPU: kernel layers + the "kvshrink" attention (kvshrink.kernels)
+        # kernel layers' buffer size in tokens; "auto": each speed run sizes them for itself (tokens=...)
         self.reserve = reserve
         self._make_cache: Callable | None = None
 
-    def new_cache(self, model):
+    def new_cache(self, model, tokens: int | None = None):
         if self.kernels:
             from kvshrink.kernels import make_kernel_cache
 
-            return make_kernel_cache(model, self.spec, reserve=self.reserve)
+            reserve = tokens if self.reserve == "auto" else self.reserve
+            return make_kernel_cache(model, self.spec, reserve=reserve if isinstance(reserve, int) else None)
         if self._make_cache is None:
             from kvshrink.cache import make_cache
 
@@ -241,10 +244,7 @@ class KVShrinkEngine(Engine):
     def close(self, cache):
         super().close(cache)
         if self.kernels:
-            from kvshrink.kernels import disable
-
-            for model in list(_MODELS):
-                disable(model)
+            _disable_kernels()
 
     def extra(self, cache):
         nbytes = getattr(cache, "nbytes", None)
@@ -279,10 +279,7 @@ class KVShrinkGraphEngine(Engine):
         return time.perf_counter() - t
 
     def close(self, cache):
-        from kvshrink.kernels import disable
-
-        for model in list(_MODELS):
-            disable(model)
+        _disable_kernels()
 
 
 def make_engine(desc: dict[str, Any]) -> Engine:
@@ -307,6 +304,14 @@ def make_engine(desc: dict[str, Any]) -> Engine:
 
 
 _MODELS: list[Any] = []  # models built in this process (an engine that switched their attention resets it)
+
+
+def _disable_kernels() -> None:
+    """Give every model of this process back the attention it had before kvshrink's kernels were enabled."""
+    from kvshrink.kernels import disable
+
+    for model in list(_MODELS):
+        disable(model)
 
 
 class Runner:
@@ -453,11 +458,13 @@ def random_model(job: dict[str, Any], attn: str | None) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = dict(job["model_config"])
+    dtype = getattr(torch, job.get("dtype", "bfloat16"), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype {job.get('dtype')!r} is not a torch dtype (bfloat16, float16, float32)")
     cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
     torch.manual_seed(int(job.get("seed", 0)))
     with torch.device(job.get("device", "cuda")):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, job.get("dtype", "bfloat16")),
-                                                 attn_implementation=attn or "sdpa")
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn or "sdpa")
     model.eval()
     _MODELS.append(model)
     return model
@@ -484,11 +491,10 @@ def speed_run(model: Any, engine: Engine, batch: int, context: int, steps: int, 
         torch.cuda.reset_peak_memory_stats(dev)
     base = mem()
     total = context + warmup + steps + 2
-    if getattr(engine, "reserve", None) == "auto":  # kernel layers: buffers sized once for this run
-        engine.reserve = total
     if isinstance(engine, KVShrinkGraphEngine):
         engine.capacity = total
-    cache = engine.new_cache(model)
+    # kernel layers with reserve="auto": buffers sized once for exactly this run (no regrowth copies)
+    cache = engine.new_cache(model, tokens=total) if isinstance(engine, KVShrinkEngine) else engine.new_cache(model)
     with torch.inference_mode() if not isinstance(engine, KVShrinkGraphEngine) else torch.no_grad():
         sync()
         t0 = time.perf_counter()
