@@ -141,14 +141,21 @@ def _slots_of(index: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
     return slots[..., cols] if bool(cols.any()) else None
 
 
+#: rows at least this long take the bisection on CUDA (a decode step's row, 1 x hidden, stays on torch.median)
+BISECT_MIN = 1 << 20
+
+
 def lower_median(a: torch.Tensor, bisect: bool | None = None) -> torch.Tensor:
-    """``a.median(dim=1).values`` (the lower median: sorted element ``(n - 1) // 2``) of each row of a
-    non-negative float32 ``(B, n)`` tensor, bit-identical. On CUDA, torch's median gives each row to a single
-    thread block, so one row of a long chunk's hidden states (32K tokens x 4096 = 134M entries) takes on the
-    order of a second per layer; there the median is found instead by bisection on the float bit patterns
-    (monotonic for non-negative floats: 31 rounds of a compare-and-count over the row, all rows at once).
-    ``bisect`` forces one method (default: bisection on CUDA only; on a CPU median's selection is faster)."""
-    if not (a.device.type == "cuda" if bisect is None else bisect):
+    """``a.median(dim=1).values`` (the lower median: sorted element ``(n - 1) // 2``; NaN if the row has one)
+    of each row of a non-negative float32 ``(B, n)`` tensor, bit-identical. On CUDA, torch's median gives each
+    row to a single thread block, so one row of a long chunk's hidden states (32K tokens x 4096 = 134M entries)
+    is slow; for rows of at least ``BISECT_MIN`` entries on CUDA the median is found instead by bisection on the
+    float bit patterns (monotonic for non-negative floats: 31 rounds of a compare-and-count over the row, all
+    rows at once). Short rows (a decode step's) keep torch's median: one launch instead of ~300.
+    ``bisect`` forces one method."""
+    if bisect is None:
+        bisect = a.device.type == "cuda" and a.shape[1] >= BISECT_MIN
+    if not bisect:
         return a.median(dim=1).values
     bits = a.contiguous().view(torch.int32)
     k = (a.shape[1] - 1) // 2 + 1  # the answer: the smallest x with count(bits <= x) >= k
@@ -159,7 +166,7 @@ def lower_median(a: torch.Tensor, bisect: bool | None = None) -> torch.Tensor:
         enough = (bits <= mid[:, None]).sum(dim=1) >= k
         hi = torch.where(enough, mid, hi)
         lo = torch.where(enough, lo, mid + 1)
-    return hi.view(torch.float32)
+    return torch.where(a.isnan().any(dim=1), float("nan"), hi.view(torch.float32))
 
 
 class _Capture:
