@@ -748,7 +748,9 @@ def sec_e2e_rotatekv(res: dict, model, T: int, steps: int) -> None:
             del c
             torch.cuda.empty_cache()
 
+    out.setdefault("max_batch_ratio", out["max_batch"] / max(1, prev.get("max_batch_fp16") or 1))
     batches = list(dict.fromkeys(b for b in (prev.get("max_batch_fp16"), out["max_batch"], 8) if b))
+    torch.cuda.reset_peak_memory_stats()  # each run's peak_GiB is its own (the 16-bit run above excluded)
     for B, kernels in [(b, True) for b in batches] + [(8, False)]:
         label = "rotatekv" if kernels else "rotatekv_dense_path"
         try:

@@ -183,9 +183,10 @@ def test_kernel_layer_stores_what_base_layer_stores(residual):
     ref.rope_fn = base.rope_fn
     k, v = rand(B, H, 300, D, dtype=torch.float16), rand(B, H, 300, D, dtype=torch.float16)
     pos = torch.arange(300, device=DEV, dtype=torch.int32)[None].expand(B, 300)
+    slots = torch.tensor([[1, -1], [3, 7]], device=DEV)  # sink tokens of the first chunk (-1: none)
     for layer in (kl, ref):
         layer.lazy_initialization(k, v)
-        layer._store(k[:, :, :20], v[:, :, :20], pos[:, :20], None, None, None)
+        layer._store(k[:, :, :20], v[:, :, :20], pos[:, :20], None, None, slots)
     for i in range(20, 300):
         for layer in (kl, ref):
             layer._store(k[:, :, i:i + 1], v[:, :, i:i + 1], pos[:, i:i + 1], None, None, None)
@@ -200,6 +201,8 @@ def test_kernel_layer_stores_what_base_layer_stores(residual):
             assert torch.equal(x, y)
     assert (kl.k_res is None and ref.k_res is None) or torch.equal(kl.k_res, ref.k_res)
     assert torch.equal(kl.pos, ref.pos) and torch.equal(kl.k_mu, ref.k_mu)
+    for name in ("sink_k", "sink_v", "sink_idx"):  # exact sinks kept alike (rows swapped by the selection)
+        assert getattr(ref, name) is not None and torch.equal(getattr(kl, name), getattr(ref, name))
     assert kl.kq.packed.shape[2] == held and kl._k.cap() >= held  # a view into a larger buffer
 
 

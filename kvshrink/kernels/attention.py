@@ -63,6 +63,13 @@ def packed_supported(kv, head_dim: int) -> bool:
     return strided_decode_supported(kv, head_dim) or packed_decode_supported(kv, head_dim)
 
 
+def _call_refused(module: torch.nn.Module, query: torch.Tensor, dropout: float, kwargs: dict) -> bool:
+    """What no packed decode kernel serves: more than one query token, soft-capping, the model's own attention
+    sinks (``s_aux``), a sliding window, or dropout in training."""
+    return (query.shape[2] != 1 or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
+            or kwargs.get("sliding_window") is not None or bool(dropout and module.training))
+
+
 def kvshrink_attention(module: torch.nn.Module, query: torch.Tensor, key: Any, value: Any,
                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                        **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -74,10 +81,7 @@ def kvshrink_attention(module: torch.nn.Module, query: torch.Tensor, key: Any, v
     if not isinstance(key, PackedDecode):
         return _dense_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     B, Hq, q_len, D = query.shape
-    unsupported = (q_len != 1 or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
-                   or kwargs.get("sliding_window") is not None or (dropout and module.training)
-                   or not packed_supported(key.kv, D))
-    if unsupported:  # correctness first: dequantize this step and use SDPA
+    if _call_refused(module, query, dropout, kwargs) or not packed_supported(key.kv, D):  # correctness first: dequantize this step and use SDPA
         k, v = key.kv.dense(query.dtype)
         return _dense_sdpa(module, query, k, v, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     mask = _mask_rows(attention_mask, B, key.kv.tokens)
@@ -88,11 +92,8 @@ def kvshrink_attention(module: torch.nn.Module, query: torch.Tensor, key: Any, v
 def _rotatekv_attention(module, query, handle: RotateKVDecode, attention_mask, dropout, scaling, **kwargs):
     """RotateKV's decode kernel (RoPE inside, sinks exact), or its dense K/V + SDPA when it cannot serve."""
     B, Hq, q_len, D = query.shape
-    why = unsupported_reason(handle.state, D, Hq) if q_len == 1 else f"{q_len} query tokens"
-    if why is None and (kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
-                        or kwargs.get("sliding_window") is not None or (dropout and module.training)):
-        why = "soft-capping, attention sinks of the model, sliding window or dropout"
-    if why is not None:  # correctness first: dequantize this step and use SDPA
+    if _call_refused(module, query, dropout, kwargs) or unsupported_reason(handle.state, D, Hq) is not None:
+        # correctness first: dequantize this step and use SDPA
         k, v = handle.dense(query.dtype)
         return _dense_sdpa(module, query, k, v, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     mask = _mask_rows(attention_mask, B, handle.state.tokens)

@@ -83,6 +83,21 @@ if HAS_TRITON:
         return tl.where(ok[None, :], s, float("-inf"))
 
     @triton.jit
+    def _store_partials(M_OUT, L_OUT, ACC_OUT, o, rows, m_i, l_i, acc0, acc1, acc2, acc3, cb, D: tl.constexpr,
+                        VPPB: tl.constexpr):
+        """A split's partial result for its query rows (slot offsets ``o``): running max, sum, and the value
+        accumulators, kept per code slot (``acc<j>[:, cb]`` is channel ``cb * VPPB + j``) and interleaved here."""
+        tl.store(M_OUT + o, m_i, mask=rows)
+        tl.store(L_OUT + o, l_i, mask=rows)
+        optr = ACC_OUT + o[:, None] * D + (cb * VPPB)[None, :]
+        tl.store(optr, acc0, mask=rows[:, None])
+        if VPPB > 1:
+            tl.store(optr + 1, acc1, mask=rows[:, None])
+        if VPPB > 2:
+            tl.store(optr + 2, acc2, mask=rows[:, None])
+            tl.store(optr + 3, acc3, mask=rows[:, None])
+
+    @triton.jit
     def _pv_slot(p, vp_base, svp_t, VS, VZ, vs_off, svs_t, t, cb, acc0, acc1, acc2, acc3, D: tl.constexpr,
                  VBITS: tl.constexpr, VG: tl.constexpr, DOT_F32: tl.constexpr):
         """acc<j> += p @ (values of tokens ``t``, channels cb * VPPB + j), unpacked from packed bytes."""
@@ -310,16 +325,8 @@ if HAS_TRITON:
                              tl.load(vrp + 3, mask=vr[:, None], other=0.0).to(tl.float32))
                 acc3 = acc3 * a2 + _pv(p, v, DOT_F32)
 
-        o = (b * H * HG + qrow) * num_splits + split
-        tl.store(M_OUT + o, m_i, mask=hmask)
-        tl.store(L_OUT + o, l_i, mask=hmask)
-        optr = ACC_OUT + o[:, None] * D + (cb * VPPB)[None, :]
-        tl.store(optr, acc0, mask=hmask[:, None])
-        if VPPB > 1:
-            tl.store(optr + 1, acc1, mask=hmask[:, None])
-        if VPPB > 2:
-            tl.store(optr + 2, acc2, mask=hmask[:, None])
-            tl.store(optr + 3, acc3, mask=hmask[:, None])
+        _store_partials(M_OUT, L_OUT, ACC_OUT, (b * H * HG + qrow) * num_splits + split, hmask, m_i, l_i,
+                        acc0, acc1, acc2, acc3, cb, D, VPPB)
 
     @triton.jit(do_not_specialize=["num_splits"])
     def _decode_reduce_kernel(M_IN, L_IN, ACC_IN, OUT, so_b, so_h, HQ, num_splits,
@@ -327,6 +334,12 @@ if HAS_TRITON:
         pid = tl.program_id(0)  # b * HQ + head
         b = pid // HQ
         hq = pid % HQ
+        o = _merge_splits(M_IN, L_IN, ACC_IN, pid, num_splits, D, S_PAD)
+        tl.store(OUT + b * so_b + hq * so_h + tl.arange(0, D), o.to(OUT.dtype.element_ty))
+
+    @triton.jit
+    def _merge_splits(M_IN, L_IN, ACC_IN, pid, num_splits, D: tl.constexpr, S_PAD: tl.constexpr):
+        """Log-sum-exp merge of one query row's ``num_splits`` partials (max, sum, acc in exp2 units): ``(D,)``."""
         s = tl.arange(0, S_PAD)
         smask = s < num_splits
         m = tl.load(M_IN + pid * num_splits + s, mask=smask, other=float("-inf"))
@@ -337,8 +350,7 @@ if HAS_TRITON:
         total = tl.sum(w * l, axis=0)
         d = tl.arange(0, D)
         acc = tl.load(ACC_IN + (pid * num_splits + s)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
-        o = tl.sum(acc * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-        tl.store(OUT + b * so_b + hq * so_h + d, o.to(OUT.dtype.element_ty))
+        return tl.sum(acc * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
 
 
 @functools.lru_cache(maxsize=None)

@@ -61,10 +61,11 @@ MAX_QROWS = 64  # G * (query heads per KV head), padded: the score tile's rows
 MAX_SPLITS = 255  # + the dense segment: the merge kernel holds <= 256 partials
 LOG2E = math.log2(math.e)
 
-#: launch settings when a call names none: sm_90 compile (benchmarks/inspect_kernels.py --module rotatekv_decode,
-#: G=4, 4 query heads per KV head) gives 206 registers and no spills (32-byte stack: libdevice sin/cos) with
-#: these; block_n 64 or 4 warps hit 255 registers and spill 0.4-0.8 KB. Not yet timed on a GPU.
-LAUNCH: dict = {"block_n": 32, "num_warps": 8, "num_stages": 2, "waves": 4}
+#: launch settings when a call names none: the fastest on an H100 at 4 of the 5 benchmark shapes
+#: (benchmarks/results/kernels_h100_rotatekv.json: 1.19-1.47x faster than block 32 / 8 warps, which is what the
+#: session's end-to-end and peers runs used; 8x8K was 10% faster with 32 / 8). The sm_90 compile of 32 / 8 gives 206
+#: registers and no spills; block 64 hits 255 registers and spills.
+LAUNCH: dict = {"block_n": 16, "num_warps": 4, "num_stages": 2, "waves": 4}
 
 
 # ---------------------------------------------------------------------------------------------- state
@@ -162,7 +163,7 @@ def unsupported_reason(state: RotateKVState, head_dim: int, num_q_heads: int) ->
 
 # ---------------------------------------------------------------------------------------------- kernels
 if HAS_TRITON:
-    from .decode_attention import _codes_to_float
+    from .decode_attention import _codes_to_float, _merge_splits, _store_partials
 
     @triton.jit
     def _hg_sign(x):
@@ -315,16 +316,18 @@ if HAS_TRITON:
             for a in range(G):  # not unrolled: one head tile live at a time (registers)
                 pa = tl.where((arow == a)[:, None], p, 0.0)  # only the query rows of KV head r*G + a
                 h = r * G + a
-                vb = tl.load(VP + b * svp_b + h * svp_h + t[:, None] * svp_t + cb[None, :], mask=live[:, None],
+                # tokens not attended (padding, sinks, past the split) read as 0: p is 0 there, and 0 * (a
+                # non-finite scale of a token nobody attends) must not turn the accumulator into NaN
+                vb = tl.load(VP + b * svp_b + h * svp_h + t[:, None] * svp_t + cb[None, :], mask=ok[:, None],
                              other=0).to(tl.int32)
                 if VG == D:
                     voff = b * svs_b + h * svs_h + t * svs_t
-                    vsc = tl.load(VS + voff, mask=live, other=0.0).to(tl.float32)[:, None]
-                    vze = tl.load(VZ + voff, mask=live, other=0.0).to(tl.float32)[:, None]
+                    vsc = tl.load(VS + voff, mask=ok, other=0.0).to(tl.float32)[:, None]
+                    vze = tl.load(VZ + voff, mask=ok, other=0.0).to(tl.float32)[:, None]
                 else:
                     voff = b * svs_b + h * svs_h + t[:, None] * svs_t + ((cb * VPPB) // VG)[None, :]
-                    vsc = tl.load(VS + voff, mask=live[:, None], other=0.0).to(tl.float32)
-                    vze = tl.load(VZ + voff, mask=live[:, None], other=0.0).to(tl.float32)
+                    vsc = tl.load(VS + voff, mask=ok[:, None], other=0.0).to(tl.float32)
+                    vze = tl.load(VZ + voff, mask=ok[:, None], other=0.0).to(tl.float32)
                 acc0 += _dot(pa, _value_slot(vb, 0, VMASK, vsc, vze), DOT_F32)
                 if VPPB > 1:
                     acc1 += _dot(pa, _value_slot(vb, VBITS, VMASK, vsc, vze), DOT_F32)
@@ -332,16 +335,8 @@ if HAS_TRITON:
                     acc2 += _dot(pa, _value_slot(vb, 2 * VBITS, VMASK, vsc, vze), DOT_F32)
                     acc3 += _dot(pa, _value_slot(vb, 3 * VBITS, VMASK, vsc, vze), DOT_F32)
 
-        o = (b * R * G * HG + qrow) * SLOTS + split
-        tl.store(M_OUT + o, m_i, mask=rows_ok)
-        tl.store(L_OUT + o, l_i, mask=rows_ok)
-        optr = ACC_OUT + o[:, None] * D + (cb * VPPB)[None, :]
-        tl.store(optr, acc0, mask=rows_ok[:, None])
-        if VPPB > 1:
-            tl.store(optr + 1, acc1, mask=rows_ok[:, None])
-        if VPPB > 2:
-            tl.store(optr + 2, acc2, mask=rows_ok[:, None])
-            tl.store(optr + 3, acc3, mask=rows_ok[:, None])
+        _store_partials(M_OUT, L_OUT, ACC_OUT, (b * R * G * HG + qrow) * SLOTS + split, rows_ok, m_i, l_i,
+                        acc0, acc1, acc2, acc3, cb, D, VPPB)
 
     @triton.jit
     def _rkv_merge_kernel(M_IN, L_IN, ACC_IN, HD, OUT, so_b, so_h, HQ, SLOTS, inv_sqrt_d,
@@ -350,17 +345,8 @@ if HAS_TRITON:
         pid = tl.program_id(0)  # b * HQ + head
         b = pid // HQ
         hq = pid % HQ
-        s = tl.arange(0, S_PAD)
-        smask = s < SLOTS
-        m = tl.load(M_IN + pid * SLOTS + s, mask=smask, other=float("-inf"))
-        l = tl.load(L_IN + pid * SLOTS + s, mask=smask, other=0.0)
-        m_max = tl.max(m, axis=0)
-        m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-        w = tl.exp2(m - m_safe)
-        total = tl.sum(w * l, axis=0)
         d = tl.arange(0, D)
-        acc = tl.load(ACC_IN + (pid * SLOTS + s)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
-        o = tl.sum(acc * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+        o = _merge_splits(M_IN, L_IN, ACC_IN, pid, SLOTS, D, S_PAD)
         if ROT_V:  # Sylvester's H_D is symmetric: H_D^T = H_D
             hd = tl.load(HD + d[:, None] * D + d[None, :]).to(tl.float32)
             o = tl.sum(o[:, None] * hd, axis=0) * inv_sqrt_d
@@ -371,13 +357,9 @@ if HAS_TRITON:
 @functools.lru_cache(maxsize=None)
 def _hadamard_pm1(D: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     """Sylvester's ``D x D`` ±1 matrix (entries ``(-1)^popcount(i & j)``), unnormalized: exact in fp16."""
-    i = torch.arange(D)
-    x = i[:, None] & i[None, :]
-    par = torch.zeros_like(x)
-    while bool(x.any()):
-        par ^= x & 1
-        x = x >> 1
-    return (1 - 2 * par).to(dtype=dtype, device=device).contiguous()
+    from ..rotation import hadamard_matrix
+
+    return (hadamard_matrix(D) * D ** 0.5).round().to(dtype=dtype, device=device).contiguous()
 
 
 def hadamard_normalized(D: int, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:

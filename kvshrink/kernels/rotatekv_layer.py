@@ -19,8 +19,7 @@ Storing: with ``residual=0`` (the paper's default) every chunk goes, whole, thro
 rotate+quantize+pack kernel (:mod:`.rotatekv_pack`: inverse RoPE, grouped-head FWHT, channel order, centre,
 clipped quantization and packing in one launch per stream, bit-identical to the torch path), written in place
 into the capacity buffers. Otherwise (a residual, the CPU, layouts the kernel does not cover) new tokens take
-the base layer's torch transform and are quantized by :meth:`_quantize_keys` / :meth:`_quantize_values`, which
-receive the block in the stored (rotated, reordered, centred) domain and the capacity-buffer views to write.
+the base layer's torch transform and are quantized by :meth:`_quantize_block`, which receives the block in the stored (rotated, reordered, centred) domain and the capacity-buffer views to write.
 """
 from __future__ import annotations
 
@@ -80,7 +79,7 @@ class KernelRotateKVLayer(RotateKVLayer):
         self._pos_buf: torch.Tensor | None = None
         self._reserved = 0
         self._rope: tuple[torch.Tensor, float] | bool | None = None  # None: not checked yet; False: refused
-        self._inv_perm_dev: dict[str, torch.Tensor] = {}
+        self._device_copies: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_layer(cls, layer: RotateKVLayer) -> "KernelRotateKVLayer":
@@ -161,20 +160,16 @@ class KernelRotateKVLayer(RotateKVLayer):
         self.vq = self._commit_rows(self._v, n, self.bits, self.value_group, self.D, v.dtype)
 
     # -- the quantization seam (torch path) ---------------------------------------------------------------
-    def _quantize_keys(self, block: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-        """Quantize stored-domain keys ``block (B, H, n, D)`` into ``out`` (views of the capacity buffers)."""
-        q = quantize_clipped(block, self.bits, "channel", self.key_group, self.clip, self.scale_dtype)
-        for dst, src in zip(out, q.tensors()):
-            dst.copy_(src)
-
-    def _quantize_values(self, block: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-        """Quantize stored-domain (rotated) values ``block (B, H, n, D)`` into ``out``."""
-        q = quantize_clipped(block, self.bits, "channel", self.value_group, self.clip, self.scale_dtype)
+    def _quantize_block(self, block: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                        group: int) -> None:
+        """Quantize stored-domain keys or (rotated) values ``block (B, H, n, D)`` with per-token groups of
+        ``group`` channels into ``out`` (views of the capacity buffers)."""
+        q = quantize_clipped(block, self.bits, "channel", group, self.clip, self.scale_dtype)
         for dst, src in zip(out, q.tensors()):
             dst.copy_(src)
 
     def _push_into(self, stream: _Stream, q: QuantizedTensor | None, res: torch.Tensor | None, x: torch.Tensor,
-                   group: int, quant) -> tuple[QuantizedTensor | None, torch.Tensor | None]:
+                   group: int) -> tuple[QuantizedTensor | None, torch.Tensor | None]:
         """The base layer's flush rule (newest ``residual`` tokens stay unquantized), writing in place."""
         res = _cat(res, x)
         n = self._flush_count(res.shape[-2], "channel", group)
@@ -182,7 +177,7 @@ class KernelRotateKVLayer(RotateKVLayer):
             return q, res
         self._sync(stream, q)
         out = self._claim_rows(stream, res, n, self.bits, group)
-        quant(res[:, :, :n], out)
+        self._quantize_block(res[:, :, :n], out, group)
         q = self._commit_rows(stream, n, self.bits, group, res.shape[-1], res.dtype)
         rest = res[:, :, n:]
         return q, (rest.clone() if rest.shape[-2] else None)
@@ -190,13 +185,12 @@ class KernelRotateKVLayer(RotateKVLayer):
     def _push_keys(self, kr: torch.Tensor) -> None:
         if self.key_axis != "channel":
             return super()._push_keys(kr)
-        self.kq, self.k_res = self._push_into(self._k, self.kq, self.k_res, kr, self.key_group, self._quantize_keys)
+        self.kq, self.k_res = self._push_into(self._k, self.kq, self.k_res, kr, self.key_group)
 
     def _push_values(self, vr: torch.Tensor) -> None:
         if self.key_axis != "channel":  # token-axis keys: the base layer's path for both streams
             return super()._push_values(vr)
-        self.vq, self.v_res = self._push_into(self._v, self.vq, self.v_res, vr, self.value_group,
-                                              self._quantize_values)
+        self.vq, self.v_res = self._push_into(self._v, self.vq, self.v_res, vr, self.value_group)
 
     def _add_pos(self, pos: torch.Tensor) -> None:
         """Positions ``(B, n)`` appended in place into a capacity buffer (per-head positions: base layer)."""
@@ -276,9 +270,19 @@ class KernelRotateKVLayer(RotateKVLayer):
         if not self.reordered:
             return None
         key = str(device)
-        if key not in self._inv_perm_dev:
-            self._inv_perm_dev[key] = self.inv_perm.to(device=device, dtype=torch.int32).contiguous()
-        return self._inv_perm_dev[key]
+        if key not in self._device_copies:
+            self._device_copies[key] = self.inv_perm.to(device=device, dtype=torch.int32).contiguous()
+        return self._device_copies[key]
+
+    def _inv_freq_on(self, inv_freq: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The rotary module's inverse frequencies on this layer's device (a model split over GPUs keeps its
+        rotary module on the first one; the kernel reads a pointer on its own)."""
+        if inv_freq.device == device:
+            return inv_freq
+        key = "freq:" + str(device)
+        if key not in self._device_copies:
+            self._device_copies[key] = inv_freq.to(device)
+        return self._device_copies[key]
 
     def _residual_keys(self, tq: int) -> torch.Tensor:
         """Post-RoPE float32 keys of the unquantized residual, as :meth:`dense` computes them."""
@@ -322,7 +326,7 @@ class KernelRotateKVLayer(RotateKVLayer):
         rope = self._rope_params() if self.m.prerope else None
         return RotateKVState(
             kq=self.kq, vq=self.vq, k_mu=self.k_mu, inv_perm=self._inv_perm_on(dev),
-            pos=self.pos if self.m.prerope else None, inv_freq=rope[0] if rope else None,
+            pos=self.pos if self.m.prerope else None, inv_freq=self._inv_freq_on(rope[0], dev) if rope else None,
             rope_scale=rope[1] if rope else 1.0, head_group=self.G, rotate_values=rotv, sink_idx=self.sink_idx,
             dense_k=torch.cat(ks, 2), dense_v=torch.cat(vs, 2), dense_idx=torch.cat(idx, 1), tokens=T)
 

@@ -75,10 +75,7 @@ def _pow2(n: int) -> bool:
 # ----------------------------------------------------------------------------------------------
 if HAS_TRITON:
 
-    @triton.jit
-    def _round_half_even(y):
-        # exact round-half-even for |y| < 2**22 (as in quant_pack): 1.5 * 2**23 leaves no fraction bits
-        return (y + 12582912.0) - 12582912.0
+    from .quant_pack import _round_half_even
 
     @triton.jit
     def _round_to(x, BF16: tl.constexpr, DT: tl.constexpr):
@@ -317,8 +314,8 @@ def _launch(layer: "RotateKVLayer", x: torch.Tensor, group: int, *, rope: tuple 
     if num_warps is None:
         num_warps = 4 if block_t * C <= 2048 else 8
     grid = (B, triton.cdiv(T, block_t))
-    if scratch is None:
-        scratch = C > GATHER_MAX_CHANNELS
+    if scratch is None:  # tl.gather exists from Triton 3.2 on: older ones take the scratch route
+        scratch = C > GATHER_MAX_CHANNELS or not hasattr(tl, "gather")
     scr = x
     if reorder and scratch:
         scr = torch.empty(grid[0] * grid[1] * block_t * C, dtype=torch.float32, device=x.device)
