@@ -163,7 +163,7 @@ def test_nbytes_counts_every_stored_tensor(tiny):
     n_q = T - 4
     S = layer.sink_idx.shape[1]
     expected = 2 * (B * H * n_q * (D * 2 // 8) + 2 * 2 * B * H * n_q * (D // 32))  # codes + fp16 scale/zero
-    expected += 2 * B * H * 4 * D * 4  # fp32 residual keys and values
+    expected += 2 * B * H * 4 * D * 2  # residual keys and values in 16 bits (an fp32 model: fp16)
     expected += B * T * 4  # int32 positions
     expected += 2 * B * H * S * D * 2 + B * S * 4  # fp16 sink keys/values, int32 sink indices
     expected += 2 * H * D * 8  # the layer's channel order and its inverse (int64)

@@ -154,10 +154,10 @@ class KernelRotateKVLayer(RotateKVLayer):
             self._sync(stream, q)
         out = self._claim_rows(self._k, k, n, self.bits, self.key_group)
         rotatekv_quantize_keys(self, k, cos, sin, out=out)  # sets k_mu from this chunk first (center)
-        self.kq = self._commit_rows(self._k, n, self.bits, self.key_group, self.D, k.dtype)
+        self.kq = self._commit_rows(self._k, n, self.bits, self.key_group, self.D, self.stored_dtype(k.dtype))
         out = self._claim_rows(self._v, v, n, self.bits, self.value_group)
         rotatekv_quantize_values(self, v, out=out)
-        self.vq = self._commit_rows(self._v, n, self.bits, self.value_group, self.D, v.dtype)
+        self.vq = self._commit_rows(self._v, n, self.bits, self.value_group, self.D, self.stored_dtype(v.dtype))
 
     # -- the quantization seam (torch path) ---------------------------------------------------------------
     def _quantize_block(self, block: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor],

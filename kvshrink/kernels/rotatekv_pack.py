@@ -2,7 +2,8 @@
 
 RotateKV (Su et al. 2025, arXiv 2501.16383, Sec. 3; ``kvshrink/methods/rotatekv.py``) stores, per layer,
 
-* keys: ``kq = Q_clip( (P · H_G · R_t^{-1} k_t) - mu )`` rounded to the model dtype before ``Q_clip``, where
+* keys: ``kq = Q_clip( (P · H_G · R_t^{-1} k_t) - mu )`` rounded to 16 bits (the model dtype, or fp16 for
+  an fp32 model: ``RotateKVLayer.stored_dtype``) before ``Q_clip``, where
   ``R_t^{-1}`` inverts RoPE with the chunk's (cos, sin) (``prerope``; :func:`kvshrink.rope.invert_rope`:
   ``k_pre = (k cos - rotate_half(k) sin) / (cos^2 + sin^2)``), ``H_G`` is the normalized Sylvester Hadamard
   matrix over each group of ``G`` KV heads (``G*D`` channels, head-major: channel ``h*D + d``), applied as
@@ -128,7 +129,8 @@ if HAS_TRITON:
                              G: tl.constexpr, LOG_N: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
                              BLOCK_T: tl.constexpr, ROPE: tl.constexpr, FWHT: tl.constexpr,
                              REORDER: tl.constexpr, SCRATCH: tl.constexpr, CENTER: tl.constexpr,
-                             X_BF16: tl.constexpr, S_BF16: tl.constexpr, RECIP_HI: tl.constexpr):
+                             X_BF16: tl.constexpr, S_BF16: tl.constexpr, RECIP_HI: tl.constexpr,
+                             R_F16: tl.constexpr):
         C: tl.constexpr = HP * D  # all heads' channels (HP: H padded to a power of two)
         b = tl.program_id(0)
         t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -163,8 +165,11 @@ if HAS_TRITON:
         if CENTER:
             mu = tl.load(MU + b * smb + h * smh + d, mask=hmask, other=0.0).to(tl.float32)
             x = x - mu[None, :]
-        # `kr.to(k.dtype)` before quantizing: the reference quantizes the model-dtype tensor
-        x = _round_to(x, X_BF16, X.dtype.element_ty)
+        # `kr.to(stored_dtype)` before quantizing: the reference quantizes the 16-bit tensor
+        if R_F16:  # fp32 input: the layer stores (and quantizes from) fp16 (RotateKVLayer.stored_dtype)
+            x = x.to(tl.float16).to(tl.float32)
+        else:
+            x = _round_to(x, X_BF16, X.dtype.element_ty)
 
         # clipped asymmetric quantization, per token over GROUP channels (quantize_clipped's order)
         NGT: tl.constexpr = C // GROUP
@@ -329,8 +334,10 @@ def _launch(layer: "RotateKVLayer", x: torch.Tensor, group: int, *, rope: tuple 
             H=H, HP=hp, D=D, R=R, G=rot_heads, LOG_N=int(math.log2(n)), GROUP=group, BITS=layer.bits,
             BLOCK_T=block_t, ROPE=rope is not None, FWHT=fwht, REORDER=reorder, SCRATCH=bool(scratch), CENTER=center,
             X_BF16=x.dtype == torch.bfloat16, S_BF16=layer.scale_dtype == torch.bfloat16, RECIP_HI=x.is_cuda,
+            R_F16=layer.stored_dtype(x.dtype) != x.dtype,
             num_warps=num_warps, enable_fp_fusion=False)
-    return QuantizedTensor(packed, scale, zero, layer.bits, "channel", group, T, D, x.dtype)  # type: ignore[arg-type]
+    return QuantizedTensor(packed, scale, zero, layer.bits, "channel", group, T, D,  # type: ignore[arg-type]
+                           layer.stored_dtype(x.dtype))
 
 
 def key_center(layer: "RotateKVLayer", k: torch.Tensor, cos: torch.Tensor | None = None,
@@ -405,16 +412,16 @@ def rotatekv_quantize_keys_ref(layer: "RotateKVLayer", k: torch.Tensor, cos: tor
     kr = _rotated_keys_ref(layer, k, cos, sin)
     if layer.m.center:
         kr = kr - layer._key_center(kr)
-    return quantize_clipped(kr.to(k.dtype), layer.bits, layer.key_axis, layer.key_group, layer.clip,
-                            layer.scale_dtype)
+    return quantize_clipped(kr.to(layer.stored_dtype(k.dtype)), layer.bits, layer.key_axis, layer.key_group,
+                            layer.clip, layer.scale_dtype)
 
 
 def rotatekv_quantize_values_ref(layer: "RotateKVLayer", v: torch.Tensor) -> QuantizedTensor:
     """What ``RotateKVLayer._store`` + ``_push_values`` (residual 0) store for ``v``."""
     from ..methods.rotatekv import quantize_clipped
 
-    return quantize_clipped(layer.rotate_values(v).to(v.dtype), layer.bits, "channel", layer.value_group,
-                            layer.clip, layer.scale_dtype)
+    return quantize_clipped(layer.rotate_values(v).to(layer.stored_dtype(v.dtype)), layer.bits, "channel",
+                            layer.value_group, layer.clip, layer.scale_dtype)
 
 
 # ----------------------------------------------------------------------------------------------

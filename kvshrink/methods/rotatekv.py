@@ -53,7 +53,9 @@ Layout (what a decode kernel reads), per layer, batch at dim 0, tokens at dim 2:
 * ``vq``: values rotated per head (``v · H_D``), per-token groups of ``group`` channels.
 * ``k_res``/``v_res``: the newest ``residual`` tokens (keys with ``key_axis=token``: up to ``residual``
   or, with ``residual=0``, ``group`` - 1 tokens, flushed a whole group at a time as in KIVI's Alg. 1), same
-  rotated domain, model dtype.
+  rotated domain, in 16 bits (:func:`kvshrink.layer.half_dtype`: the model's dtype if 16-bit, else fp16, as
+  every kvshrink method keeps its full-precision parts; quantized from those 16-bit values), except with
+  ``bits=16``, which keeps the model's dtype (an exact round trip).
 * ``pos``: ``(B, T)`` int32 position id of every held token (pre-RoPE only); RoPE is re-applied with
   ``cos/sin = rotary(pos)``. Behind an eviction policy that keeps different tokens per head (it passes the
   kept chunk positions, ``append(k, v, index)``), ``(B, H, T)``: held slot ``t`` of head ``h`` is that
@@ -85,7 +87,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import KVShrinkError, SpecError, UnsupportedModelError
-from ..layer import CompressedLayer
+from ..layer import CompressedLayer, half_dtype
 from ..registry import register
 from ..quant_utils import gather_tokens
 from ..rope import append_positions, RopeSource, apply_rope, check_rope_style, decoder_layers, invert_rope, rotary_modules
@@ -337,10 +339,17 @@ class RotateKVLayer(CompressedLayer):
         kr = self.rotate_keys(kk)
         if self.m.center:
             kr = kr - self._key_center(kr)
-        kr = kr.to(k.dtype)
-        vr = self.rotate_values(v).to(v.dtype)
+        store = self.stored_dtype(k.dtype)
+        kr = kr.to(store)
+        vr = self.rotate_values(v).to(store)
         self._push_keys(kr)
         self._push_values(vr)
+
+    def stored_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """What rotated keys/values are rounded to before quantizing, and what the residual holds: 16 bits,
+        as KIVI and every kvshrink method keep full-precision parts (an fp32 CPU evaluation would otherwise
+        count the residual at twice the bytes); the model's dtype with ``bits=16`` (an exact round trip)."""
+        return dtype if self.bits == 16 else half_dtype(dtype)
 
     def _key_center(self, kr: torch.Tensor) -> torch.Tensor:
         """Per-channel key offset ``(B, H, 1, D)`` in the rotated domain, taken once from the first chunk (the
@@ -504,15 +513,18 @@ class RotateKVLayer(CompressedLayer):
     def dense(self):
         if self.kq is None and self.k_res is None:
             return None, None
-        dtype = self.dtype
-        K = _cat(self.kq.dequantize() if self.kq is not None else None, self.k_res)
+        dtype, f32 = self.dtype, torch.float32
+        # float32 math throughout (the stored 16-bit values are not rounded again), one cast at the end
+        K = _cat(self.kq.dequantize(f32) if self.kq is not None else None,
+                 self.k_res.float() if self.k_res is not None else None)
         if self.k_mu is not None:
             K = K.float() + self.k_mu.float()
         K = self.unrotate_keys(K)
         if self.m.prerope:
             cos, sin = self._rope_at(self.pos)
             K = apply_rope(K, cos.float(), sin.float())
-        V = _cat(self.vq.dequantize() if self.vq is not None else None, self.v_res)
+        V = _cat(self.vq.dequantize(f32) if self.vq is not None else None,
+                 self.v_res.float() if self.v_res is not None else None)
         V = self.rotate_values(V, inverse=True)
         K, V = K.to(dtype), V.to(dtype)
         if self.sink_idx is not None:
