@@ -250,3 +250,20 @@ def test_supported_says_no_where_the_kernel_cannot_follow():
     assert not rotatekv_pack_supported(make_layer(4, 64, 4, 2, True, True, True), k[:, :2])  # wrong head count
     with pytest.raises(ValueError, match="cos, sin"):
         rotatekv_quantize_keys(make_layer(4, 64, 4, 2, True, True, True), k)
+
+
+def test_key_centre_a_few_batch_rows_at_a_time_equals_the_whole_batch(monkeypatch):
+    """The first chunk's centre is computed a few rows at a time when the batch is large (memory); the median
+    is per row, head and channel, so the result is the same tensor as from the whole batch at once."""
+    import kvshrink.kernels.rotatekv_pack as rp
+
+    B, H, T, D = 5, 4, 9, 64
+    k, _ = kv(B, H, T, D, F16, seed=3)
+    cos, sin = rope_tables(B, T, D, F16)
+    whole = make_layer(H, D, 2, 2, True, True, True)
+    want = whole._center_of(rp._rotated_keys_ref(whole, k, cos, sin))
+    monkeypatch.setattr(rp, "CENTER_CHUNK_BYTES", 4 * k[:1].numel() * 4 * 2)  # two rows at a time
+    split = make_layer(H, D, 2, 2, True, True, True)
+    got = key_center(split, k, cos, sin)
+    assert got.shape == (B, H, 1, D) and torch.equal(got, want)
+    assert key_center(split, k[:, :, :3], cos[:, :3], sin[:, :3]) is got  # set once, then held

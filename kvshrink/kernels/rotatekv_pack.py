@@ -348,8 +348,27 @@ def key_center(layer: "RotateKVLayer", k: torch.Tensor, cos: torch.Tensor | None
     if not layer.m.center:
         return None
     if layer.k_mu is None:
-        layer._key_center(_rotated_keys_ref(layer, k, cos, sin))
+        # The median runs per (row, head, channel), so batch rows can go a few at a time: the torch path holds
+        # ~4 float32 copies of what it is given, which for a large batch's first chunk is what runs out of memory.
+        B = k.shape[0]
+        per_row = 4 * k[:1].numel() * 4
+        step = max(1, min(B, CENTER_CHUNK_BYTES // max(per_row, 1)))
+        parts = []
+        for b0 in range(0, B, step):
+            rows = slice(b0, min(B, b0 + step))
+            c, s_ = (None, None) if cos is None else (_rows(cos, rows, B), _rows(sin, rows, B))
+            parts.append(layer._center_of(_rotated_keys_ref(layer, k[rows], c, s_)))
+        layer.k_mu = torch.cat(parts, dim=0)
     return layer.k_mu
+
+
+#: float32 bytes the first-chunk centre computation may hold at once (batch rows are taken a few at a time)
+CENTER_CHUNK_BYTES = 512 * 2**20
+
+
+def _rows(t: torch.Tensor, rows: slice, B: int) -> torch.Tensor:
+    """Batch rows ``rows`` of a RoPE table ``(B | 1, ...)`` (a table shared by the batch stays whole)."""
+    return t[rows] if t.shape[0] == B and B > 1 else t
 
 
 def rotatekv_quantize_keys(layer: "RotateKVLayer", k: torch.Tensor, cos: torch.Tensor | None = None,

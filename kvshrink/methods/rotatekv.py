@@ -358,8 +358,13 @@ class RotateKVLayer(CompressedLayer):
         carry a large constant per-channel offset; per-token groups after rotation (``key_axis=channel``)
         would spend their 2-bit range on it (per-channel groups absorb it in their zero points anyway)."""
         if self.k_mu is None:
-            self.k_mu = kr.float().median(dim=2, keepdim=True).values.to(self.scale_dtype)
+            self.k_mu = self._center_of(kr)
         return self.k_mu.float()
+
+    def _center_of(self, kr: torch.Tensor) -> torch.Tensor:
+        """The per-channel centre of rotated keys ``kr (B, H, T, D)``: their median over tokens, ``(B, H, 1, D)``
+        in ``scale_dtype`` (rows are independent: a caller may compute it a few batch rows at a time)."""
+        return kr.float().median(dim=2, keepdim=True).values.to(self.scale_dtype)
 
     # -- positions (pre-RoPE) -------------------------------------------------------------------
     def _add_pos(self, pos: torch.Tensor) -> None:
