@@ -81,7 +81,8 @@ def kvshrink_attention(module: torch.nn.Module, query: torch.Tensor, key: Any, v
     if not isinstance(key, PackedDecode):
         return _dense_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     B, Hq, q_len, D = query.shape
-    if _call_refused(module, query, dropout, kwargs) or not packed_supported(key.kv, D):  # correctness first: dequantize this step and use SDPA
+    if _call_refused(module, query, dropout, kwargs) or not packed_supported(key.kv, D):
+        # correctness first: dequantize this step and use SDPA
         k, v = key.kv.dense(query.dtype)
         return _dense_sdpa(module, query, k, v, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     mask = _mask_rows(attention_mask, B, key.kv.tokens)
@@ -116,7 +117,8 @@ def register() -> None:
 
 def convert_cache(cache) -> int:
     """Swap every KIVI-layout :class:`~kvshrink.layer.UniformLayer` and every RotateKV layer with per-token key
-    groups (``key_axis="channel"``, the default) of ``cache`` for a kernel layer (state copied). Returns how many layers were converted; others are left as they are."""
+    groups (``key_axis="channel"``, the default) of ``cache`` for a kernel layer (state copied). Returns how
+    many layers were converted; others are left as they are."""
     from ..layer import UniformLayer
     from ..methods.rotatekv import RotateKVLayer
 

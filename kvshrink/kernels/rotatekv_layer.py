@@ -19,7 +19,8 @@ Storing: with ``residual=0`` (the paper's default) every chunk goes, whole, thro
 rotate+quantize+pack kernel (:mod:`.rotatekv_pack`: inverse RoPE, grouped-head FWHT, channel order, centre,
 clipped quantization and packing in one launch per stream, bit-identical to the torch path), written in place
 into the capacity buffers. Otherwise (a residual, the CPU, layouts the kernel does not cover) new tokens take
-the base layer's torch transform and are quantized by :meth:`_quantize_block`, which receives the block in the stored (rotated, reordered, centred) domain and the capacity-buffer views to write.
+the base layer's torch transform and are quantized by :meth:`_quantize_block`, which receives the block in
+the stored (rotated, reordered, centred) domain and the capacity-buffer views to write.
 """
 from __future__ import annotations
 

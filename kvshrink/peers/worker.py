@@ -537,10 +537,11 @@ def speed_run(model: Any, engine: Engine, batch: int, context: int, steps: int, 
 
 def run_speed_job(job: dict[str, Any]) -> dict[str, Any]:
     """For every setting (batch, context): the uncompressed reference, then every method, then the
-    reference again (its faster decode is the baseline of ``decode_vs_ref``). With ``warm_context``, each
-    run is preceded by an untimed one over that many tokens (first-call costs: Triton compiling a
-    kernel, a backend building its extension, cuBLAS picking algorithms, stay out of the timings). A failing method (out of
-    memory, an unsupported model) is recorded with its error, and the allocator is emptied."""
+    reference again (its faster decode is the baseline of ``decode_speedup_vs_ref``). With ``warm_context``,
+    each run is preceded by an untimed one over that many tokens (first-call costs: Triton compiling a
+    kernel, a backend building its extension, cuBLAS picking algorithms, stay out of the timings). A
+    failing method (out of memory, an unsupported model) is recorded with its error, and the allocator is
+    emptied."""
     import torch
 
     if job.get("device", "cuda").startswith("cuda") and job.get("sdpa_flash", True):
