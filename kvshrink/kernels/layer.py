@@ -35,6 +35,13 @@ from .reference import PackedKV
 from .strided import StridedQuantizedTensor, quantize_pack_strided, quantize_strided_ref, strided_supported
 
 GROW_MIN_TOKENS = 256
+
+
+def grow_capacity(reserved: int, need: int, cur: int) -> int:
+    """Tokens of capacity that hold ``need``: the reserved size if it fits, else at least 1/8 (and
+    ``GROW_MIN_TOKENS``) more than the current ``cur``, so regrowth copies stay amortized."""
+    return reserved if reserved >= need else max(need, cur + max(cur // 8, GROW_MIN_TOKENS))
+
 #: store the channel-strided layout (strided.py) where it applies. Off by default: on the H100 its kernel was
 #: faster only at small batch x length (1x32K) and slower at 8x32K / 16x32K / 1x128K and end to end than the
 #: kernel over KIVI's layout (benchmarks/results/kernels_h100_v2_final.json, docs/KERNELS.md)
@@ -128,9 +135,7 @@ class KernelUniformLayer(UniformLayer):
     def _grow_to(self, need_rows: int, per: int, cur_rows: int) -> int:
         """Capacity in rows (of ``per`` tokens) that holds ``need_rows``: the reserved size if it fits,
         else at least 1/8 (and ``GROW_MIN_TOKENS``) more than now, so regrowth copies stay amortized."""
-        need, cur = need_rows * per, cur_rows * per
-        want = self._reserved if self._reserved >= need else max(need, cur + max(cur // 8, GROW_MIN_TOKENS))
-        return -(-want // per)
+        return -(-grow_capacity(self._reserved, need_rows * per, cur_rows * per) // per)
 
     def _layout(self, head_dim: int) -> bool:
         """Whether this layer stores the channel-strided layout (``strided.py``): when both streams fit it and

@@ -34,7 +34,7 @@ from ..methods.rotatekv import RotateKVLayer, _cat, quantize_clipped
 from ..rope import apply_rope
 from ..storage import QuantizedTensor, check_finite, packed_size
 from ._triton import kernels_usable
-from .layer import GROW_MIN_TOKENS, _Stream
+from .layer import _Stream, grow_capacity
 from .rotatekv_pack import rotatekv_pack_supported, rotatekv_quantize_keys, rotatekv_quantize_values
 from .rotatekv_decode import (RKV_BITS, RKV_HEAD_DIMS, RotateKVState, hadamard_normalized, rope_tables,
                               state_dense)
@@ -101,7 +101,7 @@ class KernelRotateKVLayer(RotateKVLayer):
 
     def _grow_to(self, need: int, cur: int) -> int:
         """Capacity (tokens) holding ``need``: the reserved size if it fits, else >= 1/8 more than now."""
-        return self._reserved if self._reserved >= need else max(need, cur + max(cur // 8, GROW_MIN_TOKENS))
+        return grow_capacity(self._reserved, need, cur)
 
     @staticmethod
     def _sync(stream: _Stream, q: QuantizedTensor | None) -> None:
