@@ -261,3 +261,15 @@ def test_unsupported_calls_fall_back_to_dense():
     tok = KernelRotateKVLayer(RotateKV(key_axis="token", reorder=False), 0, 2, 64, 2, None)
     assert tok.kernel_refusal(k_new) == "key_axis=token"
     assert KernelRotateKVLayer(RotateKV(bits=3, reorder=False), 0, 2, 64, 2, None).kernel_refusal(k_new) == "bits=3"
+
+
+def test_device_guard_makes_the_tensors_device_current_only_on_cuda():
+    """Triton launches on the current CUDA device: kernel calls run under the tensors' own device (a model split
+    over GPUs), and under nothing off CUDA."""
+    import contextlib
+
+    from kvshrink.kernels._triton import device_guard
+
+    guard = device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(device_guard("cpu"), contextlib.nullcontext)

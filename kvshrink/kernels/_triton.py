@@ -30,5 +30,16 @@ def kernels_usable(device) -> bool:
     return dev.type == "cuda" or INTERPRET
 
 
+def device_guard(device):
+    """Make ``device`` current while kernels launch: Triton launches on the *current* CUDA device, so tensors of a
+    model split over GPUs (layers on cuda:1 while cuda:0 is current) need it; a no-op off CUDA."""
+    import contextlib
+
+    import torch
+
+    dev = torch.device(device)
+    return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())

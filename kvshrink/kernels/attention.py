@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ._triton import device_guard
 from .decode_attention import decode_attention, packed_decode_supported
 from .decode_strided import decode_attention_strided, strided_decode_supported
 from .graph import GraphDecode
@@ -86,7 +87,8 @@ def kvshrink_attention(module: torch.nn.Module, query: torch.Tensor, key: Any, v
         k, v = key.kv.dense(query.dtype)
         return _dense_sdpa(module, query, k, v, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     mask = _mask_rows(attention_mask, B, key.kv.tokens)
-    out = decode_packed(query[:, :, 0, :], key.kv, mask=mask, scale=scaling)
+    with device_guard(query.device):
+        out = decode_packed(query[:, :, 0, :], key.kv, mask=mask, scale=scaling)
     return out.unsqueeze(1), None  # (B, 1, Hq, D), as transformers' attention functions return
 
 
@@ -98,7 +100,8 @@ def _rotatekv_attention(module, query, handle: RotateKVDecode, attention_mask, d
         k, v = handle.dense(query.dtype)
         return _dense_sdpa(module, query, k, v, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     mask = _mask_rows(attention_mask, B, handle.state.tokens)
-    out = decode_attention_rotatekv(query[:, :, 0, :], handle.state, mask=mask, scale=scaling)
+    with device_guard(query.device):
+        out = decode_attention_rotatekv(query[:, :, 0, :], handle.state, mask=mask, scale=scaling)
     return out.unsqueeze(1), None
 
 

@@ -29,7 +29,7 @@ import torch
 
 from ..layer import UniformLayer, _cat
 from ..storage import QuantizedTensor, packed_size, quantize
-from ._triton import kernels_usable
+from ._triton import device_guard, kernels_usable
 from .quant_pack import kernel_supports, quantize_pack
 from .reference import PackedKV
 from .strided import StridedQuantizedTensor, quantize_pack_strided, quantize_strided_ref, strided_supported
@@ -193,12 +193,14 @@ class KernelUniformLayer(UniformLayer):
         dst = stream.views(stream.rows + rows, stream.rows)
         if strided:
             if kernels_usable(x.device):
-                quantize_pack_strided(x, bits, axis, group, self.scale_dtype, out=dst)  # type: ignore[arg-type]
+                with device_guard(x.device):
+                    quantize_pack_strided(x, bits, axis, group, self.scale_dtype, out=dst)  # type: ignore[arg-type]
             else:
                 for d_, s_ in zip(dst, quantize_strided_ref(x, bits, axis, group, self.scale_dtype).tensors()):
                     d_.copy_(s_)
         elif kernels_usable(x.device) and kernel_supports(bits, group, D):
-            quantize_pack(x, bits, axis, group, self.scale_dtype, out=dst)  # type: ignore[arg-type]
+            with device_guard(x.device):
+                quantize_pack(x, bits, axis, group, self.scale_dtype, out=dst)  # type: ignore[arg-type]
         else:
             q = quantize(x, bits, axis, group, False, self.scale_dtype)  # type: ignore[arg-type]
             for d_, s_ in zip(dst, q.tensors()):

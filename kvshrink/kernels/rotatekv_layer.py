@@ -33,7 +33,7 @@ import torch
 from ..methods.rotatekv import RotateKVLayer, _cat, quantize_clipped
 from ..rope import apply_rope
 from ..storage import QuantizedTensor, check_finite, packed_size
-from ._triton import kernels_usable
+from ._triton import device_guard, kernels_usable
 from .layer import _Stream, grow_capacity
 from .rotatekv_pack import rotatekv_pack_supported, rotatekv_quantize_keys, rotatekv_quantize_values
 from .rotatekv_decode import (RKV_BITS, RKV_HEAD_DIMS, RotateKVState, hadamard_normalized, rope_tables,
@@ -154,10 +154,12 @@ class KernelRotateKVLayer(RotateKVLayer):
         for stream, q in ((self._k, self.kq), (self._v, self.vq)):
             self._sync(stream, q)
         out = self._claim_rows(self._k, k, n, self.bits, self.key_group)
-        rotatekv_quantize_keys(self, k, cos, sin, out=out)  # sets k_mu from this chunk first (center)
+        with device_guard(k.device):
+            rotatekv_quantize_keys(self, k, cos, sin, out=out)  # sets k_mu from this chunk first (center)
         self.kq = self._commit_rows(self._k, n, self.bits, self.key_group, self.D, self.stored_dtype(k.dtype))
         out = self._claim_rows(self._v, v, n, self.bits, self.value_group)
-        rotatekv_quantize_values(self, v, out=out)
+        with device_guard(v.device):
+            rotatekv_quantize_values(self, v, out=out)
         self.vq = self._commit_rows(self._v, n, self.bits, self.value_group, self.D, self.stored_dtype(v.dtype))
 
     # -- the quantization seam (torch path) ---------------------------------------------------------------
