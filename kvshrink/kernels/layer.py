@@ -42,6 +42,7 @@ def grow_capacity(reserved: int, need: int, cur: int) -> int:
     ``GROW_MIN_TOKENS``) more than the current ``cur``, so regrowth copies stay amortized."""
     return reserved if reserved >= need else max(need, cur + max(cur // 8, GROW_MIN_TOKENS))
 
+
 #: store the channel-strided layout (strided.py) where it applies. Off by default: on the H100 its kernel was
 #: faster only at small batch x length (1x32K) and slower at 8x32K / 16x32K / 1x128K and end to end than the
 #: kernel over KIVI's layout (benchmarks/results/kernels_h100_v2_final.json, docs/KERNELS.md)
