@@ -62,6 +62,16 @@ if HAS_TRITON:
         return m_new, l_i, p, alpha
 
     @triton.jit
+    def _rescale_t(m_i, l_i, sT):
+        """:func:`_rescale` for scores laid out (tokens, rows), already masked with -inf."""
+        m_new = tl.maximum(m_i, tl.max(sT, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        pT = tl.exp2(sT - m_safe[None, :])
+        l_i = l_i * alpha + tl.sum(pT, axis=0)
+        return m_new, l_i, pT, alpha
+
+    @triton.jit
     def _pv(p, v, DOT_F32: tl.constexpr):
         if DOT_F32:
             return tl.dot(p, v.to(tl.float32), input_precision="ieee")

@@ -29,6 +29,7 @@ from .reference import PackedKV
 from .strided import StridedQuantizedTensor, strided_supported
 
 if HAS_TRITON:
+    from .decode_attention import _rescale_t
 
     @triton.jit
     def _slot(bytes16, shift: tl.constexpr, MASK: tl.constexpr, F32: tl.constexpr):
@@ -210,12 +211,7 @@ if HAS_TRITON:
             sT += zq[None, :]
             if HAS_MASK:
                 sT = tl.where((tl.load(MASK + b * smask_b + t) != 0)[:, None], sT, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sT, axis=0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            pT = tl.exp2(sT - m_safe[None, :])  # (BLOCK_N, HG_PAD)
-            l_i = l_i * alpha + tl.sum(pT, axis=0)
-            m_i = m_new
+            m_i, l_i, pT, alpha = _rescale_t(m_i, l_i, sT)  # pT: (BLOCK_N, HG_PAD)
             vb = tl.load(vp_base + t[:, None] * svp_t + vcol[None, :]).to(tl.int16)  # (BLOCK_N, VDP)
             vs_rows = vs_off + t * svs_t
             if PV_ROWS:
@@ -254,12 +250,7 @@ if HAS_TRITON:
             if HAS_MASK:
                 ok = ok & (tl.load(MASK + b * smask_b + t, mask=live, other=0) != 0)
             sT = tl.where(ok[:, None], sT, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sT, axis=0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            pT = tl.exp2(sT - m_safe[None, :])
-            l_i = l_i * alpha + tl.sum(pT, axis=0)
-            m_i = m_new
+            m_i, l_i, pT, alpha = _rescale_t(m_i, l_i, sT)
             vq = live & (t < TVQ)
             vr = live & (t >= TVQ)
             vb = tl.load(vp_base + t[:, None] * svp_t + vcol[None, :], mask=vq[:, None], other=0).to(tl.int16)

@@ -47,6 +47,7 @@ except ImportError:  # pragma: no cover - transformers is a dependency
     Cache, CacheLayerMixin = object, object  # type: ignore[assignment,misc]
 
 if HAS_TRITON:
+    from .decode_attention import _rescale_t
 
     @triton.jit
     def _step_kernel(K_NEW, V_NEW, snb, snh,  # new token (B, H, 1, D)
@@ -168,12 +169,7 @@ if HAS_TRITON:
             else:
                 sT = tl.dot(k, qT)
             sT = tl.where(live[:, None], sT, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sT, axis=0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            pT = tl.exp2(sT - m_safe[None, :])
-            l_i = l_i * alpha + tl.sum(pT, axis=0)
-            m_i = m_new
+            m_i, l_i, pT, alpha = _rescale_t(m_i, l_i, sT)
             v = tl.load(V + base + t[:, None] * skt + d[None, :], mask=live[:, None], other=0.0)
             if F32:
                 acc = acc * alpha[None, :] + tl.dot(tl.trans(v.to(tl.float32)), pT, input_precision="ieee")

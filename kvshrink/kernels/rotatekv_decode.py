@@ -163,7 +163,7 @@ def unsupported_reason(state: RotateKVState, head_dim: int, num_q_heads: int) ->
 
 # ---------------------------------------------------------------------------------------------- kernels
 if HAS_TRITON:
-    from .decode_attention import _codes_to_float, _merge_splits, _store_partials
+    from .decode_attention import _codes_to_float, _merge_splits, _rescale, _store_partials
 
     @triton.jit
     def _hg_sign(x):
@@ -302,13 +302,7 @@ if HAS_TRITON:
                 else:
                     part = _dot(qh, tl.trans(y), DOT_F32)
                 s += _hg_sign(arow & a)[:, None] * part  # H_G[a, a_j]
-            s = tl.where(ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            m_i = m_new
+            m_i, l_i, p, alpha = _rescale(m_i, l_i, s, ok)
             acc0 = acc0 * alpha[:, None]
             acc1 = acc1 * alpha[:, None]
             acc2 = acc2 * alpha[:, None]
