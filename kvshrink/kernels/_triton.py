@@ -41,5 +41,13 @@ def device_guard(device):
     return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
 
 
+def dot_in_f32(dtype) -> bool:
+    """Whether kernels multiply in IEEE fp32 for inputs of ``dtype``: fp32 models, and bf16 under Triton's
+    interpreter (numpy has no bf16, so it multiplies bf16 matrices wrongly); else fp16/bf16 matrix units."""
+    import torch
+
+    return dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())

@@ -23,7 +23,7 @@ import math
 import torch
 
 from ..storage import QuantizedTensor
-from ._triton import HAS_TRITON, INTERPRET, next_pow2, tl, triton
+from ._triton import HAS_TRITON, dot_in_f32, next_pow2, tl, triton
 from .quant_pack import kernel_supports
 from .reference import PackedKV
 
@@ -384,6 +384,14 @@ def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 LAUNCH: dict = {"block_n": None, "num_warps": 2, "num_stages": 2, "maxnreg": 168, "waves": 8}
 
 
+def partials_workspace(B: int, Hq: int, slots: int, D: int, device) -> tuple[torch.Tensor, ...]:
+    """Float32 ``(max, sum, acc)`` of every split's partial result, per query row: ``(B, Hq, slots)`` twice and
+    ``(B, Hq, slots, D)``, what the split kernels write and :func:`_merge_splits` reads."""
+    return (torch.empty(B, Hq, slots, dtype=torch.float32, device=device),
+            torch.empty(B, Hq, slots, dtype=torch.float32, device=device),
+            torch.empty(B, Hq, slots, D, dtype=torch.float32, device=device))
+
+
 def choose_splits(batch_kv_heads: int, tokens: int, block_n: int, sms: int, waves: int = 4) -> int:
     """Splits per KV head: enough programs for ~4 waves of the GPU, never below one block per split."""
     blocks = max(1, -(-tokens // block_n))
@@ -499,15 +507,9 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor | None = 
     else:
         fast_end, per_split, main_splits, tail_chunk, num_splits = plan_splits(
             B * Hkv, T, kv.tkq, kv.tvq, block_n, tail_n, fast, num_splits, waves, dev)
-    if workspace is None:
-        m_ws = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=dev)
-        l_ws = torch.empty_like(m_ws)
-        acc_ws = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=dev)
-    else:
-        m_ws, l_ws, acc_ws = workspace
+    m_ws, l_ws, acc_ws = workspace if workspace is not None else partials_workspace(B, Hq, num_splits, D, dev)
     sc = D ** -0.5 if scale is None else scale
-    # Triton's interpreter multiplies bf16 matrices wrongly (numpy has no bf16): dot in fp32 there
-    dot_f32 = q.dtype == torch.float32 or (INTERPRET and q.dtype == torch.bfloat16)
+    dot_f32 = dot_in_f32(q.dtype)
     _decode_split_kernel[(B * Hkv, num_splits)](
         q, q.stride(0), q.stride(1),
         kp, *kp_st, ks, kz, *ks_st, kr, *kr_st,

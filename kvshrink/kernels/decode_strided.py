@@ -22,9 +22,9 @@ import math
 
 import torch
 
-from ._triton import HAS_TRITON, INTERPRET, next_pow2, tl, triton
+from ._triton import HAS_TRITON, dot_in_f32, next_pow2, tl, triton
 from . import decode_attention as _da  # its merge kernel exists only with Triton: looked up at call time
-from .decode_attention import _dummy, plan_splits
+from .decode_attention import _dummy, partials_workspace, plan_splits
 from .reference import PackedKV
 from .strided import StridedQuantizedTensor, strided_supported
 
@@ -389,14 +389,9 @@ def decode_attention_strided(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor |
         sm_b = maskt.stride(0)
     else:
         maskt, sm_b = _dummy(dev, torch.int8), 0
-    if workspace is None:
-        m_ws = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=dev)
-        l_ws = torch.empty_like(m_ws)
-        acc_ws = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=dev)
-    else:
-        m_ws, l_ws, acc_ws = workspace
+    m_ws, l_ws, acc_ws = workspace if workspace is not None else partials_workspace(B, Hq, num_splits, D, dev)
     sc = D ** -0.5 if scale is None else scale
-    f32 = q.dtype == torch.float32 or (INTERPRET and q.dtype == torch.bfloat16)  # interpreter: no bf16 dot
+    f32 = dot_in_f32(q.dtype)
     lens_t = lens if lens is not None else _dummy(dev, torch.int32)
     _decode_strided_kernel[(B * Hkv, num_splits)](
         q, q.stride(0), q.stride(1),

@@ -33,7 +33,7 @@ import torch
 
 from ..layer import half_dtype
 from ..storage import QuantizedTensor, packed_size
-from ._triton import HAS_TRITON, INTERPRET, next_pow2, tl, triton
+from ._triton import HAS_TRITON, dot_in_f32, next_pow2, tl, triton
 from . import decode_attention as _da  # its merge kernel exists only with Triton: looked up at call time
 from .decode_attention import _sm_count, decode_attention
 from .quant_pack import kernel_supports, quantize_pack
@@ -197,12 +197,9 @@ def decode_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, le
     B, Hq, D = q.shape
     H = k.shape[1]
     HG = Hq // H
-    if workspace is None:
-        workspace = (torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device),
-                     torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device),
-                     torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device))
-    m_ws, l_ws, acc_ws = workspace
-    f32 = k.dtype == torch.float32 or (INTERPRET and k.dtype == torch.bfloat16)
+    m_ws, l_ws, acc_ws = workspace if workspace is not None else _da.partials_workspace(B, Hq, num_splits, D,
+                                                                                         q.device)
+    f32 = dot_in_f32(k.dtype)
     sc = (D ** -0.5 if scale is None else scale) * math.log2(math.e)
     _dense_decode_kernel[(B * H, num_splits)](q, q.stride(0), q.stride(1), k, v, k.stride(0), k.stride(1), k.stride(2),
                                               lens, m_ws, l_ws, acc_ws, H, num_splits, sc, HG=HG,

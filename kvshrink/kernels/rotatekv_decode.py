@@ -52,8 +52,8 @@ from dataclasses import dataclass
 import torch
 
 from ..storage import QuantizedTensor
-from ._triton import HAS_TRITON, INTERPRET, next_pow2, tl, triton
-from .decode_attention import _dummy, _sm_count, choose_splits
+from ._triton import HAS_TRITON, dot_in_f32, next_pow2, tl, triton
+from .decode_attention import _dummy, _sm_count, choose_splits, partials_workspace
 
 RKV_BITS = (2, 4, 8)
 RKV_HEAD_DIMS = (64, 128)
@@ -420,15 +420,12 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
     else:
         splits, per_split = 0, block_n
     slots = splits + 1  # the last slot: the dense segment
-    m_ws = torch.empty(B, Hq, slots, dtype=torch.float32, device=dev)
-    l_ws = torch.empty_like(m_ws)
-    acc_ws = torch.empty(B, Hq, slots, D, dtype=torch.float32, device=dev)
+    m_ws, l_ws, acc_ws = partials_workspace(B, Hq, slots, D, dev)
     m_d, l_d, acc_d = _dense_partial(q, state, maskt, qk_scale)
     m_ws[:, :, splits] = m_d
     l_ws[:, :, splits] = l_d
     acc_ws[:, :, splits] = acc_d
-    # Triton's interpreter multiplies bf16 matrices wrongly (numpy has no bf16): dot in fp32 there
-    dot_f32 = q.dtype == torch.float32 or (INTERPRET and q.dtype == torch.bfloat16)
+    dot_f32 = dot_in_f32(q.dtype)
     hd = _hadamard_pm1(D, torch.float32 if dot_f32 else torch.float16, str(dev))
     if splits:
         _launch_split(q, state, maskt, m_ws, l_ws, acc_ws, slots, splits, per_split, qk_scale, hd, block_n,
