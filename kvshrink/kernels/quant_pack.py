@@ -46,6 +46,18 @@ if HAS_TRITON:
         # rounds to nearest-even exactly as torch.round does; the subtraction is then exact.
         return (y + 12582912.0) - 12582912.0
 
+    @triton.jit
+    def _quantize_asym(x, S, HI: tl.constexpr, AXIS: tl.constexpr):
+        """``storage.quantize``'s arithmetic over ``AXIS`` of float32 ``x``: fp32 min/max, zero and scale rounded
+        to ``S``'s dtype first, codes from the *stored* scale by IEEE division, round-half-even, clamped.
+        Returns ``(zero, scale)`` in ``S``'s dtype and int32 codes shaped like ``x``."""
+        zero = tl.min(x, axis=AXIS).to(S.dtype.element_ty)
+        scale = tl.math.div_rn(tl.max(x, axis=AXIS) - zero.to(tl.float32), HI * 1.0).to(S.dtype.element_ty)
+        s = scale.to(tl.float32)
+        s = tl.where(s > 0, s, 1.0)
+        y = tl.math.div_rn(x - tl.expand_dims(zero.to(tl.float32), AXIS), tl.expand_dims(s, AXIS))
+        return zero, scale, tl.minimum(tl.maximum(_round_half_even(y), 0.0), HI * 1.0).to(tl.int32)
+
     # outputs are views at a new token offset every call: specializing on their alignment would recompile
     # (~1 s) the first time each alignment class shows up, in the middle of generation
     @triton.jit(do_not_specialize=["P", "S", "Z"])
@@ -63,14 +75,7 @@ if HAS_TRITON:
         t = tl.arange(0, G_TOK)
         d = tl.arange(0, D)
         x = tl.load(X + b * sxb + h * sxh + (grp * G_TOK + t)[:, None] * sxt + d[None, :]).to(tl.float32)
-        mn = tl.min(x, axis=0)
-        mx = tl.max(x, axis=0)
-        zero = mn.to(S.dtype.element_ty)
-        scale = tl.math.div_rn(mx - zero.to(tl.float32), HI * 1.0).to(S.dtype.element_ty)
-        s = scale.to(tl.float32)
-        s = tl.where(s > 0, s, 1.0)
-        y = tl.math.div_rn(x - zero.to(tl.float32)[None, :], s[None, :])
-        codes = tl.minimum(tl.maximum(_round_half_even(y), 0.0), HI * 1.0).to(tl.int32)  # (G_TOK, D)
+        zero, scale, codes = _quantize_asym(x, S, HI, 0)  # codes (G_TOK, D)
         # token j of the group sits in byte j // PPB at bit BITS * (j % PPB)
         codes = tl.reshape(codes, [GB, PPB, D])
         shifts = (tl.arange(0, PPB) * BITS)[None, :, None]
@@ -99,14 +104,7 @@ if HAS_TRITON:
         d = tl.arange(0, D)
         x = tl.load(X + b * sxb + h * sxh + t[:, None] * sxt + d[None, :], mask=tmask[:, None], other=0.0)
         xg = tl.reshape(x.to(tl.float32), [BLOCK_T, NG, G_CH])
-        mn = tl.min(xg, axis=2)
-        mx = tl.max(xg, axis=2)
-        zero = mn.to(S.dtype.element_ty)
-        scale = tl.math.div_rn(mx - zero.to(tl.float32), HI * 1.0).to(S.dtype.element_ty)
-        s = scale.to(tl.float32)
-        s = tl.where(s > 0, s, 1.0)
-        y = tl.math.div_rn(xg - zero.to(tl.float32)[:, :, None], s[:, :, None])
-        codes = tl.minimum(tl.maximum(_round_half_even(y), 0.0), HI * 1.0).to(tl.int32)
+        zero, scale, codes = _quantize_asym(xg, S, HI, 2)
         codes = tl.reshape(codes, [BLOCK_T, DP, PPB])  # channel c sits in byte c // PPB at bit BITS*(c % PPB)
         shifts = (tl.arange(0, PPB) * BITS)[None, None, :]
         packed = tl.sum(codes << shifts, axis=2).to(tl.uint8)  # (BLOCK_T, DP)

@@ -97,10 +97,7 @@ def quantize_strided_ref(x: torch.Tensor, bits: int, axis: str, group: int,
 
 
 if HAS_TRITON:
-
-    @triton.jit
-    def _rhe(y):
-        return (y + 12582912.0) - 12582912.0  # round-half-even for 0 <= y < 2**22 (see quant_pack.py)
+    from .quant_pack import _quantize_asym
 
     @triton.jit
     def _pack_slots(codes, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
@@ -124,12 +121,7 @@ if HAS_TRITON:
         t = tl.arange(0, G_TOK)
         d = tl.arange(0, D)
         x = tl.load(X + b * sxb + h * sxh + (grp * G_TOK + t)[:, None] * sxt + d[None, :]).to(tl.float32)
-        zero = tl.min(x, axis=0).to(S.dtype.element_ty)
-        scale = tl.math.div_rn(tl.max(x, axis=0) - zero.to(tl.float32), HI * 1.0).to(S.dtype.element_ty)
-        s = scale.to(tl.float32)
-        s = tl.where(s > 0, s, 1.0)
-        y = tl.math.div_rn(x - zero.to(tl.float32)[None, :], s[None, :])
-        codes = tl.minimum(tl.maximum(_rhe(y), 0.0), HI * 1.0).to(tl.int32)
+        zero, scale, codes = _quantize_asym(x, S, HI, 0)
         packed = _pack_slots(codes, G_TOK, D, BITS)
         k = tl.arange(0, DP)
         tl.store(P + b * spb + h * sph + (grp * G_TOK + t)[:, None] * spt + k[None, :], packed)
@@ -153,12 +145,8 @@ if HAS_TRITON:
         d = tl.arange(0, D)
         x = tl.load(X + b * sxb + h * sxh + t[:, None] * sxt + d[None, :], mask=tmask[:, None], other=0.0)
         xg = tl.reshape(x.to(tl.float32), [BLOCK_T, NG, G_CH])
-        zero = tl.min(xg, axis=2).to(S.dtype.element_ty)
-        scale = tl.math.div_rn(tl.max(xg, axis=2) - zero.to(tl.float32), HI * 1.0).to(S.dtype.element_ty)
-        s = scale.to(tl.float32)
-        s = tl.where(s > 0, s, 1.0)
-        y = tl.math.div_rn(xg - zero.to(tl.float32)[:, :, None], s[:, :, None])
-        codes = tl.reshape(tl.minimum(tl.maximum(_rhe(y), 0.0), HI * 1.0).to(tl.int32), [BLOCK_T, D])
+        zero, scale, codes = _quantize_asym(xg, S, HI, 2)
+        codes = tl.reshape(codes, [BLOCK_T, D])
         packed = _pack_slots(codes, BLOCK_T, D, BITS)
         k = tl.arange(0, DP)
         tl.store(P + b * spb + h * sph + t[:, None] * spt + k[None, :], packed, mask=tmask[:, None])
