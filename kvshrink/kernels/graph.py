@@ -242,10 +242,22 @@ class _StaticBase(CacheLayerMixin):
     def _workspace(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, Hq, D = q.shape
         if self._ws is None or self._ws[0].shape != (B, Hq, self.splits):
-            self._ws = (torch.empty(B, Hq, self.splits, dtype=torch.float32, device=q.device),
-                        torch.empty(B, Hq, self.splits, dtype=torch.float32, device=q.device),
-                        torch.empty(B, Hq, self.splits, D, dtype=torch.float32, device=q.device))
+            self._ws = _da.partials_workspace(B, Hq, self.splits, D, q.device)
         return self._ws
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """A prompt (more than one token) into the empty cache: stored and returned dense for SDPA; a decode
+        token: stored by :meth:`_step` with no host sync, and a :class:`GraphDecode` handle returned."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[-2] > 1:
+            self._check_prefill(key_states)
+            self.prefill(key_states, value_states)
+            return key_states, value_states
+        self._step(key_states, value_states)
+        self.seen += 1
+        handle = GraphDecode(self)
+        return handle, handle
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -288,21 +300,11 @@ class StaticDenseLayer(_StaticBase):
         self.lens.fill_(n)
         self.seen = n
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        n = key_states.shape[-2]
-        if n > 1:
-            self._check_prefill(key_states)
-            self.prefill(key_states, value_states)
-            return key_states, value_states
+    def _step(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         idx = self.lens.long()  # device index: no host read of the length
         self.k.index_copy_(2, idx, key_states)
         self.v.index_copy_(2, idx, value_states)
         self.lens.add_(self._one)
-        self.seen += 1
-        handle = GraphDecode(self)
-        return handle, handle
 
     def attend(self, q: torch.Tensor, scale: float | None) -> torch.Tensor:
         return decode_attention_dense(q, self.k, self.v, self.lens, self.splits, scale, workspace=self._workspace(q))
@@ -371,19 +373,6 @@ class StaticKiviLayer(_StaticBase):
     def _flush_rule(self, n: int) -> tuple[int, int]:
         """(Tkq, Tvq) after ``n`` tokens were appended at once: ``UniformLayer._flush_count``."""
         return (n // self.residual) * self.residual, max(0, n - self.residual)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        n = key_states.shape[-2]
-        if n > 1:
-            self._check_prefill(key_states)
-            self.prefill(key_states, value_states)
-            return key_states, value_states
-        self._step(key_states, value_states)
-        self.seen += 1
-        handle = GraphDecode(self)
-        return handle, handle
 
     def prefill(self, k: torch.Tensor, v: torch.Tensor, batch_start: int = 0) -> None:
         """Store a prompt of ``n`` tokens (base layer's flush rule) for rows ``[batch_start, +k.shape[0])``;
