@@ -177,7 +177,8 @@ def test_h2o_decoding_keeps_recent_and_heaviest(llama):
 
 # -- padding and batches --------------------------------------------------------------------------
 @pytest.mark.parametrize("spec", ["streamingllm:budget=20", "snapkv:budget=24,window=8", "h2o:budget=20",
-                                  "pyramidkv:budget=20,window=8", "snapkv:budget=48,window=8", "h2o:budget=0.8"])
+                                  "pyramidkv:budget=20,window=8", "snapkv:budget=48,window=8", "h2o:budget=0.8",
+                                  "ems:budget=24,window=8"])
 def test_left_padding_matches_unpadded_rows(llama, spec):
     """A left-padded batch decodes each row as that row alone does (also when a budget exceeds a row's length)."""
     ids = ids_for(batch=2, n=50, seed=3)
