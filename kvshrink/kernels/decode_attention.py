@@ -93,6 +93,29 @@ if HAS_TRITON:
         return tl.where(ok[None, :], s, float("-inf"))
 
     @triton.jit
+    def _split_range(split, LENS, T, TKQ, TVQ, FAST_END, tokens_per_split, TAIL_CHUNK, num_splits, MAIN_SPLITS,
+                     BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, HAS_LENS: tl.constexpr):
+        """This program's tokens ``[lo, hi)`` and the lengths ``(T, TKQ, TVQ, FAST_END)``: as the host planned
+        them (:func:`plan_splits`), or in graph mode derived the same way from ``LENS`` on the device (fixed
+        split count). Splits ``[0, MAIN_SPLITS)`` share the whole quantized blocks ``[0, FAST_END)`` evenly;
+        the rest take the tail (residuals, partial blocks) in chunks of ``TAIL_CHUNK`` tokens, so that the
+        slower general loop is spread over several programs instead of lengthening the last split."""
+        if HAS_LENS:
+            T = tl.load(LENS)
+            TKQ = tl.load(LENS + 1)
+            TVQ = tl.load(LENS + 2)
+            FAST_END = (tl.minimum(TKQ, TVQ) // BLOCK_N) * BLOCK_N
+            tokens_per_split = tl.cdiv(tl.cdiv(FAST_END, MAIN_SPLITS), BLOCK_N) * BLOCK_N
+            TAIL_CHUNK = tl.cdiv(tl.cdiv(tl.maximum(T - FAST_END, 1), num_splits - MAIN_SPLITS), TAIL_N) * TAIL_N
+        if split < MAIN_SPLITS:
+            lo = split * tokens_per_split
+            hi = tl.minimum(lo + tokens_per_split, FAST_END)
+        else:
+            lo = FAST_END + (split - MAIN_SPLITS) * TAIL_CHUNK
+            hi = tl.minimum(lo + TAIL_CHUNK, T)
+        return lo, hi, T, TKQ, TVQ, FAST_END
+
+    @triton.jit
     def _store_partials(M_OUT, L_OUT, ACC_OUT, o, rows, m_i, l_i, acc0, acc1, acc2, acc3, cb, D: tl.constexpr,
                         VPPB: tl.constexpr):
         """A split's partial result for its query rows (slot offsets ``o``): running max, sum, and the value
@@ -184,22 +207,8 @@ if HAS_TRITON:
         acc2 = tl.zeros([HG_PAD, VDP], tl.float32)
         acc3 = tl.zeros([HG_PAD, VDP], tl.float32)
 
-        if HAS_LENS:  # graph mode: lengths on the device, split ranges derived here (fixed split count)
-            T = tl.load(LENS)
-            TKQ = tl.load(LENS + 1)
-            TVQ = tl.load(LENS + 2)
-            FAST_END = (tl.minimum(TKQ, TVQ) // BLOCK_N) * BLOCK_N
-            tokens_per_split = tl.cdiv(tl.cdiv(FAST_END, MAIN_SPLITS), BLOCK_N) * BLOCK_N
-            TAIL_CHUNK = tl.cdiv(tl.cdiv(tl.maximum(T - FAST_END, 1), num_splits - MAIN_SPLITS), TAIL_N) * TAIL_N
-        # splits [0, MAIN_SPLITS) share the whole quantized blocks [0, FAST_END) evenly; the rest take the
-        # tail (residuals, partial blocks) in chunks of TAIL_CHUNK tokens, so that the slower general loop is
-        # spread over several programs instead of lengthening the last split
-        if split < MAIN_SPLITS:
-            lo = split * tokens_per_split
-            hi = tl.minimum(lo + tokens_per_split, FAST_END)
-        else:
-            lo = FAST_END + (split - MAIN_SPLITS) * TAIL_CHUNK
-            hi = tl.minimum(lo + TAIL_CHUNK, T)
+        lo, hi, T, TKQ, TVQ, FAST_END = _split_range(split, LENS, T, TKQ, TVQ, FAST_END, tokens_per_split,
+                                                     TAIL_CHUNK, num_splits, MAIN_SPLITS, BLOCK_N, TAIL_N, HAS_LENS)
         kp_base = KP + b * skp_b + h * skp_h
         ks_off = b * sks_b + h * sks_h
         kr_base = KR + b * skr_b + h * skr_h

@@ -29,7 +29,7 @@ from .reference import PackedKV
 from .strided import StridedQuantizedTensor, strided_supported
 
 if HAS_TRITON:
-    from .decode_attention import _rescale_t
+    from .decode_attention import _rescale_t, _split_range
 
     @triton.jit
     def _slot(bytes16, shift: tl.constexpr, MASK: tl.constexpr, F32: tl.constexpr):
@@ -136,20 +136,8 @@ if HAS_TRITON:
         b = pid_bh // H
         h = pid_bh % H
 
-        if HAS_LENS:  # graph mode: lengths on the device, split ranges derived here
-            T = tl.load(LENS)
-            TKQ = tl.load(LENS + 1)
-            TVQ = tl.load(LENS + 2)
-            FAST_END = (tl.minimum(TKQ, TVQ) // BLOCK_N) * BLOCK_N
-            tokens_per_split = tl.cdiv(tl.cdiv(FAST_END, MAIN_SPLITS), BLOCK_N) * BLOCK_N
-            tail_splits = num_splits - MAIN_SPLITS
-            TAIL_CHUNK = tl.cdiv(tl.cdiv(tl.maximum(T - FAST_END, 1), tail_splits), TAIL_N) * TAIL_N
-        if split < MAIN_SPLITS:
-            lo = split * tokens_per_split
-            hi = tl.minimum(lo + tokens_per_split, FAST_END)
-        else:
-            lo = FAST_END + (split - MAIN_SPLITS) * TAIL_CHUNK
-            hi = tl.minimum(lo + TAIL_CHUNK, T)
+        lo, hi, T, TKQ, TVQ, FAST_END = _split_range(split, LENS, T, TKQ, TVQ, FAST_END, tokens_per_split,
+                                                     TAIL_CHUNK, num_splits, MAIN_SPLITS, BLOCK_N, TAIL_N, HAS_LENS)
 
         hh = tl.arange(0, HG_PAD)
         hmask = hh < HG
