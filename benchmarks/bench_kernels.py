@@ -251,7 +251,7 @@ def make_rotatekv_state(B, T, bits=2, G=4, sinks=4, seed=0, dtype=torch.float16)
     didx = torch.cat([sidx.long(), torch.full((B, 1), T, device=dev, dtype=torch.long)], 1)
     return RotateKVState(
         kq=kq, vq=vq, k_mu=(torch.randn(B, HKV, 1, D, device=dev, generator=g) * 0.1).to(torch.float16),
-        inv_perm=torch.randperm(HKV * D, device=dev, generator=g).to(torch.int32),
+        key_slots=torch.randperm(HKV * D, device=dev, generator=g).to(torch.int32),
         pos=torch.arange(T, device=dev, dtype=torch.int32)[None].expand(B, T).contiguous(),
         inv_freq=1.0 / (500000.0 ** (torch.arange(0, D, 2, device=dev, dtype=torch.float32) / D)), rope_scale=1.0,
         head_group=G, rotate_values=True, sink_idx=sidx,
@@ -766,6 +766,19 @@ def sec_e2e_rotatekv(res: dict, model, T: int, steps: int) -> None:
     res["e2e_rotatekv"] = out
 
 
+def pick_rkv_launch(res: dict) -> None:
+    """Use the fastest RotateKV decode variant at 8x32K as its default for what follows (e2e_rkv)."""
+    from kvshrink.kernels import rotatekv_decode as rd
+
+    for sec in ("rdecode", "decode"):
+        row = next((r for r in res.get(sec, []) if (r["B"], r["T"]) == (8, 32768) and "rkv_variant" in r), None)
+        if row:
+            rd.LAUNCH.update(row["rkv_variant"])
+            res["rkv_launch_used_for_e2e"] = dict(rd.LAUNCH)
+            log(f"rotatekv decode launch settings for e2e: {rd.LAUNCH}")
+            return
+
+
 def pick_launch(res: dict) -> None:
     """Use the fastest strided-kernel variant at 8x32K (group 128) as its default for what follows (e2e)."""
     import importlib
@@ -901,9 +914,10 @@ def main() -> int:
                     help="sections: roof, decode (KIVI + RotateKV rows), rdecode (RotateKV rows only), quant, graph, "
                          "e2e (fp16, kivi and rotatekv:bits=2), e2e_rkv (rotatekv:bits=2 beside fp16 only), rpack (RotateKV's "
                          "fused rotate+quantize+pack vs its torch path; after quant for the prefill share)")
-    ap.add_argument("--rvariants", default="32:8:2:4,16:4:2:4,32:8:3:4,32:8:2:8,64:8:2:4",
-                    help="RotateKV decode kernel variants block_n:num_warps:num_stages:waves (fastest reported); "
-                         "empty: no RotateKV rows in the decode section")
+    ap.add_argument("--rvariants", default="16:4:2:4:dot,16:4:2:4:gather,32:8:2:4:dot,32:8:2:4:gather,16:4:3:4:dot,"
+                                           "32:4:2:4:dot,64:8:2:4:dot",
+                    help="RotateKV decode kernel variants block_n:num_warps:num_stages:waves[:scale_lookup dot|gather] "
+                         "(fastest reported); empty: no RotateKV rows in the decode section")
     ap.add_argument("--e2e-T", type=int, default=8192)
     ap.add_argument("--e2e-steps", type=int, default=16)
     ap.add_argument("--graph-steps", type=int, default=32)
@@ -931,7 +945,8 @@ def main() -> int:
         return [dict(zip(keys, map(int, v.split(":")))) for v in spec.split(",")]
 
     variants, svariants = parse(args.variants), parse(args.svariants)
-    rvariants = [dict(zip(("block_n", "num_warps", "num_stages", "waves"), map(int, v.split(":"))))
+    rvariants = [dict(zip(("block_n", "num_warps", "num_stages", "waves", "scale_lookup"),
+                          [int(x) if x.isdigit() else x for x in v.split(":")]))
                  for v in args.rvariants.split(",") if v]
     t0 = time.time()
     copy_bw = 3.0e12
@@ -954,6 +969,8 @@ def main() -> int:
                     copy_bw = r
                 if name == "decode":
                     pick_launch(res)
+                if name in ("decode", "rdecode"):
+                    pick_rkv_launch(res)
             except Exception:  # noqa: BLE001
                 log(f"section {name} failed:\n{traceback.format_exc()}")
             dump()

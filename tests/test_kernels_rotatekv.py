@@ -30,7 +30,7 @@ from kvshrink.kernels import disable, make_kernel_cache  # noqa: E402
 from kvshrink.kernels.rotatekv_decode import (attention_ref, decode_attention_rotatekv,  # noqa: E402
                                               state_dense, unsupported_reason)
 from kvshrink.kernels.rotatekv_layer import KernelRotateKVLayer, RotateKVDecode  # noqa: E402
-from kvshrink.methods.rotatekv import RotateKV, RotateKVLayer, _Capture  # noqa: E402
+from kvshrink.methods.rotatekv import RotateKV, RotateKVLayer  # noqa: E402
 from kvshrink.rope import RopeSource  # noqa: E402
 from kvshrink.testing import tiny_model  # noqa: E402
 
@@ -104,28 +104,28 @@ def pad_mask(B, T):
     return mask
 
 
-# (B, Hq, H, G, D, T, bits, dtype, reorder, center, sinks, masked, prerope, residual, group, block_n, splits)
+# (B, Hq, H, G, D, T, bits, dtype, reorder, center, sinks, masked, prerope, residual, group, block_n, splits, lookup)
 GRID = [
-    (1, 8, 2, 2, 64, 45, 2, torch.float32, True, True, True, False, True, 0, None, 16, 2),  # the default layout
-    (2, 8, 2, 2, 64, 70, 2, torch.float16, True, True, True, True, True, 0, None, 16, None),  # GQA 4, padding
-    (2, 4, 4, 2, 64, 37, 4, torch.bfloat16, False, False, False, True, True, 5, None, 16, 3),  # GQA 1, residual
-    (1, 4, 2, 1, 64, 50, 4, torch.float16, True, False, True, False, False, 0, None, 32, 2),  # post-RoPE keys
-    (2, 4, 2, 2, 128, 33, 2, torch.float32, True, True, True, True, True, 3, None, 16, 2),  # D 128, sink in res.
-    (1, 4, 2, 2, 64, 30, 8, torch.float32, True, True, False, False, True, 0, 32, 16, 1),  # 8 bits, groups of 32
-    (1, 2, 2, 2, 64, 40, 2, torch.float16, False, True, True, False, False, 2, 16, 16, 3),  # G=2 post-RoPE, g16
-    (2, 32, 8, 4, 64, 61, 2, torch.float16, True, True, True, True, True, 0, None, 32, None),  # Llama-3 heads, G=4
+    (1, 8, 2, 2, 64, 45, 2, torch.float32, True, True, True, False, True, 0, None, 16, 2, "dot"),  # default layout
+    (2, 8, 2, 2, 64, 70, 2, torch.float16, True, True, True, True, True, 0, None, 16, None, "gather"),  # GQA 4, pad
+    (2, 4, 4, 2, 64, 37, 4, torch.bfloat16, False, False, False, True, True, 5, None, 16, 3, "dot"),  # GQA 1, res.
+    (1, 4, 2, 1, 64, 50, 4, torch.float16, True, False, True, False, False, 0, None, 32, 2, "dot"),  # post-RoPE
+    (2, 4, 2, 2, 128, 33, 2, torch.float32, True, True, True, True, True, 3, None, 16, 2, "dot"),  # D 128, res. sink
+    (1, 4, 2, 2, 64, 30, 8, torch.float32, True, True, False, False, True, 0, 32, 16, 1, "gather"),  # 8 bits, g32
+    (1, 2, 2, 2, 64, 40, 2, torch.float16, False, True, True, False, False, 2, 16, 16, 3, "dot"),  # G=2 post, g16
+    (2, 32, 8, 4, 64, 61, 2, torch.float16, True, True, True, True, True, 0, None, 32, None, "dot"),  # Llama-3, G=4
 ]
 if FULL:
-    GRID = [(B, H * r, H, G, D, T, bits, dt, True, True, True, m, pre, res, None, None, None)
-            for (H, r, G), D, dt, bits, pre, (B, T, res, m) in itertools.product(
+    GRID = [(B, H * r, H, G, D, T, bits, dt, True, True, True, m, pre, res, None, None, None, lookup)
+            for (H, r, G), D, dt, bits, pre, (B, T, res, m), lookup in itertools.product(
                 ((8, 4, 4), (8, 1, 2), (4, 4, 1)), (64, 128), (torch.float16, torch.bfloat16), (2, 4), (True, False),
-                ((1, 1, 0, False), (3, 301, 0, True), (2, 4133, 16, False)))]
+                ((1, 1, 0, False), (3, 301, 0, True), (2, 4133, 16, False)), ("dot", "gather"))]
 
 
-@pytest.mark.parametrize("B,Hq,H,G,D,T,bits,dtype,reorder,center,sinks,masked,prerope,residual,group,block_n,splits",
-                         GRID)
+@pytest.mark.parametrize("B,Hq,H,G,D,T,bits,dtype,reorder,center,sinks,masked,prerope,residual,group,block_n,splits,"
+                         "lookup", GRID)
 def test_kernel_matches_dense_reference(B, Hq, H, G, D, T, bits, dtype, reorder, center, sinks, masked, prerope,
-                                        residual, group, block_n, splits):
+                                        residual, group, block_n, splits, lookup):
     layer = build(B, H, D, G, T, bits, dtype, reorder=reorder, center=center, sinks=sinks, prerope=prerope,
                   residual=residual, group=group)
     if sinks:
@@ -137,7 +137,8 @@ def test_kernel_matches_dense_reference(B, Hq, H, G, D, T, bits, dtype, reorder,
     assert state.tokens == T + 1 and unsupported_reason(state, D, Hq) is None
     mask = pad_mask(B, T + 1) if masked else None
     out = torch.full((B, Hq, D), float("nan"), dtype=dtype, device=DEV)  # poisoned: every element written
-    decode_attention_rotatekv(q, state, mask=mask, scale=0.3, out=out, block_n=block_n, num_splits=splits)
+    decode_attention_rotatekv(q, state, mask=mask, scale=0.3, out=out, block_n=block_n, num_splits=splits,
+                              scale_lookup=lookup)
     ref = reference(layer, q, k_new, v_new, mask, 0.3)
     assert not bool(out.isnan().any())
     err = float((out.float() - ref).norm() / ref.norm())
@@ -160,7 +161,7 @@ def test_kernel_detects_wrong_state():
     for spoil in ("perm", "pos", "sinks"):
         st = kl.decode_state(k_new, v_new)
         if spoil == "perm":
-            st.inv_perm = st.inv_perm.roll(1)
+            st.key_slots = st.key_slots.roll(1)
         elif spoil == "pos":
             st.pos = st.pos + 1
         else:

@@ -25,6 +25,7 @@ from kvshrink.kernels.rotatekv_pack import (key_center, make_bench_layer, rotate
                                             rotatekv_quantize_values)
 from kvshrink.methods.rotatekv import RotateKV, RotateKVLayer  # noqa: E402
 from kvshrink.rotation import hadamard_transform  # noqa: E402
+from kvshrink.storage import regroup_channels  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FULL = os.environ.get("KVSHRINK_FULL_GRID") == "1" and DEV == "cuda"
@@ -187,7 +188,9 @@ def test_round_trip_error_is_bounded(bits, bound):
         from kvshrink.rope import invert_rope
 
         kr = (layer.rotate_keys(invert_rope(k.float(), cos.float(), sin.float())) - layer.k_mu.float()).to(k.dtype)
-        step = kq.scale.float().repeat_interleave(kq.group, -1)
+        step = kq.scale.float().repeat_interleave(kq.group, -1)  # per quantization slot
+        assert kq.slots is not None
+        step = regroup_channels(step, kq.slots)  # channel c was quantized in slot kq.slots[c]
         assert bool(((kq.dequantize().float() - kr.float()).abs() <= 0.5 * step * 1.01 + 1e-3).all())
         vr = hadamard_transform(v.float()).to(v.dtype)
         vstep = vq.scale.float().repeat_interleave(vq.group, -1)

@@ -10,6 +10,7 @@ from transformers import DynamicCache
 from kvshrink import make_cache
 from kvshrink.errors import KVShrinkError, SpecError
 from kvshrink.methods.rotatekv import RotateKV, RotateKVLayer, quantize_clipped
+from kvshrink.storage import regroup_channels
 from kvshrink.registry import parse_spec
 from kvshrink.storage import quantize
 
@@ -262,6 +263,18 @@ def test_builtin_calibration_warns_and_orders_channels_by_mean(tiny):
     layer = cache.layers[0]
     assert sorted(layer.perm.tolist()) == list(range(2 * 32))
     torch.testing.assert_close(layer.perm[layer.inv_perm], torch.arange(64))
+    # the order forms the key groups: slot j (group j // 32) holds rotated channel perm[j]; codes stay in place
+    x = torch.randn(1, 2, 3, 32) * torch.linspace(0.1, 8, 64)[layer.inv_perm].reshape(2, 1, 32)
+    q = layer.quantize_keys(x)
+    assert q.slots is not None and torch.equal(q.slots, layer.inv_perm)
+    plain = quantize_clipped(regroup_channels(x, layer.perm), 2, "channel", 32, layer.clip)
+    assert torch.equal(q.scale, plain.scale) and torch.equal(q.zero, plain.zero)
+    assert torch.equal(regroup_channels(q.codes(), layer.perm), plain.codes())
+    assert torch.equal(q.dequantize(torch.float32), regroup_channels(plain.dequantize(torch.float32), layer.inv_perm))
+    # ...and the order matters: these channels grow along perm, so ordered groups have the smaller error
+    err = float((q.dequantize(torch.float32) - x).norm())
+    unordered = quantize_clipped(x, 2, "channel", 32, layer.clip).dequantize(torch.float32)
+    assert err < float((unordered - x).norm())
 
 
 def test_calibration_means_are_the_rotated_keys_own_means(tiny):

@@ -103,3 +103,33 @@ def test_cat_appends_tokens():
     a, b = quantize(x[:, :, :32], 4, "token", 16), quantize(x[:, :, 32:], 4, "token", 16)
     whole = quantize(x, 4, "token", 16)
     assert torch.equal(a.cat(b).dequantize(), whole.dequantize())
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4, 8]), heads=st.integers(1, 3), group=st.sampled_from([4, 8, 16]),
+       symmetric=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_slotted_groups_are_the_permuted_quantization_with_codes_in_place(bits, heads, group, symmetric, seed):
+    """Groups formed in another channel order (``slots``): same codes and scales as quantizing the permuted
+    tensor, each code at its own channel, and dequantize() undoes it exactly."""
+    from dataclasses import replace
+
+    from kvshrink.storage import regroup_channels
+
+    g = torch.Generator().manual_seed(seed)
+    D, T = 16, 3
+    x = torch.randn(2, heads, T, D, generator=g) * (1 + 9 * (torch.rand(heads * D, generator=g) > 0.8).float()
+                                                     ).reshape(heads, 1, D)
+    order = torch.randperm(heads * D, generator=g)
+    slots = order.argsort()
+    stored = quantize(regroup_channels(x, order), bits, "channel", group, symmetric)
+    codes = regroup_channels(stored.codes(), slots)  # every code back at its own channel
+    q = replace(stored, packed=pack(codes, bits), slots=slots)
+    assert torch.equal(q.codes(), codes)
+    assert torch.equal(q.dequantize(torch.float32), regroup_channels(stored.dequantize(torch.float32), slots))
+    assert q.nbytes() == stored.nbytes()  # the order is the caller's data, not the tensor's bytes
+    assert torch.equal(q.cat(q).dequantize(torch.float32)[:, :, T:], q.dequantize(torch.float32))
+    other = replace(q, slots=torch.roll(slots, 1))
+    with pytest.raises(ValueError, match="different layouts"):
+        q.cat(other)
+    if heads * D > group and not torch.equal(order, torch.arange(heads * D)):  # reading with the wrong slots fails
+        assert not torch.equal(other.dequantize(torch.float32), q.dequantize(torch.float32))

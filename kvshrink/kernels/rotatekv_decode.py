@@ -1,16 +1,20 @@
 """Decode attention that reads RotateKV's packed cache directly, RoPE applied inside the kernel (Triton).
 
 RotateKV (Su et al. 2025, arXiv 2501.16383; layout in :mod:`kvshrink.methods.rotatekv`) stores, per layer
-and token ``t``, keys as codes of ``P · H_n · k_pre(t) - mu`` with ``H_n`` the normalized Sylvester
-Hadamard matrix over each group of ``G`` KV heads (``n = G*D`` channels, head-major), ``P`` a calibrated
-gather over all ``H*D`` channels (stored channel ``j`` = rotated channel ``perm[j]``) and ``mu`` a
-per-channel centre; values as codes of ``v · H_D`` per head. Keys are pre-RoPE, so no rotation can be
+and token ``t``, keys as codes of ``H_n · k_pre(t) - mu`` with ``H_n`` the normalized Sylvester
+Hadamard matrix over each group of ``G`` KV heads (``n = G*D`` channels, head-major) and ``mu`` a
+per-channel centre, quantized in per-token groups formed in a calibrated order over all ``H*D`` channels
+(rotated channel ``c`` took quantization slot ``slots[c]``, group ``slots[c] // group``); values as codes
+of ``v · H_D`` per head. Keys are pre-RoPE, so no rotation can be
 folded into the query alone (RoPE depends on each stored token's position). The kernel undoes everything
 per block of tokens instead, exactly:
 
-* **permutation**: rotated channel ``c`` lives at stored position ``inv_perm[c]``, i.e. head
-  ``inv_perm[c] // D``, channel ``inv_perm[c] % D``: key bytes and scale/zero are *gathered* per channel
-  (one program reads the bytes of the ``G*D`` channels of its rotation group wherever ``perm`` put them).
+* **channel order**: codes sit at their own rotated channel, so one program reads the key bytes of its
+  rotation group's ``G*D`` channels contiguously; only the scale/zero of each channel comes from its slot's
+  group, anywhere among the token's ``H*D/group`` groups. With fp16 scales and at most ``MAX_DOT_GROUPS``
+  groups the program loads the token's whole scale row once per block and picks each channel's entry by a
+  product with a one-hot ``(groups, D)`` matrix on the matrix units (``scale_lookup="dot"``), else it loads
+  them per element (``"gather"``).
 * **grouped-head Hadamard**: Sylvester's ``H_{G*D} = H_G ⊗ H_D`` (:func:`kvshrink.rotation.hadamard_matrix`),
   so with ``y[a, :]`` the rotated channels ``a*D .. a*D+D-1`` of the group, the pre-RoPE key of head ``a'``
   is ``x[a'] = (1/sqrt(G D)) sum_a H_G[a, a'] (y[a] @ H_D)``. RoPE acts identically on every head of a
@@ -47,7 +51,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -65,7 +69,9 @@ LOG2E = math.log2(math.e)
 #: (benchmarks/results/kernels_h100_rotatekv.json: 1.19-1.47x faster than block 32 / 8 warps, which is what the
 #: session's end-to-end and peers runs used; 8x8K was 10% faster with 32 / 8). The sm_90 compile of 32 / 8 gives 206
 #: registers and no spills; block 64 hits 255 registers and spills.
-LAUNCH: dict = {"block_n": 16, "num_warps": 4, "num_stages": 2, "waves": 4}
+LAUNCH: dict = {"block_n": 16, "num_warps": 4, "num_stages": 2, "waves": 4, "scale_lookup": "dot"}
+#: key groups per token (all heads) up to which scales are picked by a one-hot product (its K dimension)
+MAX_DOT_GROUPS = 64
 
 
 # ---------------------------------------------------------------------------------------------- state
@@ -74,8 +80,9 @@ class RotateKVState:
     """One layer's RotateKV cache as the decode kernel reads it (``T = tq + dense tokens``).
 
     Quantized stream, tokens ``[0, tq)`` (``key_axis="channel"`` layout, may be views into capacity buffers):
-    ``kq``/``vq`` codes + fp scale/zero, ``k_mu (B, H, 1, D)`` or None, ``inv_perm (H*D,)`` int32 (stored
-    position of each rotated channel; None = identity), ``pos (B, >= tq)`` int32 positions (prerope),
+    ``kq``/``vq`` codes + fp scale/zero, ``k_mu (B, H, 1, D)`` or None, ``key_slots (H*D,)`` int32 (the
+    quantization slot of each rotated key channel, ``kq.slots``; None = its own), ``pos (B, >= tq)`` int32
+    positions (prerope),
     ``inv_freq (D/2,)`` float32 and ``rope_scale`` (RoPE's ``attention_scaling``), ``head_group`` = G,
     ``rotate_values`` (values stored as ``v @ H_D``), ``sink_idx (B, S)`` int32 sink tokens (-1 = none):
     excluded from the quantized stream.
@@ -88,7 +95,7 @@ class RotateKVState:
     kq: QuantizedTensor | None
     vq: QuantizedTensor | None
     k_mu: torch.Tensor | None
-    inv_perm: torch.Tensor | None
+    key_slots: torch.Tensor | None
     pos: torch.Tensor | None
     inv_freq: torch.Tensor | None
     rope_scale: float
@@ -182,28 +189,35 @@ if HAS_TRITON:
             return tl.dot(a.to(tl.float16), b.to(tl.float16))
 
     @triton.jit
-    def _key_tile(KP, kp_off, skp_h, skp_t, KS, KZ, ks_off, sks_h, sks_t, MU, mu_off, smu_h, INV, c, t, live,
-                  D: tl.constexpr, KBITS: tl.constexpr, KG: tl.constexpr, HAS_PERM: tl.constexpr,
-                  HAS_MU: tl.constexpr):
-        """Dequantized rotated-domain keys (tokens ``t``, rotated channels ``c``), float32 ``(N, D)``:
-        bytes, scales and zeros gathered from wherever the channel order put each channel."""
+    def _key_tile(KP, kp_off, skp_h, skp_t, KS, KZ, ks_off, sks_h, sks_t, MU, mu_off, smu_h, KSLOT, c, t, live,
+                  sct, zet, g_ar, D: tl.constexpr, KBITS: tl.constexpr, KG: tl.constexpr, HAS_SLOTS: tl.constexpr,
+                  HAS_MU: tl.constexpr, SCALE_DOT: tl.constexpr):
+        """Dequantized rotated-domain keys (tokens ``t``, rotated channels ``c`` of one head), float32 ``(N, D)``.
+        Codes sit at their own channel (contiguous bytes); each channel's scale/zero is its quantization
+        slot's: with ``SCALE_DOT`` picked from the token's whole scale row ``sct/zet (N, groups)`` by a
+        one-hot product on the matrix units (exact: one nonzero term), else loaded per element."""
         KPPB: tl.constexpr = 8 // KBITS
         KMASK: tl.constexpr = (1 << KBITS) - 1
-        if HAS_PERM:
-            sp = tl.load(INV + c)
+        hc = c // D
+        ch = c % D
+        lm = live[:, None]
+        kb = tl.load(KP + kp_off + hc[None, :] * skp_h + t[:, None] * skp_t + (ch // KPPB)[None, :], mask=lm, other=0)
+        code = (kb.to(tl.int32) >> ((ch % KPPB) * KBITS)[None, :]) & KMASK
+        if HAS_SLOTS:
+            sp = tl.load(KSLOT + c)
         else:
             sp = c
-        hs = sp // D  # stored head
-        ch = sp % D  # stored channel within the head
-        lm = live[:, None]
-        kb = tl.load(KP + kp_off + hs[None, :] * skp_h + t[:, None] * skp_t + (ch // KPPB)[None, :], mask=lm, other=0)
-        code = (kb.to(tl.int32) >> ((ch % KPPB) * KBITS)[None, :]) & KMASK
-        soff = ks_off + hs[None, :] * sks_h + t[:, None] * sks_t + (ch // KG)[None, :]
-        ksc = tl.load(KS + soff, mask=lm, other=0.0).to(tl.float32)
-        kze = tl.load(KZ + soff, mask=lm, other=0.0).to(tl.float32)
+        if SCALE_DOT:
+            onehot = ((sp // KG)[None, :] == g_ar[:, None]).to(tl.float16)  # (groups, D)
+            ksc = tl.dot(sct, onehot)
+            kze = tl.dot(zet, onehot)
+        else:
+            soff = ks_off + (sp // D)[None, :] * sks_h + t[:, None] * sks_t + ((sp % D) // KG)[None, :]
+            ksc = tl.load(KS + soff, mask=lm, other=0.0).to(tl.float32)
+            kze = tl.load(KZ + soff, mask=lm, other=0.0).to(tl.float32)
         y = _codes_to_float(code) * ksc + kze
         if HAS_MU:
-            y += tl.load(MU + mu_off + hs * smu_h + ch).to(tl.float32)[None, :]
+            y += tl.load(MU + mu_off + hc * smu_h + ch).to(tl.float32)[None, :]
         return y
 
     @triton.jit
@@ -214,10 +228,10 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["TQ", "tokens_per_split", "NSINK", "spos_b", "smask_b", "ssink_b"])
     def _rkv_split_kernel(
             Q, sqb, sqh,  # (B, Hq, D)
-            KP, skp_b, skp_h, skp_t,  # key codes (B, H, T, D*KBITS/8), packed along stored channels
+            KP, skp_b, skp_h, skp_t,  # key codes (B, H, T, D*KBITS/8), packed along (rotated) channels
             KS, KZ, sks_b, sks_h, sks_t,  # key scale/zero (B, H, T, D/KG)
-            MU, smu_b, smu_h,  # key centre (B, H, 1, D), stored channel order
-            INV,  # (H*D,) int32: stored position of each rotated channel
+            MU, smu_b, smu_h,  # key centre (B, H, 1, D)
+            KSLOT,  # (H*D,) int32: quantization slot of each rotated channel (its scale: group slot // KG)
             HD,  # (D, D) Sylvester ±1 matrix (unnormalized)
             POS, spos_b,  # (B, T) int32 positions
             FREQ,  # (D/2,) float32 inverse frequencies
@@ -229,8 +243,9 @@ if HAS_TRITON:
             R, TQ, tokens_per_split, qk_scale, rope_mult,
             G: tl.constexpr, HG: tl.constexpr, QROWS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
             KBITS: tl.constexpr, KG: tl.constexpr, VBITS: tl.constexpr, VG: tl.constexpr,
-            PREROPE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_MU: tl.constexpr, HAS_SINKS: tl.constexpr,
-            S_PAD: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr):
+            PREROPE: tl.constexpr, HAS_SLOTS: tl.constexpr, HAS_MU: tl.constexpr, HAS_SINKS: tl.constexpr,
+            S_PAD: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, SCALE_DOT: tl.constexpr,
+            NGK: tl.constexpr, NGK_PAD: tl.constexpr):
         VPPB: tl.constexpr = 8 // VBITS
         VDP: tl.constexpr = D // VPPB
         VMASK: tl.constexpr = (1 << VBITS) - 1
@@ -289,10 +304,19 @@ if HAS_TRITON:
                 sn = tl.sin(ang) * rope_mult
                 hd_lo = tl.load(HD + d[:, None] * D + dh[None, :])
                 hd_hi = tl.load(HD + d[:, None] * D + D2 + dh[None, :])
+            g_ar = tl.arange(0, NGK_PAD)
+            sct = g_ar
+            zet = g_ar
+            if SCALE_DOT:  # every key group's scale/zero of these tokens (all heads), once for the G head tiles
+                goff = ks_off + (g_ar // (D // KG))[None, :] * sks_h + t[:, None] * sks_t + (g_ar % (D // KG))[None, :]
+                gm = live[:, None] & (g_ar < NGK)[None, :]
+                sct = tl.load(KS + goff, mask=gm, other=0.0)
+                zet = tl.load(KZ + goff, mask=gm, other=0.0)
             s = tl.zeros([QROWS, BLOCK_N], tl.float32)
             for a in range(G):  # not unrolled: one head tile live at a time (registers)
-                y = _key_tile(KP, kp_off, skp_h, skp_t, KS, KZ, ks_off, sks_h, sks_t, MU, mu_off, smu_h, INV,
-                              (r * G + a) * D + d, t, live, D, KBITS, KG, HAS_PERM, HAS_MU)
+                y = _key_tile(KP, kp_off, skp_h, skp_t, KS, KZ, ks_off, sks_h, sks_t, MU, mu_off, smu_h, KSLOT,
+                              (r * G + a) * D + d, t, live, sct, zet, g_ar, D, KBITS, KG, HAS_SLOTS, HAS_MU,
+                              SCALE_DOT)
                 if PREROPE:
                     z_lo = _dot(y, hd_lo, DOT_F32)  # (N, D/2): y @ H_D, first half of the channels
                     z_hi = _dot(y, hd_hi, DOT_F32)
@@ -383,11 +407,12 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
                               scale: float | None = None, out: torch.Tensor | None = None,
                               num_splits: int | None = None, block_n: int | None = None,
                               num_warps: int | None = None, num_stages: int | None = None,
-                              waves: int | None = None) -> torch.Tensor:
+                              waves: int | None = None, scale_lookup: str | None = None) -> torch.Tensor:
     """Attention of ``q (B, Hq, D)`` (one token per sequence, post-RoPE) over a RotateKV cache ``state``.
 
     ``mask (B, T)`` bool/int, nonzero where a token may be attended (``T = state.tokens``). Returns
-    ``(B, Hq, D)`` in ``q.dtype`` (or writes ``out``). Raises ValueError for what :func:`unsupported_reason`
+    ``(B, Hq, D)`` in ``q.dtype`` (or writes ``out``). Launch settings default to :data:`LAUNCH`
+    (``scale_lookup``: how key scales are found, see the module docstring). Raises ValueError for what :func:`unsupported_reason`
     names; callers fall back to :func:`state_dense` + dense attention.
     """
     B, Hq, D = q.shape
@@ -429,7 +454,7 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
     hd = _hadamard_pm1(D, torch.float32 if dot_f32 else torch.float16, str(dev))
     if splits:
         _launch_split(q, state, maskt, m_ws, l_ws, acc_ws, slots, splits, per_split, qk_scale, hd, block_n,
-                      num_warps, num_stages, dot_f32, R, HG)
+                      num_warps, num_stages, dot_f32, R, HG, scale_lookup)
     if out is None:
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
     if out.stride(-1) != 1 or tuple(out.shape) != (B, Hq, D):
@@ -440,7 +465,7 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
 
 
 def _launch_split(q, state: RotateKVState, maskt, m_ws, l_ws, acc_ws, slots, splits, per_split, qk_scale, hd,
-                  block_n, num_warps, num_stages, dot_f32, R, HG) -> None:
+                  block_n, num_warps, num_stages, dot_f32, R, HG, scale_lookup) -> None:
     B, Hq, D = q.shape
     dev = q.device
     G = state.head_group
@@ -458,11 +483,18 @@ def _launch_split(q, state: RotateKVState, maskt, m_ws, l_ws, acc_ws, slots, spl
     if sink is not None and sink.stride(-1) != 1:
         sink = sink.contiguous()
     rope_mult = (state.rope_scale if state.prerope else 1.0) / math.sqrt(G * D)
+    ngk = state.num_kv_heads * (D // kq.group)  # key groups per token, all heads
+    if scale_lookup is None:
+        scale_lookup = LAUNCH["scale_lookup"]
+    if scale_lookup not in ("dot", "gather"):
+        raise ValueError(f"scale_lookup must be 'dot' or 'gather', got {scale_lookup!r}")
+    # the one-hot pick needs scales exact in fp16 (and few groups: its product runs over all of them)
+    scale_dot = scale_lookup == "dot" and kq.scale.dtype == torch.float16 and ngk <= MAX_DOT_GROUPS
     _rkv_split_kernel[(B * R, splits)](
         q, q.stride(0), q.stride(1),
         kq.packed, *kq.packed.stride()[:3], kq.scale, kq.zero, *kq.scale.stride()[:3],
         mu if mu is not None else f16, *mu_st,
-        state.inv_perm if state.inv_perm is not None else i32,
+        state.key_slots if state.key_slots is not None else i32,
         hd,
         pos if state.prerope else i32, pos.stride(0) if state.prerope else 0,
         freq if state.prerope else _dummy(dev, torch.float32),
@@ -472,9 +504,10 @@ def _launch_split(q, state: RotateKVState, maskt, m_ws, l_ws, acc_ws, slots, spl
         m_ws, l_ws, acc_ws, slots,
         R, state.tq, per_split, qk_scale, rope_mult,
         G=G, HG=HG, QROWS=next_pow2(max(16, G * HG)), D=D, BLOCK_N=block_n, KBITS=kq.bits, KG=kq.group,
-        VBITS=vq.bits, VG=vq.group, PREROPE=state.prerope, HAS_PERM=state.inv_perm is not None,
+        VBITS=vq.bits, VG=vq.group, PREROPE=state.prerope, HAS_SLOTS=state.key_slots is not None,
         HAS_MU=mu is not None, HAS_SINKS=nsink > 0, S_PAD=next_pow2(max(nsink, 1)),
-        HAS_MASK=maskt is not None, DOT_F32=dot_f32, num_warps=num_warps, num_stages=num_stages)
+        HAS_MASK=maskt is not None, DOT_F32=dot_f32, SCALE_DOT=scale_dot, NGK=ngk, NGK_PAD=next_pow2(max(16, ngk)),
+        num_warps=num_warps, num_stages=num_stages)
 
 
 # ---------------------------------------------------------------------------------------------- torch reference
@@ -496,12 +529,11 @@ def state_dense(state: RotateKVState, dtype: torch.dtype = torch.float32) -> tup
     K = torch.zeros(B, H, T + 1, D, dtype=torch.float32, device=state.dense_k.device)  # + a dump slot for -1
     V = torch.zeros_like(K)
     if tq:
-        y = state.kq.dequantize(torch.float32)
+        slots = None if state.key_slots is None else state.key_slots.long()
+        y = replace(state.kq, slots=slots).dequantize(torch.float32)
         if state.k_mu is not None:
             y = y + state.k_mu.float()
         y = y.transpose(1, 2).reshape(B, tq, H * D)
-        if state.inv_perm is not None:
-            y = y.index_select(-1, state.inv_perm.long())
         x = hadamard_transform(y.reshape(B, tq, H // G, G * D), inverse=True).reshape(B, tq, H, D).transpose(1, 2)
         if state.prerope:
             cos, sin = rope_tables(state.pos[:, :tq], state.inv_freq, state.rope_scale)

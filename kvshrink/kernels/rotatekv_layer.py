@@ -16,11 +16,12 @@ differences, both for ``key_axis="channel"`` (the default layout):
 Attention semantics are the base layer's: the new token attends to the compressed past and to itself exactly.
 
 Storing: with ``residual=0`` (the paper's default) every chunk goes, whole, through the fused Triton
-rotate+quantize+pack kernel (:mod:`.rotatekv_pack`: inverse RoPE, grouped-head FWHT, channel order, centre,
+rotate+quantize+pack kernel (:mod:`.rotatekv_pack`: inverse RoPE, grouped-head FWHT, centre, channel order,
 clipped quantization and packing in one launch per stream, bit-identical to the torch path), written in place
 into the capacity buffers. Otherwise (a residual, the CPU, layouts the kernel does not cover) new tokens take
 the base layer's torch transform and are quantized by :meth:`_quantize_block`, which receives the block in
-the stored (rotated, reordered, centred) domain and the capacity-buffer views to write.
+the stored (rotated, centred) domain and the capacity-buffer views to write (keys are grouped in the
+calibrated channel order there, :meth:`~kvshrink.methods.rotatekv.RotateKVLayer.quantize_keys`).
 """
 from __future__ import annotations
 
@@ -129,7 +130,9 @@ class KernelRotateKVLayer(RotateKVLayer):
                      dtype: torch.dtype) -> QuantizedTensor:
         stream.rows += n
         packed, scale, zero = stream.views(stream.rows)
-        return QuantizedTensor(packed, scale, zero, bits, "channel", group, stream.rows, D, dtype)
+        order = self.channel_order(packed.device) if stream is self._k else None  # keys: slots of the channels
+        return QuantizedTensor(packed, scale, zero, bits, "channel", group, stream.rows, D, dtype,
+                               None if order is None else order[1])
 
     # -- storing -------------------------------------------------------------------------------------
     def fused_store(self, k: torch.Tensor, pos: torch.Tensor | None) -> bool:
@@ -164,10 +167,13 @@ class KernelRotateKVLayer(RotateKVLayer):
 
     # -- the quantization seam (torch path) ---------------------------------------------------------------
     def _quantize_block(self, block: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                        group: int) -> None:
+                        keys: bool) -> None:
         """Quantize stored-domain keys or (rotated) values ``block (B, H, n, D)`` with per-token groups of
-        ``group`` channels into ``out`` (views of the capacity buffers)."""
-        q = quantize_clipped(block, self.bits, "channel", group, self.clip, self.scale_dtype)
+        ``group`` channels (keys: formed in the calibrated order) into ``out`` (views of the capacity buffers)."""
+        if keys:
+            q = self.quantize_keys(block)
+        else:
+            q = quantize_clipped(block, self.bits, "channel", self.value_group, self.clip, self.scale_dtype)
         for dst, src in zip(out, q.tensors()):
             dst.copy_(src)
 
@@ -180,7 +186,7 @@ class KernelRotateKVLayer(RotateKVLayer):
             return q, res
         self._sync(stream, q)
         out = self._claim_rows(stream, res, n, self.bits, group)
-        self._quantize_block(res[:, :, :n], out, group)
+        self._quantize_block(res[:, :, :n], out, stream is self._k)
         q = self._commit_rows(stream, n, self.bits, group, res.shape[-1], res.dtype)
         rest = res[:, :, n:]
         return q, (rest.clone() if rest.shape[-2] else None)
@@ -269,8 +275,9 @@ class KernelRotateKVLayer(RotateKVLayer):
         return (self.use_kernels and not self.simulated and key_states.shape[-2] == 1 and self.is_initialized
                 and kernels_usable(key_states.device) and self.kernel_refusal(key_states) is None)
 
-    def _inv_perm_on(self, device: torch.device) -> torch.Tensor | None:
-        if not self.reordered:
+    def _key_slots_on(self, device: torch.device) -> torch.Tensor | None:
+        """The keys' quantization slot of each channel (``kq.slots``) as int32 on ``device``, for the kernel."""
+        if self.channel_order(device) is None:
             return None
         key = str(device)
         if key not in self._device_copies:
@@ -328,7 +335,7 @@ class KernelRotateKVLayer(RotateKVLayer):
         idx.append(torch.full((B, 1), T - 1, device=dev, dtype=torch.long))
         rope = self._rope_params() if self.m.prerope else None
         return RotateKVState(
-            kq=self.kq, vq=self.vq, k_mu=self.k_mu, inv_perm=self._inv_perm_on(dev),
+            kq=self.kq, vq=self.vq, k_mu=self.k_mu, key_slots=self._key_slots_on(dev),
             pos=self.pos if self.m.prerope else None, inv_freq=self._inv_freq_on(rope[0], dev) if rope else None,
             rope_scale=rope[1] if rope else 1.0, head_group=self.G, rotate_values=rotv, sink_idx=self.sink_idx,
             dense_k=torch.cat(ks, 2), dense_v=torch.cat(vs, 2), dense_idx=torch.cat(idx, 1), tokens=T)

@@ -2,14 +2,15 @@
 
 RotateKV (Su et al. 2025, arXiv 2501.16383, Sec. 3; ``kvshrink/methods/rotatekv.py``) stores, per layer,
 
-* keys: ``kq = Q_clip( (P · H_G · R_t^{-1} k_t) - mu )`` rounded to 16 bits (the model dtype, or fp16 for
+* keys: ``kq = Q_clip^P( (H_G · R_t^{-1} k_t) - mu )`` rounded to 16 bits (the model dtype, or fp16 for
   an fp32 model: ``RotateKVLayer.stored_dtype``) before ``Q_clip``, where
   ``R_t^{-1}`` inverts RoPE with the chunk's (cos, sin) (``prerope``; :func:`kvshrink.rope.invert_rope`:
   ``k_pre = (k cos - rotate_half(k) sin) / (cos^2 + sin^2)``), ``H_G`` is the normalized Sylvester Hadamard
   matrix over each group of ``G`` KV heads (``G*D`` channels, head-major: channel ``h*D + d``), applied as
   :func:`kvshrink.rotation.fwht` does (butterfly stages with pair distance 1, 2, ..., G*D/2, then one multiply
-  by ``1/sqrt(G*D)``), ``P`` the calibrated gather over the layer's ``H*D`` channels (stored channel ``j`` =
-  rotated channel ``perm[j]``), ``mu`` the per-channel centre ``k_mu (B, H, 1, D)``;
+  by ``1/sqrt(G*D)``), ``mu`` the per-channel centre ``k_mu (B, H, 1, D)``, and ``Q_clip^P`` quantizes with the
+  groups formed over the layer's ``H*D`` channels in the calibrated order ``P`` (slot ``j`` = rotated channel
+  ``perm[j]``) while every code stays at its own channel (:func:`kvshrink.methods.rotatekv.quantize_clipped`);
 * values: ``vq = Q_clip(v · H_D)`` (per head);
 
 with ``Q_clip`` the asymmetric per-token quantizer over groups of ``group`` channels and the range scaled by
@@ -23,10 +24,12 @@ tokens with *all* ``H`` heads (the permutation crosses heads) and does every ste
 1. inverse RoPE at load time (the tile is loaded twice, the second time at the rotate-half partner column);
 2. the Hadamard as the *same* butterfly stages as ``fwht`` (reshape/permute/split/join), so every float32
    addition happens in the same order as the reference: the rotated keys are bit-identical, not just close;
-3. the permutation as one ``tl.gather`` along the channel axis up to 1024 channels (Llama-3-8B's 8 x 128);
-   above that (Triton makes the gather warp-local and spills) through the program's own slice of a global
-   float32 scratch buffer: store, ``bar.sync``, load at permuted offsets (the round trip stays in L1/L2);
-4. centre, round to the model dtype, clipped min/max, scale/zero, codes and packing as ``quant_pack.py``.
+3. centre, round to the model dtype;
+4. the permutation into slot order as one ``tl.gather`` along the channel axis up to 1024 channels
+   (Llama-3-8B's 8 x 128); above that (Triton makes the gather warp-local and spills) through the program's own
+   slice of a global float32 scratch buffer: store, ``bar.sync``, load at permuted offsets (stays in L1/L2);
+5. clipped min/max, scale/zero and codes per slot group as ``quant_pack.py``; the codes permuted back to
+   their channels (the inverse permutation, same route), packed.
 
 Bit-exactness: every float32 operation of the reference is done once, in the same order, with IEEE rounding
 (``div_rn`` for the divisions; the launch sets ``enable_fp_fusion=False`` so that ``a*b - c`` is not contracted
@@ -101,6 +104,21 @@ if HAS_TRITON:
         return tl.reshape(y, [ROWS, N])
 
     @triton.jit
+    def _permute(x, IDX, SCR, c, C: tl.constexpr, BLOCK_T: tl.constexpr, SCRATCH: tl.constexpr):
+        """``x[:, IDX[c]]`` for a float32 ``(BLOCK_T, C)`` tile: by ``tl.gather`` in registers, or (``SCRATCH``)
+        through this program's own slice of a global float32 buffer: store, ``bar.sync``, load at the permuted
+        offsets (the round trip stays in L1/L2)."""
+        idx = tl.load(IDX)
+        if SCRATCH:
+            base = SCR + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * (BLOCK_T * C)
+            rr = tl.arange(0, BLOCK_T)[:, None] * C
+            tl.store(base + rr + c[None, :], x)
+            tl.debug_barrier()  # bar.sync: the CTA's global writes are visible to all its threads
+            return tl.load(base + rr + idx[None, :])
+        else:  # Triton makes the gather warp-local, which spills beyond ~1024 channels
+            return tl.gather(x, tl.broadcast_to(idx[None, :], [BLOCK_T, C]), 1)
+
+    @triton.jit
     def _invert_rope(x, row, d, m, COS, SIN, coff, R: tl.constexpr):
         """``(k cos - rotate_half(k) sin) / (cos^2 + sin^2)`` on the leading ``R`` channels of each head
         (``rope.invert_rope``; float32, IEEE division); channels ``>= R`` pass through."""
@@ -119,7 +137,7 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["P", "S", "Z", "T"])
     def _rotate_quant_kernel(X, sxb, sxh, sxt,  # input (B, H, T, D), last dim contiguous
                              COS, SIN, scb, sch, sct,  # RoPE (B, H, T, R) views (stride 0 where broadcast)
-                             PERM,  # int32 (HP*D,): stored channel j <- rotated channel PERM[j]
+                             PERM, INV,  # int32 (HP*D,): slot j <- rotated channel PERM[j]; INV = PERM^-1
                              SCR,  # fp32 scratch, BLOCK_T*HP*D per program (SCRATCH only)
                              MU, smb, smh,  # centre (B, H, 1, D), last dim contiguous
                              P, spb, sph, spt,  # packed (B, H, T, D // PPB)
@@ -152,17 +170,7 @@ if HAS_TRITON:
             for i in tl.static_range(LOG_N):
                 y = _fwht_stage(y, ROWS, N, 1 << i)
             x = tl.reshape(y, [BLOCK_T, C]) * inv_norm  # fwht's final `* (1 / sqrt(n))`, fp32 constant
-        if REORDER:
-            idx = tl.load(PERM + c)
-            if SCRATCH:  # through this program's own slice of a global buffer (stays in L1/L2)
-                base = SCR + (b * tl.num_programs(1) + tl.program_id(1)) * (BLOCK_T * C)
-                rr = tl.arange(0, BLOCK_T)[:, None] * C
-                tl.store(base + rr + c[None, :], x)
-                tl.debug_barrier()  # bar.sync: the CTA's global writes are visible to all its threads
-                x = tl.load(base + rr + idx[None, :])
-            else:  # in registers/shared memory; Triton makes it warp-local, which spills beyond ~1024 channels
-                x = tl.gather(x, tl.broadcast_to(idx[None, :], [BLOCK_T, C]), 1)
-        if CENTER:
+        if CENTER:  # k_mu is per rotated channel
             mu = tl.load(MU + b * smb + h * smh + d, mask=hmask, other=0.0).to(tl.float32)
             x = x - mu[None, :]
         # `kr.to(stored_dtype)` before quantizing: the reference quantizes the 16-bit tensor
@@ -170,6 +178,8 @@ if HAS_TRITON:
             x = x.to(tl.float16).to(tl.float32)
         else:
             x = _round_to(x, X_BF16, X.dtype.element_ty)
+        if REORDER:  # channels into quantization-slot order: slot j <- rotated channel PERM[j]
+            x = _permute(x, PERM + c, SCR, c, C, BLOCK_T, SCRATCH)
 
         # clipped asymmetric quantization, per token over GROUP channels (quantize_clipped's order)
         NGT: tl.constexpr = C // GROUP
@@ -186,6 +196,12 @@ if HAS_TRITON:
         s = tl.where(scale > 0, scale, 1.0)
         q = tl.math.div_rn(xg - zero[:, :, None], s[:, :, None])
         codes = tl.minimum(tl.maximum(_round_half_even(q), 0.0), HI * 1.0).to(tl.int32)
+
+        if REORDER:  # every code back to its own channel: channel c was quantized in slot INV[c]
+            codes = tl.reshape(codes, [BLOCK_T, C])
+            if SCRATCH:
+                tl.debug_barrier()  # everybody has read the slot-order keys before the scratch is reused
+            codes = _permute(codes.to(tl.float32), INV + c, SCR, c, C, BLOCK_T, SCRATCH).to(tl.int32)
 
         # channel c of a head sits in byte c // PPB at bit BITS * (c % PPB)
         PPB: tl.constexpr = 8 // BITS
@@ -232,21 +248,23 @@ def rotatekv_pack_supported(layer: "RotateKVLayer", k: torch.Tensor | None = Non
     return True
 
 
-# int32 permutation padded to HP*D, per layer and device (a decode step must not rebuild it)
+# int32 permutation and its inverse padded to HP*D, per layer and device (a decode step must not rebuild them)
 _PERMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _perm_i32(layer: "RotateKVLayer", hp: int, device: torch.device) -> torch.Tensor:
+def _perm_i32(layer: "RotateKVLayer", hp: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     key = (id(layer.perm), hp, str(device))
     hit = _PERMS.get(layer)
     if hit is not None and hit[0] == key:
         return hit[1]
     n = layer.H * layer.D
-    p = torch.arange(hp * layer.D, dtype=torch.int32)  # padded heads map to themselves (masked on store)
-    p[:n] = layer.perm.to(torch.int32)
-    p = p.to(device)
-    _PERMS[layer] = (key, p)
-    return p
+    pair = []
+    for order in (layer.perm, layer.inv_perm):
+        p = torch.arange(hp * layer.D, dtype=torch.int32)  # padded heads map to themselves (masked on store)
+        p[:n] = order.to(torch.int32)
+        pair.append(p.to(device))
+    _PERMS[layer] = (key, tuple(pair))
+    return tuple(pair)  # type: ignore[return-value]
 
 
 def _recip32(n: int) -> float:
@@ -304,7 +322,7 @@ def _launch(layer: "RotateKVLayer", x: torch.Tensor, group: int, *, rope: tuple 
     else:
         cos = sin = x
         R, rs = D, (0, 0, 0)
-    perm = _perm_i32(layer, hp, x.device) if reorder else x
+    perm, inv = _perm_i32(layer, hp, x.device) if reorder else (x, x)
     if mu is not None:
         mu = mu.to(device=x.device).expand(B, H, 1, D)
         if mu.stride(-1) != 1:
@@ -327,7 +345,7 @@ def _launch(layer: "RotateKVLayer", x: torch.Tensor, group: int, *, rope: tuple 
     if T and B:
         _rotate_quant_kernel[grid](
             x, x.stride(0), x.stride(1), x.stride(2),
-            cos, sin, *rs, perm, scr, mu, *ms,
+            cos, sin, *rs, perm, inv, scr, mu, *ms,
             packed, packed.stride(0), packed.stride(1), packed.stride(2),
             scale, zero, scale.stride(0), scale.stride(1), scale.stride(2),
             T, float(layer.clip), 1.0 / math.sqrt(n), _recip32(2**layer.bits - 1),
@@ -336,8 +354,9 @@ def _launch(layer: "RotateKVLayer", x: torch.Tensor, group: int, *, rope: tuple 
             X_BF16=x.dtype == torch.bfloat16, S_BF16=layer.scale_dtype == torch.bfloat16, RECIP_HI=x.is_cuda,
             R_F16=layer.stored_dtype(x.dtype) != x.dtype,
             num_warps=num_warps, enable_fp_fusion=False)
+    order = layer.channel_order(x.device) if reorder else None
     return QuantizedTensor(packed, scale, zero, layer.bits, "channel", group, T, D,  # type: ignore[arg-type]
-                           layer.stored_dtype(x.dtype))
+                           layer.stored_dtype(x.dtype), None if order is None else order[1])
 
 
 def key_center(layer: "RotateKVLayer", k: torch.Tensor, cos: torch.Tensor | None = None,
@@ -379,7 +398,7 @@ def rotatekv_quantize_keys(layer: "RotateKVLayer", k: torch.Tensor, cos: torch.T
     """RotateKV's quantized keys of ``k`` (B, H, T, D, post-RoPE as the model gives them), one launch.
 
     Same QuantizedTensor as the layer's torch path for these tokens (``_store`` -> ``_push_keys`` with
-    ``residual=0``): ``quantize_clipped((P H_G R^{-1} k - k_mu).to(k.dtype), bits, "channel", key_group, clip)``.
+    ``residual=0``): ``layer.quantize_keys((H_G R^{-1} k - k_mu).to(k.dtype))`` (groups in the calibrated order).
     ``cos, sin`` ((B, T, R) or per head (B, H, T, R)) are the chunk's RoPE tables, needed with ``prerope``.
     With ``center`` and no ``layer.k_mu`` yet, the centre is taken from this chunk first (:func:`key_center`,
     torch, sets ``layer.k_mu``). ``out = (packed, scale, zero)`` views are written in place."""
@@ -426,13 +445,10 @@ def _rotated_keys_ref(layer: "RotateKVLayer", k: torch.Tensor, cos: torch.Tensor
 def rotatekv_quantize_keys_ref(layer: "RotateKVLayer", k: torch.Tensor, cos: torch.Tensor | None = None,
                                sin: torch.Tensor | None = None) -> QuantizedTensor:
     """What ``RotateKVLayer._store`` + ``_push_keys`` (residual 0) store for ``k``: the torch path."""
-    from ..methods.rotatekv import quantize_clipped
-
     kr = _rotated_keys_ref(layer, k, cos, sin)
     if layer.m.center:
         kr = kr - layer._key_center(kr)
-    return quantize_clipped(kr.to(layer.stored_dtype(k.dtype)), layer.bits, layer.key_axis, layer.key_group,
-                            layer.clip, layer.scale_dtype)
+    return layer.quantize_keys(kr.to(layer.stored_dtype(k.dtype)))
 
 
 def rotatekv_quantize_values_ref(layer: "RotateKVLayer", v: torch.Tensor) -> QuantizedTensor:

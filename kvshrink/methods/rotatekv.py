@@ -31,10 +31,14 @@ levels; the authors' script computes ``bits**2 - 1``, which is right only at 2 a
 
 Layout (what a decode kernel reads), per layer, batch at dim 0, tokens at dim 2:
 
-* ``kq``: keys, rotated domain = ``reorder(H_G · k_pre)`` viewed as ``(B, H, T, D)`` with H_G the
-  normalized Hadamard matrix over each group of ``G`` heads' channels (``(B, T, H*D)`` → ``(B, T, H/G, G*D)``)
-  and ``reorder`` a gather over the ``H*D`` channels by the calibrated permutation ``perm``
-  (``key_axis=channel`` only).
+* ``kq``: keys, rotated domain = ``H_G · k_pre`` viewed as ``(B, H, T, D)`` with H_G the
+  normalized Hadamard matrix over each group of ``G`` heads' channels (``(B, T, H*D)`` → ``(B, T, H/G, G*D)``).
+  The calibrated order ``perm`` over the ``H*D`` channels (``key_axis=channel`` only) decides which channels
+  share a quantization group: group ``j`` of a token holds channels ``perm[j*group : (j+1)*group]``, exactly as
+  if the channels were gathered by ``perm`` and then grouped; but each code stays at its own rotated channel
+  and the tensor records ``slots = perm.argsort()`` (:class:`kvshrink.storage.QuantizedTensor`), so that a
+  decode kernel reads the codes of one rotation group contiguously and only looks up its scales (same bytes,
+  same values as storing the codes in ``perm`` order).
   ``key_axis="token"`` (kvshrink's variant): per-channel groups of ``group`` (32) tokens as in KIVI (packed
   ``(B,H,T/g,D,packed(g))``, scale/zero ``(B,H,T/g,D)``); sink tokens are replaced by their group's mean
   before quantizing so that a sink does not widen its group's range. ``key_axis="channel"`` (the
@@ -81,7 +85,7 @@ from __future__ import annotations
 import logging
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -92,7 +96,7 @@ from ..registry import register
 from ..quant_utils import gather_tokens
 from ..rope import append_positions, RopeSource, apply_rope, check_rope_style, decoder_layers, invert_rope, rotary_modules
 from ..rotation import hadamard_transform, is_supported
-from ..storage import SCALE_DTYPES, QuantizedTensor, pack, quantize
+from ..storage import SCALE_DTYPES, QuantizedTensor, pack, quantize, regroup_channels
 from .base import Quantizer, check_choice, require
 
 log = logging.getLogger("kvshrink")
@@ -104,9 +108,17 @@ BITS = (2, 3, 4, 8, 16)
 # quantization with a clipped range (the authors' clip_ratio)
 # ----------------------------------------------------------------------------------------------
 def quantize_clipped(x: torch.Tensor, bits: int, axis: str, group: int, clip: float,
-                     scale_dtype: torch.dtype = torch.float16) -> QuantizedTensor:
+                     scale_dtype: torch.dtype = torch.float16, order: torch.Tensor | None = None,
+                     slots: torch.Tensor | None = None) -> QuantizedTensor:
     """Asymmetric uniform quantization with the group range scaled by ``clip`` (<= 1); values outside
-    the clipped range saturate. ``clip == 1`` is exactly :func:`kvshrink.storage.quantize`."""
+    the clipped range saturate. ``clip == 1`` is exactly :func:`kvshrink.storage.quantize`.
+
+    ``order`` (``axis="channel"``, with ``slots`` its inverse permutation): channel groups are formed over the
+    token's channels (flat over heads) gathered by ``order``, as if stored in that order, while every code
+    stays at its own channel; the result records ``slots`` (:class:`~kvshrink.storage.QuantizedTensor`)."""
+    if order is not None:
+        q = quantize_clipped(regroup_channels(x, order), bits, axis, group, clip, scale_dtype)
+        return replace(q, packed=pack(regroup_channels(q.codes(), slots), bits), slots=slots)
     if clip >= 1.0:
         return quantize(x, bits, axis, group, False, scale_dtype)  # type: ignore[arg-type]
     B, H, T, D = x.shape
@@ -213,23 +225,32 @@ class RotateKVLayer(CompressedLayer):
             self.perm, self.inv_perm = perm, perm.argsort()
         else:
             self.perm = self.inv_perm = None
+        self._orders: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def channel_order(self, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(perm, slots)`` on ``device`` (cached: a decode step must not copy them again): key channel
+        groups are formed over the rotated channels gathered by ``perm``; ``slots = perm.argsort()`` is each
+        channel's quantization slot. None without reordering."""
+        if not self.reordered or self.key_axis != "channel":
+            return None
+        key = str(torch.device(device))
+        if key not in self._orders:
+            self._orders[key] = (self.perm.to(device), self.inv_perm.to(device))
+        return self._orders[key]
 
     # -- rotations ------------------------------------------------------------------------------
     def rotate_keys(self, k: torch.Tensor) -> torch.Tensor:
-        """(B,H,T,D) pre-RoPE (or post-RoPE) keys -> stored rotated domain, float32."""
+        """(B,H,T,D) pre-RoPE (or post-RoPE) keys -> rotated domain (``H_G k``), float32. The calibrated
+        order acts only when quantizing (:meth:`quantize_keys`): it decides which channels share a group."""
         B, H, T, D = k.shape
         x = k.float().transpose(1, 2).reshape(B, T, H * D)
         if self.m.fwht:
             x = hadamard_transform(x.reshape(B, T, H // self.G, self.G * D)).reshape(B, T, H * D)
-        if self.reordered:
-            x = x.index_select(-1, self.perm.to(x.device))
         return x.reshape(B, T, H, D).transpose(1, 2)
 
     def unrotate_keys(self, x: torch.Tensor) -> torch.Tensor:
         B, H, T, D = x.shape
         y = x.float().transpose(1, 2).reshape(B, T, H * D)
-        if self.reordered:
-            y = y.index_select(-1, self.inv_perm.to(y.device))
         if self.m.fwht:
             y = hadamard_transform(y.reshape(B, T, H // self.G, self.G * D), inverse=True).reshape(B, T, H * D)
         return y.reshape(B, T, H, D).transpose(1, 2)
@@ -410,6 +431,14 @@ class RotateKVLayer(CompressedLayer):
             return (length // block) * block
         return max(0, length - self.m.residual)
 
+    def quantize_keys(self, block: torch.Tensor) -> QuantizedTensor:
+        """Rotated (centred, 16-bit) keys ``block (B, H, n, D)`` -> their quantized storage: the paper's
+        outlier-aware order decides which channels share a per-token group (``key_axis="channel"``); codes
+        stay at their rotated channel, so a decode kernel reads each rotation group's codes contiguously."""
+        order = self.channel_order(block.device)
+        return quantize_clipped(block, self.bits, self.key_axis, self.key_group, self.clip, self.scale_dtype,
+                                *(order or (None, None)))
+
     def _push_keys(self, kr: torch.Tensor) -> None:
         res = _cat(self.k_res, kr)
         n = self._flush_count(res.shape[-2], self.key_axis, self.key_group)
@@ -417,7 +446,7 @@ class RotateKVLayer(CompressedLayer):
             block = res[:, :, :n]
             if self.key_axis == "token" and self.sink_idx is not None:
                 block = self._neutralize_sinks(block, self.kq.tokens if self.kq is not None else 0)
-            new = quantize_clipped(block, self.bits, self.key_axis, self.key_group, self.clip, self.scale_dtype)
+            new = self.quantize_keys(block)
             self.kq = new if self.kq is None else self.kq.cat(new)
             rest = res[:, :, n:]
             res = rest.clone() if rest.shape[-2] else None  # clone: free the flushed part's storage
@@ -774,8 +803,8 @@ def channel_statistics(model, method: RotateKV, input_ids: torch.Tensor, window:
 
 
 def calibrate(model, method: RotateKV, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Calibration tensors for ``method`` on ``model``: ``layer.{i}.perm`` (int64, ``H*D``): stored
-    channel ``j`` holds rotated channel ``perm[j]``, channels in ascending order of their mean (the
+    """Calibration tensors for ``method`` on ``model``: ``layer.{i}.perm`` (int64, ``H*D``): quantization
+    slot ``j`` holds rotated channel ``perm[j]``, channels in ascending order of their mean (the
     authors' ordering), and ``layer.{i}.mean`` (float32) the means themselves."""
     stats = channel_statistics(model, method, input_ids)
     out = {}

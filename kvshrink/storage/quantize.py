@@ -13,6 +13,13 @@ Groups run along one of two axes:
 Both keep the token axis at dim 2, so appending tokens is a concatenation on dim 2 and selecting
 batch rows is indexing dim 0 for every stored tensor.
 
+Channel groups may also be formed in another order than the stored one (``axis="channel"`` with
+``slots``): a layer-wide order puts the ``H * D`` channels of a token (all heads) into quantization
+*slots*; slot ``j`` belongs to group ``j // group`` of the flat ``(H, D // group)`` scale grid. The codes
+stay at their own channel (so a reader of one head's channels finds them contiguous) and ``slots[c]``
+says which slot, hence which scale, channel ``c`` (flat over heads) used. :func:`regroup_channels`
+builds the permuted view a quantizer works on.
+
 The quantizer is the plain asymmetric (min/max) or symmetric (absmax) uniform quantizer with
 ``2**bits`` levels; scales and zero points are stored in a 16-bit float type and the codes are
 computed from the *stored* (rounded) scales, so dequantization is exactly consistent with storage.
@@ -60,6 +67,10 @@ class QuantizedTensor:
     tokens: int
     head_dim: int
     dtype: torch.dtype  # dtype that dequantize() returns
+    #: axis="channel" only: (H*D,) int64, the quantization slot of each channel (flat over heads); None = each
+    #: channel is its own slot (groups of ``group`` consecutive channels of one head). Shared, not owned: the
+    #: order is calibration data held by whoever made it, so it is not counted in nbytes().
+    slots: torch.Tensor | None = None
 
     @property
     def symmetric(self) -> bool:
@@ -86,13 +97,15 @@ class QuantizedTensor:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense (B, H, T, D) values in ``dtype`` (default: the dtype that was quantized)."""
+        if self.slots is not None:
+            return _dequantize_slotted(self, dtype or self.dtype)
         return dequantize_codes(self.codes(), self.scale, self.zero, self.bits, self.axis, self.group,
                                 dtype or self.dtype)
 
     def cat(self, other: "QuantizedTensor") -> "QuantizedTensor":
         if (other.bits, other.axis, other.group, other.head_dim, other.symmetric) != (
             self.bits, self.axis, self.group, self.head_dim, self.symmetric
-        ):
+        ) or not _same_slots(self.slots, other.slots):
             raise ValueError("cannot concatenate quantized tensors of different layouts")
         return replace(
             self,
@@ -101,6 +114,39 @@ class QuantizedTensor:
             zero=None if self.zero is None else torch.cat([self.zero, other.zero], dim=2),
             tokens=self.tokens + other.tokens,
         )
+
+
+def _same_slots(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a is b or (a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu())))
+
+
+def regroup_channels(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``x (B, H, T, D)`` with the ``H * D`` channels of each token (flat over heads) gathered by ``order``:
+    position ``j`` of the result holds channel ``order[j]``. With ``order`` a permutation and ``slots`` its
+    inverse, ``regroup_channels(regroup_channels(x, order), slots)`` is ``x``."""
+    B, H, T, D = x.shape
+    flat = x.transpose(1, 2).reshape(B, T, H * D).index_select(-1, order.to(x.device))
+    return flat.reshape(B, T, H, D).transpose(1, 2)
+
+
+def _dequantize_slotted(q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize a tensor whose channel ``c`` was quantized in slot ``slots[c]`` (see module docstring):
+    each code times the scale (plus the zero) of its slot's group, float32 math, one cast."""
+    codes = q.codes().float()  # (B, H, T, D), codes at their own channels
+    B, H, T, D = codes.shape
+    grp = (q.slots // q.group).to(codes.device)  # flat group over (H, D // group) of each channel
+
+    def per_channel(t: torch.Tensor) -> torch.Tensor:
+        flat = t.float().transpose(1, 2).reshape(B, T, -1).index_select(-1, grp)
+        return flat.reshape(B, T, H, D).transpose(1, 2)
+
+    if q.zero is None:  # the same float32 operations as dequantize_codes, per element
+        x = (codes + _levels(q.bits, True)[0]) * per_channel(q.scale)
+    else:
+        x = codes * per_channel(q.scale) + per_channel(q.zero)
+    return x.to(dtype)
 
 
 def _levels(bits: int, symmetric: bool) -> tuple[int, int]:
