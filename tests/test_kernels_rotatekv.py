@@ -139,12 +139,19 @@ def test_kernel_matches_dense_reference(B, Hq, H, G, D, T, bits, dtype, reorder,
     out = torch.full((B, Hq, D), float("nan"), dtype=dtype, device=DEV)  # poisoned: every element written
     decode_attention_rotatekv(q, state, mask=mask, scale=0.3, out=out, block_n=block_n, num_splits=splits,
                               scale_lookup=lookup)
-    ref = reference(layer, q, k_new, v_new, mask, 0.3)
     assert not bool(out.isnan().any())
-    err = float((out.float() - ref).norm() / ref.norm())
-    assert err < TOL[dtype], err
-    # the fallback's dense K/V (state_dense) is the base layer's too
+    # against the state's own float32 K/V: the kernel's error alone (the base layer's dense() ends in the model
+    # dtype, whose bf16 rounding alone is ~1e-2 over thousands of tokens)
     K, V = state_dense(state, torch.float32)
+    exact = attention_ref(q, K, V, mask, 0.3)
+    err = float((out.float() - exact).norm() / exact.norm())
+    ref = reference(layer, q, k_new, v_new, mask, 0.3)
+    err_layer = float((out.float() - ref).norm() / ref.norm())
+    if os.environ.get("KVSHRINK_PRINT_ERR"):
+        print("rel err", lookup, dtype, err, err_layer)
+    assert err < TOL[dtype], err
+    assert err_layer < 4 * TOL[dtype], err_layer
+    # the fallback's dense K/V (state_dense) is the base layer's too
     Kr, Vr = layer.dense()
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(K[:, :, :T], Kr.float(), atol=tol * float(Kr.float().abs().max()), rtol=0)
