@@ -62,7 +62,7 @@ def main() -> int:
                  NGK=8 * (128 // args.group), NGK_PAD=max(16, 8 * (128 // args.group)))
     ptr = {"Q": "*fp16", "KP": "*u8", "KS": "*fp16", "KZ": "*fp16", "KR": "*fp16", "VP": "*u8", "VS": "*fp16",
            "VZ": "*fp16", "VR": "*fp16", "MASK": "*i8", "M_OUT": "*fp32", "L_OUT": "*fp32", "ACC_OUT": "*fp32", "LENS": "*i32",
-           "MU": "*fp16", "KSLOT": "*i32", "HD": "*fp16", "POS": "*i32", "FREQ": "*fp32", "SINK": "*i32"}
+           "MU": "*fp16", "KSLOT": "*i32", "ONEHOT": "*fp16", "HD": "*fp16", "POS": "*i32", "FREQ": "*fp32", "SINK": "*i32"}
     sig = {}
     for n in names:
         if n in const:

@@ -106,6 +106,7 @@ class RotateKVState:
     dense_v: torch.Tensor
     dense_idx: torch.Tensor
     tokens: int
+    key_onehot: torch.Tensor | None = None  # key_scale_onehot(key_slots, ...), cached by the layer; None: built
 
     @property
     def tq(self) -> int:
@@ -189,36 +190,63 @@ if HAS_TRITON:
             return tl.dot(a.to(tl.float16), b.to(tl.float16))
 
     @triton.jit
-    def _key_tile(KP, kp_off, skp_h, skp_t, KS, KZ, ks_off, sks_h, sks_t, MU, mu_off, smu_h, KSLOT, c, t, live,
-                  sct, zet, g_ar, D: tl.constexpr, KBITS: tl.constexpr, KG: tl.constexpr, HAS_SLOTS: tl.constexpr,
-                  HAS_MU: tl.constexpr, SCALE_DOT: tl.constexpr):
-        """Dequantized rotated-domain keys (tokens ``t``, rotated channels ``c`` of one head), float32 ``(N, D)``.
-        Codes sit at their own channel (contiguous bytes); each channel's scale/zero is its quantization
-        slot's: with ``SCALE_DOT`` picked from the token's whole scale row ``sct/zet (N, groups)`` by a
-        one-hot product on the matrix units (exact: one nonzero term), else loaded per element."""
+    def _key_rows(KP, kp_off, skp_h, skp_t, KS, KZ, ks_off, sks_h, sks_t, MU, mu_off, smu_h, KSLOT, hrow, trow,
+                  live, d, t, tlive, onehot, D: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
+                  KBITS: tl.constexpr, KG: tl.constexpr, NGK: tl.constexpr, NGK_PAD: tl.constexpr,
+                  HAS_SLOTS: tl.constexpr, HAS_MU: tl.constexpr, SCALE_DOT: tl.constexpr, DOT_F32: tl.constexpr):
+        """Dequantized rotated-domain keys of a block, ``(G*BLOCK_N, D)`` (fp16 for the matrix units, float32
+        when the model runs in float32): row ``a*BLOCK_N + n`` is head
+        ``hrow = r*G + a`` at token ``trow = t[n]``. Codes sit at their own channel (contiguous bytes); each
+        channel's scale/zero is its quantization slot's. With ``SCALE_DOT`` the token's whole scale row (all
+        heads' groups, loaded once for the G heads) is spread to the channels by a product with the program's
+        one-hot ``(G*NGK_PAD, D)`` matrix (row ``a*NGK_PAD + g`` marks the channels of head ``a`` in group ``g``,
+        :func:`key_scale_onehot`) on the matrix units, exact (one nonzero term); else each scale is loaded per
+        element."""
         KPPB: tl.constexpr = 8 // KBITS
         KMASK: tl.constexpr = (1 << KBITS) - 1
-        hc = c // D
-        ch = c % D
+        GN: tl.constexpr = G * BLOCK_N
         lm = live[:, None]
-        kb = tl.load(KP + kp_off + hc[None, :] * skp_h + t[:, None] * skp_t + (ch // KPPB)[None, :], mask=lm, other=0)
-        code = (kb.to(tl.int32) >> ((ch % KPPB) * KBITS)[None, :]) & KMASK
-        if HAS_SLOTS:
-            sp = tl.load(KSLOT + c)
-        else:
-            sp = c
+        kb = tl.load(KP + kp_off + hrow[:, None] * skp_h + trow[:, None] * skp_t + (d // KPPB)[None, :], mask=lm,
+                     other=0)
+        code = (kb.to(tl.int32) >> ((d % KPPB) * KBITS)[None, :]) & KMASK
         if SCALE_DOT:
-            onehot = ((sp // KG)[None, :] == g_ar[:, None]).to(tl.float16)  # (groups, D)
-            ksc = tl.dot(sct, onehot)
-            kze = tl.dot(zet, onehot)
+            # block-diagonal (G*BLOCK_N, G*NGK_PAD): row (a, n) holds token n's scale row (all heads' groups) in
+            # column block a, zeros elsewhere (masked off, not loaded)
+            kk = tl.arange(0, G * NGK_PAD)
+            g = kk % NGK_PAD
+            goff = ks_off + (g // (D // KG))[None, :] * sks_h + trow[:, None] * sks_t + (g % (D // KG))[None, :]
+            gm = live[:, None] & (g < NGK)[None, :] & ((kk // NGK_PAD)[None, :] == (hrow % G)[:, None])
+            sc2 = tl.load(KS + goff, mask=gm, other=0.0)
+            ze2 = tl.load(KZ + goff, mask=gm, other=0.0)
+            if DOT_F32:
+                ksc = tl.dot(sc2.to(tl.float16), onehot)
+                kze = tl.dot(ze2.to(tl.float16), onehot)
+            else:  # fp16 results: exact all the same (one term), half the registers
+                ksc = tl.dot(sc2.to(tl.float16), onehot, out_dtype=tl.float16)
+                kze = tl.dot(ze2.to(tl.float16), onehot, out_dtype=tl.float16)
         else:
-            soff = ks_off + (sp // D)[None, :] * sks_h + t[:, None] * sks_t + ((sp % D) // KG)[None, :]
-            ksc = tl.load(KS + soff, mask=lm, other=0.0).to(tl.float32)
-            kze = tl.load(KZ + soff, mask=lm, other=0.0).to(tl.float32)
-        y = _codes_to_float(code) * ksc + kze
-        if HAS_MU:
-            y += tl.load(MU + mu_off + hc * smu_h + ch).to(tl.float32)[None, :]
+            if HAS_SLOTS:
+                sp = tl.load(KSLOT + hrow[:, None] * D + d[None, :])
+            else:
+                sp = hrow[:, None] * D + d[None, :]
+            soff = ks_off + (sp // D) * sks_h + trow[:, None] * sks_t + (sp % D) // KG
+            ksc = tl.load(KS + soff, mask=lm, other=0.0)
+            kze = tl.load(KZ + soff, mask=lm, other=0.0)
+        if DOT_F32:
+            y = _codes_to_float(code) * ksc.to(tl.float32) + kze.to(tl.float32)
+            if HAS_MU:
+                y += tl.load(MU + mu_off + hrow[:, None] * smu_h + d[None, :]).to(tl.float32)
+        else:  # fp16, as decode_attention.py dequantizes: codes are exact in it
+            y = ((code | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0) * ksc.to(tl.float16) \
+                + kze.to(tl.float16)
+            if HAS_MU:
+                y += tl.load(MU + mu_off + hrow[:, None] * smu_h + d[None, :]).to(tl.float16)
         return y
+
+    @triton.jit
+    def _rows_of(x, G: tl.constexpr, BLOCK_N: tl.constexpr):
+        """A per-token vector ``(BLOCK_N,)`` repeated for each of the G heads: ``(G*BLOCK_N,)``, row a*BLOCK_N + n."""
+        return tl.reshape(tl.broadcast_to(x[None, :], [G, BLOCK_N]), [G * BLOCK_N])
 
     @triton.jit
     def _value_slot(vb, shift: tl.constexpr, VMASK: tl.constexpr, vsc, vze):
@@ -232,6 +260,7 @@ if HAS_TRITON:
             KS, KZ, sks_b, sks_h, sks_t,  # key scale/zero (B, H, T, D/KG)
             MU, smu_b, smu_h,  # key centre (B, H, 1, D)
             KSLOT,  # (H*D,) int32: quantization slot of each rotated channel (its scale: group slot // KG)
+            ONEHOT,  # (H/G * G*NGK_PAD, D) fp16: key_scale_onehot (SCALE_DOT)
             HD,  # (D, D) Sylvester ±1 matrix (unnormalized)
             POS, spos_b,  # (B, T) int32 positions
             FREQ,  # (D/2,) float32 inverse frequencies
@@ -289,6 +318,15 @@ if HAS_TRITON:
         ks_off = b * sks_b
         mu_off = b * smu_b
         n = tl.arange(0, BLOCK_N)
+        # One block = the G heads' keys of BLOCK_N tokens as one (G*BLOCK_N, D) tile: one load, one H_D product,
+        # one score product per block instead of G of each (latency-bound otherwise: short dependent chains)
+        GN: tl.constexpr = G * BLOCK_N
+        rr = tl.arange(0, GN)
+        ra = rr // BLOCK_N  # each row's head within the group
+        hrow = r * G + ra
+        sign3 = tl.reshape(_hg_sign(arow[:, None] & tl.arange(0, G)[None, :]), [QROWS, G, 1])  # H_G[a, a_j]
+        kk = tl.arange(0, G * NGK_PAD)
+        oh_ptr = ONEHOT + (r * G * NGK_PAD + kk)[:, None] * D + d[None, :]  # this group's (G*NGK_PAD, D) rows
         for start in range(lo, hi, BLOCK_N):
             t = start + n
             live = t < hi
@@ -298,60 +336,54 @@ if HAS_TRITON:
             if HAS_SINKS:  # sinks are attended exactly in the dense segment, not from their codes
                 hit = tl.sum((t[:, None] == sidx[None, :]).to(tl.int32), axis=1)
                 ok = ok & (hit == 0)
+            trow = _rows_of(t, G, BLOCK_N)
+            onehot = kk
+            if SCALE_DOT:
+                onehot = tl.load(oh_ptr)
+            y = _key_rows(KP, kp_off, skp_h, skp_t, KS, KZ, ks_off, sks_h, sks_t, MU, mu_off, smu_h, KSLOT, hrow,
+                          trow, trow < hi, d, t, live, onehot, D, G, BLOCK_N, KBITS, KG, NGK, NGK_PAD, HAS_SLOTS,
+                          HAS_MU, SCALE_DOT, DOT_F32)
             if PREROPE:
-                ang = tl.load(POS + b * spos_b + t, mask=live, other=0).to(tl.float32)[:, None] * freq[None, :]
-                cs = tl.cos(ang) * rope_mult  # rope_mult = attention_scaling / sqrt(G D)
-                sn = tl.sin(ang) * rope_mult
                 hd_lo = tl.load(HD + d[:, None] * D + dh[None, :])
                 hd_hi = tl.load(HD + d[:, None] * D + D2 + dh[None, :])
-            g_ar = tl.arange(0, NGK_PAD)
-            sct = g_ar
-            zet = g_ar
-            if SCALE_DOT:  # every key group's scale/zero of these tokens (all heads), once for the G head tiles
-                goff = ks_off + (g_ar // (D // KG))[None, :] * sks_h + t[:, None] * sks_t + (g_ar % (D // KG))[None, :]
-                gm = live[:, None] & (g_ar < NGK)[None, :]
-                sct = tl.load(KS + goff, mask=gm, other=0.0)
-                zet = tl.load(KZ + goff, mask=gm, other=0.0)
-            s = tl.zeros([QROWS, BLOCK_N], tl.float32)
-            for a in range(G):  # not unrolled: one head tile live at a time (registers)
-                y = _key_tile(KP, kp_off, skp_h, skp_t, KS, KZ, ks_off, sks_h, sks_t, MU, mu_off, smu_h, KSLOT,
-                              (r * G + a) * D + d, t, live, sct, zet, g_ar, D, KBITS, KG, HAS_SLOTS, HAS_MU,
-                              SCALE_DOT)
-                if PREROPE:
-                    z_lo = _dot(y, hd_lo, DOT_F32)  # (N, D/2): y @ H_D, first half of the channels
-                    z_hi = _dot(y, hd_hi, DOT_F32)
-                    w_lo = z_lo * cs - z_hi * sn  # RoPE, rotate-half pairing
-                    w_hi = z_hi * cs + z_lo * sn
-                    part = _dot(q_lo, tl.trans(w_lo), DOT_F32) + _dot(q_hi, tl.trans(w_hi), DOT_F32)
-                else:
-                    part = _dot(qh, tl.trans(y), DOT_F32)
-                s += _hg_sign(arow & a)[:, None] * part  # H_G[a, a_j]
+                ang = tl.load(POS + b * spos_b + t, mask=live, other=0).to(tl.float32)[:, None] * freq[None, :]
+                cs = tl.reshape(tl.broadcast_to((tl.cos(ang) * rope_mult)[None], [G, BLOCK_N, D2]), [GN, D2])
+                sn = tl.reshape(tl.broadcast_to((tl.sin(ang) * rope_mult)[None], [G, BLOCK_N, D2]), [GN, D2])
+                z_lo = _dot(y, hd_lo, DOT_F32)  # (G*N, D/2): y @ H_D, first half of the channels
+                z_hi = _dot(y, hd_hi, DOT_F32)
+                w_lo = z_lo * cs - z_hi * sn  # RoPE (rope_mult = attention_scaling / sqrt(G D)), rotate-half
+                w_hi = z_hi * cs + z_lo * sn
+                s_all = _dot(q_lo, tl.trans(w_lo), DOT_F32) + _dot(q_hi, tl.trans(w_hi), DOT_F32)
+            else:
+                s_all = _dot(qh, tl.trans(y), DOT_F32)
+            s = tl.sum(tl.reshape(s_all, [QROWS, G, BLOCK_N]) * sign3, axis=1)  # sum over the heads, signed
             m_i, l_i, p, alpha = _rescale(m_i, l_i, s, ok)
             acc0 = acc0 * alpha[:, None]
             acc1 = acc1 * alpha[:, None]
             acc2 = acc2 * alpha[:, None]
             acc3 = acc3 * alpha[:, None]
-            for a in range(G):  # not unrolled: one head tile live at a time (registers)
-                pa = tl.where((arow == a)[:, None], p, 0.0)  # only the query rows of KV head r*G + a
-                h = r * G + a
-                # tokens not attended (padding, sinks, past the split) read as 0: p is 0 there, and 0 * (a
-                # non-finite scale of a token nobody attends) must not turn the accumulator into NaN
-                vb = tl.load(VP + b * svp_b + h * svp_h + t[:, None] * svp_t + cb[None, :], mask=ok[:, None],
-                             other=0).to(tl.int32)
-                if VG == D:
-                    voff = b * svs_b + h * svs_h + t * svs_t
-                    vsc = tl.load(VS + voff, mask=ok, other=0.0).to(tl.float32)[:, None]
-                    vze = tl.load(VZ + voff, mask=ok, other=0.0).to(tl.float32)[:, None]
-                else:
-                    voff = b * svs_b + h * svs_h + t[:, None] * svs_t + ((cb * VPPB) // VG)[None, :]
-                    vsc = tl.load(VS + voff, mask=ok[:, None], other=0.0).to(tl.float32)
-                    vze = tl.load(VZ + voff, mask=ok[:, None], other=0.0).to(tl.float32)
-                acc0 += _dot(pa, _value_slot(vb, 0, VMASK, vsc, vze), DOT_F32)
-                if VPPB > 1:
-                    acc1 += _dot(pa, _value_slot(vb, VBITS, VMASK, vsc, vze), DOT_F32)
-                if VPPB > 2:
-                    acc2 += _dot(pa, _value_slot(vb, 2 * VBITS, VMASK, vsc, vze), DOT_F32)
-                    acc3 += _dot(pa, _value_slot(vb, 3 * VBITS, VMASK, vsc, vze), DOT_F32)
+            # p of each query row, placed in the column block of its own KV head: one (QROWS, G*N) product
+            p_all = tl.where(arow[:, None] == ra[None, :],
+                             tl.reshape(tl.broadcast_to(p[:, None, :], [QROWS, G, BLOCK_N]), [QROWS, GN]), 0.0)
+            # tokens not attended (padding, sinks, past the split) read as 0: p is 0 there, and 0 * (a
+            # non-finite scale of a token nobody attends) must not turn the accumulator into NaN
+            okr = _rows_of(ok, G, BLOCK_N)
+            vb = tl.load(VP + b * svp_b + hrow[:, None] * svp_h + trow[:, None] * svp_t + cb[None, :],
+                         mask=okr[:, None], other=0).to(tl.int32)
+            if VG == D:
+                voff = b * svs_b + hrow * svs_h + trow * svs_t
+                vsc = tl.load(VS + voff, mask=okr, other=0.0).to(tl.float32)[:, None]
+                vze = tl.load(VZ + voff, mask=okr, other=0.0).to(tl.float32)[:, None]
+            else:
+                voff = b * svs_b + hrow[:, None] * svs_h + trow[:, None] * svs_t + ((cb * VPPB) // VG)[None, :]
+                vsc = tl.load(VS + voff, mask=okr[:, None], other=0.0).to(tl.float32)
+                vze = tl.load(VZ + voff, mask=okr[:, None], other=0.0).to(tl.float32)
+            acc0 += _dot(p_all, _value_slot(vb, 0, VMASK, vsc, vze), DOT_F32)
+            if VPPB > 1:
+                acc1 += _dot(p_all, _value_slot(vb, VBITS, VMASK, vsc, vze), DOT_F32)
+            if VPPB > 2:
+                acc2 += _dot(p_all, _value_slot(vb, 2 * VBITS, VMASK, vsc, vze), DOT_F32)
+                acc3 += _dot(p_all, _value_slot(vb, 3 * VBITS, VMASK, vsc, vze), DOT_F32)
 
         _store_partials(M_OUT, L_OUT, ACC_OUT, (b * R * G * HG + qrow) * SLOTS + split, rows_ok, m_i, l_i,
                         acc0, acc1, acc2, acc3, cb, D, VPPB)
@@ -383,6 +415,17 @@ def _hadamard_pm1(D: int, dtype: torch.dtype, device: str) -> torch.Tensor:
 def hadamard_normalized(D: int, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``H_D / sqrt(D)``: what :func:`kvshrink.rotation.hadamard_transform` multiplies by (power-of-two D)."""
     return _hadamard_pm1(D, torch.float32, str(torch.device(device))).to(dtype) * (D ** -0.5)
+
+
+def key_scale_onehot(slots: torch.Tensor | None, H: int, D: int, group: int, device) -> torch.Tensor:
+    """``(H * NGK_PAD, D)`` fp16, the decode kernel's scale lookup for keys quantized in slots (``SCALE_DOT``):
+    row ``h * NGK_PAD + g`` is 1 at the channels of KV head ``h`` whose quantization slot lies in key group ``g``
+    (flat over the heads: ``H * D / group`` groups, padded to a power of two >= 16)."""
+    pad = next_pow2(max(16, H * D // group))
+    sl = torch.arange(H * D) if slots is None else slots.long().cpu()
+    grp = (sl // group).view(H, 1, D)
+    oh = (grp == torch.arange(pad).view(1, pad, 1)).to(torch.float16)
+    return oh.reshape(H * pad, D).contiguous().to(device)
 
 
 def _dense_partial(q: torch.Tensor, state: RotateKVState, mask: torch.Tensor | None, qk_scale: float):
@@ -419,11 +462,13 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
     why = unsupported_reason(state, D, Hq)
     if why is not None:
         raise ValueError(f"decode_attention_rotatekv: {why}")
-    block_n = max(16, block_n or LAUNCH["block_n"])
+    H, G = state.num_kv_heads, state.head_group
+    block_n = max(16 // G, block_n or LAUNCH["block_n"])  # a block is G*block_n rows of the matrix products: >= 16
+    if block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two, got {block_n}")
     num_warps = num_warps or LAUNCH["num_warps"]
     num_stages = num_stages or LAUNCH["num_stages"]
     waves = waves or LAUNCH["waves"]
-    H, G = state.num_kv_heads, state.head_group
     HG, R = Hq // H, H // G
     T, tq, dev = state.tokens, state.tq, q.device
     if q.stride(-1) != 1:
@@ -490,11 +535,16 @@ def _launch_split(q, state: RotateKVState, maskt, m_ws, l_ws, acc_ws, slots, spl
         raise ValueError(f"scale_lookup must be 'dot' or 'gather', got {scale_lookup!r}")
     # the one-hot pick needs scales exact in fp16 (and few groups: its product runs over all of them)
     scale_dot = scale_lookup == "dot" and kq.scale.dtype == torch.float16 and ngk <= MAX_DOT_GROUPS
+    onehot = f16
+    if scale_dot:
+        onehot = state.key_onehot
+        if onehot is None:
+            onehot = key_scale_onehot(state.key_slots, state.num_kv_heads, D, kq.group, dev)
     _rkv_split_kernel[(B * R, splits)](
         q, q.stride(0), q.stride(1),
         kq.packed, *kq.packed.stride()[:3], kq.scale, kq.zero, *kq.scale.stride()[:3],
         mu if mu is not None else f16, *mu_st,
-        state.key_slots if state.key_slots is not None else i32,
+        state.key_slots if state.key_slots is not None else i32, onehot,
         hd,
         pos if state.prerope else i32, pos.stride(0) if state.prerope else 0,
         freq if state.prerope else _dummy(dev, torch.float32),
@@ -564,4 +614,4 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
 
 
 __all__ = ["RotateKVState", "decode_attention_rotatekv", "unsupported_reason", "state_dense", "attention_ref",
-           "rope_tables", "hadamard_normalized", "LAUNCH"]
+           "rope_tables", "hadamard_normalized", "key_scale_onehot", "LAUNCH"]
