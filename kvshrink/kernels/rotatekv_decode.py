@@ -69,7 +69,7 @@ LOG2E = math.log2(math.e)
 #: (benchmarks/results/kernels_h100_rotatekv.json: 1.19-1.47x faster than block 32 / 8 warps, which is what the
 #: session's end-to-end and peers runs used; 8x8K was 10% faster with 32 / 8). The sm_90 compile of 32 / 8 gives 206
 #: registers and no spills; block 64 hits 255 registers and spills.
-LAUNCH: dict = {"block_n": 16, "num_warps": 4, "num_stages": 2, "waves": 4, "scale_lookup": "dot"}
+LAUNCH: dict = {"block_n": 16, "num_warps": 4, "num_stages": 2, "waves": 4, "scale_lookup": "dot", "hd_mode": "fwht"}
 #: key groups per token (all heads) up to which scales are picked by a one-hot product (its K dimension)
 MAX_DOT_GROUPS = 64
 
@@ -172,6 +172,7 @@ def unsupported_reason(state: RotateKVState, head_dim: int, num_q_heads: int) ->
 # ---------------------------------------------------------------------------------------------- kernels
 if HAS_TRITON:
     from .decode_attention import _codes_to_float, _merge_splits, _rescale, _store_partials
+    from .rotatekv_pack import _fwht_stage
 
     @triton.jit
     def _hg_sign(x):
@@ -193,9 +194,9 @@ if HAS_TRITON:
     def _key_rows(KP, kp_off, skp_h, skp_t, KS, KZ, ks_off, sks_h, sks_t, MU, mu_off, smu_h, KSLOT, hrow, trow,
                   live, d, t, tlive, onehot, D: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
                   KBITS: tl.constexpr, KG: tl.constexpr, NGK: tl.constexpr, NGK_PAD: tl.constexpr,
-                  HAS_SLOTS: tl.constexpr, HAS_MU: tl.constexpr, SCALE_DOT: tl.constexpr, DOT_F32: tl.constexpr):
+                  HAS_SLOTS: tl.constexpr, HAS_MU: tl.constexpr, SCALE_DOT: tl.constexpr, Y_F32: tl.constexpr):
         """Dequantized rotated-domain keys of a block, ``(G*BLOCK_N, D)`` (fp16 for the matrix units, float32
-        when the model runs in float32): row ``a*BLOCK_N + n`` is head
+        with ``Y_F32``: a float32 model, or H_D applied by butterflies): row ``a*BLOCK_N + n`` is head
         ``hrow = r*G + a`` at token ``trow = t[n]``. Codes sit at their own channel (contiguous bytes); each
         channel's scale/zero is its quantization slot's. With ``SCALE_DOT`` the token's whole scale row (all
         heads' groups, loaded once for the G heads) is spread to the channels by a product with the program's
@@ -218,7 +219,7 @@ if HAS_TRITON:
             gm = live[:, None] & (g < NGK)[None, :] & ((kk // NGK_PAD)[None, :] == (hrow % G)[:, None])
             sc2 = tl.load(KS + goff, mask=gm, other=0.0)
             ze2 = tl.load(KZ + goff, mask=gm, other=0.0)
-            if DOT_F32:
+            if Y_F32:
                 ksc = tl.dot(sc2.to(tl.float16), onehot)
                 kze = tl.dot(ze2.to(tl.float16), onehot)
             else:  # fp16 results: exact all the same (one term), half the registers
@@ -232,7 +233,7 @@ if HAS_TRITON:
             soff = ks_off + (sp // D) * sks_h + trow[:, None] * sks_t + (sp % D) // KG
             ksc = tl.load(KS + soff, mask=lm, other=0.0)
             kze = tl.load(KZ + soff, mask=lm, other=0.0)
-        if DOT_F32:
+        if Y_F32:
             y = _codes_to_float(code) * ksc.to(tl.float32) + kze.to(tl.float32)
             if HAS_MU:
                 y += tl.load(MU + mu_off + hrow[:, None] * smu_h + d[None, :]).to(tl.float32)
@@ -274,7 +275,7 @@ if HAS_TRITON:
             KBITS: tl.constexpr, KG: tl.constexpr, VBITS: tl.constexpr, VG: tl.constexpr,
             PREROPE: tl.constexpr, HAS_SLOTS: tl.constexpr, HAS_MU: tl.constexpr, HAS_SINKS: tl.constexpr,
             S_PAD: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, SCALE_DOT: tl.constexpr,
-            NGK: tl.constexpr, NGK_PAD: tl.constexpr):
+            NGK: tl.constexpr, NGK_PAD: tl.constexpr, HD_FWHT: tl.constexpr, LOG_D: tl.constexpr):
         VPPB: tl.constexpr = 8 // VBITS
         VDP: tl.constexpr = D // VPPB
         VMASK: tl.constexpr = (1 << VBITS) - 1
@@ -342,15 +343,20 @@ if HAS_TRITON:
                 onehot = tl.load(oh_ptr)
             y = _key_rows(KP, kp_off, skp_h, skp_t, KS, KZ, ks_off, sks_h, sks_t, MU, mu_off, smu_h, KSLOT, hrow,
                           trow, trow < hi, d, t, live, onehot, D, G, BLOCK_N, KBITS, KG, NGK, NGK_PAD, HAS_SLOTS,
-                          HAS_MU, SCALE_DOT, DOT_F32)
+                          HAS_MU, SCALE_DOT, DOT_F32 or (PREROPE and HD_FWHT))
             if PREROPE:
-                hd_lo = tl.load(HD + d[:, None] * D + dh[None, :])
-                hd_hi = tl.load(HD + d[:, None] * D + D2 + dh[None, :])
                 ang = tl.load(POS + b * spos_b + t, mask=live, other=0).to(tl.float32)[:, None] * freq[None, :]
                 cs = tl.reshape(tl.broadcast_to((tl.cos(ang) * rope_mult)[None], [G, BLOCK_N, D2]), [GN, D2])
                 sn = tl.reshape(tl.broadcast_to((tl.sin(ang) * rope_mult)[None], [G, BLOCK_N, D2]), [GN, D2])
-                z_lo = _dot(y, hd_lo, DOT_F32)  # (G*N, D/2): y @ H_D, first half of the channels
-                z_hi = _dot(y, hd_hi, DOT_F32)
+                if HD_FWHT:  # y @ H_D as the butterflies of the fast Walsh-Hadamard transform, in registers
+                    for i in tl.static_range(LOG_D - 1):
+                        y = _fwht_stage(y, GN, D, 1 << i)
+                    a_, b_ = tl.split(tl.permute(tl.reshape(y, [GN, 2, D2]), [0, 2, 1]))  # the last stage's pairs
+                    z_lo = a_ + b_
+                    z_hi = a_ - b_
+                else:  # as two products with the halves of the ±1 matrix on the matrix units
+                    z_lo = _dot(y, tl.load(HD + d[:, None] * D + dh[None, :]), DOT_F32)  # (G*N, D/2)
+                    z_hi = _dot(y, tl.load(HD + d[:, None] * D + D2 + dh[None, :]), DOT_F32)
                 w_lo = z_lo * cs - z_hi * sn  # RoPE (rope_mult = attention_scaling / sqrt(G D)), rotate-half
                 w_hi = z_hi * cs + z_lo * sn
                 s_all = _dot(q_lo, tl.trans(w_lo), DOT_F32) + _dot(q_hi, tl.trans(w_hi), DOT_F32)
@@ -450,7 +456,8 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
                               scale: float | None = None, out: torch.Tensor | None = None,
                               num_splits: int | None = None, block_n: int | None = None,
                               num_warps: int | None = None, num_stages: int | None = None,
-                              waves: int | None = None, scale_lookup: str | None = None) -> torch.Tensor:
+                              waves: int | None = None, scale_lookup: str | None = None,
+                              hd_mode: str | None = None) -> torch.Tensor:
     """Attention of ``q (B, Hq, D)`` (one token per sequence, post-RoPE) over a RotateKV cache ``state``.
 
     ``mask (B, T)`` bool/int, nonzero where a token may be attended (``T = state.tokens``). Returns
@@ -499,7 +506,7 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
     hd = _hadamard_pm1(D, torch.float32 if dot_f32 else torch.float16, str(dev))
     if splits:
         _launch_split(q, state, maskt, m_ws, l_ws, acc_ws, slots, splits, per_split, qk_scale, hd, block_n,
-                      num_warps, num_stages, dot_f32, R, HG, scale_lookup)
+                      num_warps, num_stages, dot_f32, R, HG, scale_lookup, hd_mode)
     if out is None:
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
     if out.stride(-1) != 1 or tuple(out.shape) != (B, Hq, D):
@@ -510,7 +517,7 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
 
 
 def _launch_split(q, state: RotateKVState, maskt, m_ws, l_ws, acc_ws, slots, splits, per_split, qk_scale, hd,
-                  block_n, num_warps, num_stages, dot_f32, R, HG, scale_lookup) -> None:
+                  block_n, num_warps, num_stages, dot_f32, R, HG, scale_lookup, hd_mode) -> None:
     B, Hq, D = q.shape
     dev = q.device
     G = state.head_group
@@ -533,6 +540,9 @@ def _launch_split(q, state: RotateKVState, maskt, m_ws, l_ws, acc_ws, slots, spl
         scale_lookup = LAUNCH["scale_lookup"]
     if scale_lookup not in ("dot", "gather"):
         raise ValueError(f"scale_lookup must be 'dot' or 'gather', got {scale_lookup!r}")
+    hd_mode = hd_mode or LAUNCH["hd_mode"]
+    if hd_mode not in ("dot", "fwht"):
+        raise ValueError(f"hd_mode must be 'dot' or 'fwht', got {hd_mode!r}")
     # the one-hot pick needs scales exact in fp16 (and few groups: its product runs over all of them)
     scale_dot = scale_lookup == "dot" and kq.scale.dtype == torch.float16 and ngk <= MAX_DOT_GROUPS
     onehot = f16
@@ -557,7 +567,7 @@ def _launch_split(q, state: RotateKVState, maskt, m_ws, l_ws, acc_ws, slots, spl
         VBITS=vq.bits, VG=vq.group, PREROPE=state.prerope, HAS_SLOTS=state.key_slots is not None,
         HAS_MU=mu is not None, HAS_SINKS=nsink > 0, S_PAD=next_pow2(max(nsink, 1)),
         HAS_MASK=maskt is not None, DOT_F32=dot_f32, SCALE_DOT=scale_dot, NGK=ngk, NGK_PAD=next_pow2(max(16, ngk)),
-        num_warps=num_warps, num_stages=num_stages)
+        HD_FWHT=hd_mode == "fwht", LOG_D=int(math.log2(D)), num_warps=num_warps, num_stages=num_stages)
 
 
 # ---------------------------------------------------------------------------------------------- torch reference
