@@ -65,11 +65,10 @@ MAX_QROWS = 64  # G * (query heads per KV head), padded: the score tile's rows
 MAX_SPLITS = 255  # + the dense segment: the merge kernel holds <= 256 partials
 LOG2E = math.log2(math.e)
 
-#: launch settings when a call names none: the fastest on an H100 at 4 of the 5 benchmark shapes
-#: (benchmarks/results/kernels_h100_rotatekv.json: 1.19-1.47x faster than block 32 / 8 warps, which is what the
-#: session's end-to-end and peers runs used; 8x8K was 10% faster with 32 / 8). The sm_90 compile of 32 / 8 gives 206
-#: registers and no spills; block 64 hits 255 registers and spills.
-LAUNCH: dict = {"block_n": 16, "num_warps": 4, "num_stages": 2, "waves": 4, "scale_lookup": "dot", "hd_mode": "fwht"}
+#: launch settings when a call names none: with the rotated-order layout, block 32 / 4 warps / one-hot scales was
+#: the fastest on an H100 at 8x32K, 1x128K and 16x32K and within 1% at 8x8K (1x32K: 64 / 8 by 25%); the one-hot
+#: lookup beat the per-element one at every shape (benchmarks/results/kernels_h100_rotatekv_layout.json)
+LAUNCH: dict = {"block_n": 32, "num_warps": 4, "num_stages": 2, "waves": 4, "scale_lookup": "dot"}
 #: key groups per token (all heads) up to which scales are picked by a one-hot product (its K dimension)
 MAX_DOT_GROUPS = 64
 
@@ -106,7 +105,6 @@ class RotateKVState:
     dense_v: torch.Tensor
     dense_idx: torch.Tensor
     tokens: int
-    key_onehot: torch.Tensor | None = None  # key_scale_onehot(key_slots, ...), cached by the layer; None: built
 
     @property
     def tq(self) -> int:
@@ -172,7 +170,6 @@ def unsupported_reason(state: RotateKVState, head_dim: int, num_q_heads: int) ->
 # ---------------------------------------------------------------------------------------------- kernels
 if HAS_TRITON:
     from .decode_attention import _codes_to_float, _merge_splits, _rescale, _store_partials
-    from .rotatekv_pack import _fwht_stage
 
     @triton.jit
     def _hg_sign(x):
@@ -191,63 +188,36 @@ if HAS_TRITON:
             return tl.dot(a.to(tl.float16), b.to(tl.float16))
 
     @triton.jit
-    def _key_rows(KP, kp_off, skp_h, skp_t, KS, KZ, ks_off, sks_h, sks_t, MU, mu_off, smu_h, KSLOT, hrow, trow,
-                  live, d, t, tlive, onehot, D: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
-                  KBITS: tl.constexpr, KG: tl.constexpr, NGK: tl.constexpr, NGK_PAD: tl.constexpr,
-                  HAS_SLOTS: tl.constexpr, HAS_MU: tl.constexpr, SCALE_DOT: tl.constexpr, Y_F32: tl.constexpr):
-        """Dequantized rotated-domain keys of a block, ``(G*BLOCK_N, D)`` (fp16 for the matrix units, float32
-        with ``Y_F32``: a float32 model, or H_D applied by butterflies): row ``a*BLOCK_N + n`` is head
-        ``hrow = r*G + a`` at token ``trow = t[n]``. Codes sit at their own channel (contiguous bytes); each
-        channel's scale/zero is its quantization slot's. With ``SCALE_DOT`` the token's whole scale row (all
-        heads' groups, loaded once for the G heads) is spread to the channels by a product with the program's
-        one-hot ``(G*NGK_PAD, D)`` matrix (row ``a*NGK_PAD + g`` marks the channels of head ``a`` in group ``g``,
-        :func:`key_scale_onehot`) on the matrix units, exact (one nonzero term); else each scale is loaded per
-        element."""
+    def _key_tile(KP, kp_off, skp_h, skp_t, KS, KZ, ks_off, sks_h, sks_t, MU, mu_off, smu_h, KSLOT, c, t, live,
+                  sct, zet, g_ar, D: tl.constexpr, KBITS: tl.constexpr, KG: tl.constexpr, HAS_SLOTS: tl.constexpr,
+                  HAS_MU: tl.constexpr, SCALE_DOT: tl.constexpr):
+        """Dequantized rotated-domain keys (tokens ``t``, rotated channels ``c`` of one head), float32 ``(N, D)``.
+        Codes sit at their own channel (contiguous bytes); each channel's scale/zero is its quantization
+        slot's: with ``SCALE_DOT`` picked from the token's whole scale row ``sct/zet (N, groups)`` by a
+        one-hot product on the matrix units (exact: one nonzero term), else loaded per element."""
         KPPB: tl.constexpr = 8 // KBITS
         KMASK: tl.constexpr = (1 << KBITS) - 1
-        GN: tl.constexpr = G * BLOCK_N
+        hc = c // D
+        ch = c % D
         lm = live[:, None]
-        kb = tl.load(KP + kp_off + hrow[:, None] * skp_h + trow[:, None] * skp_t + (d // KPPB)[None, :], mask=lm,
-                     other=0)
-        code = (kb.to(tl.int32) >> ((d % KPPB) * KBITS)[None, :]) & KMASK
-        if SCALE_DOT:
-            # block-diagonal (G*BLOCK_N, G*NGK_PAD): row (a, n) holds token n's scale row (all heads' groups) in
-            # column block a, zeros elsewhere (masked off, not loaded)
-            kk = tl.arange(0, G * NGK_PAD)
-            g = kk % NGK_PAD
-            goff = ks_off + (g // (D // KG))[None, :] * sks_h + trow[:, None] * sks_t + (g % (D // KG))[None, :]
-            gm = live[:, None] & (g < NGK)[None, :] & ((kk // NGK_PAD)[None, :] == (hrow % G)[:, None])
-            sc2 = tl.load(KS + goff, mask=gm, other=0.0)
-            ze2 = tl.load(KZ + goff, mask=gm, other=0.0)
-            if Y_F32:
-                ksc = tl.dot(sc2.to(tl.float16), onehot)
-                kze = tl.dot(ze2.to(tl.float16), onehot)
-            else:  # fp16 results: exact all the same (one term), half the registers
-                ksc = tl.dot(sc2.to(tl.float16), onehot, out_dtype=tl.float16)
-                kze = tl.dot(ze2.to(tl.float16), onehot, out_dtype=tl.float16)
+        kb = tl.load(KP + kp_off + hc[None, :] * skp_h + t[:, None] * skp_t + (ch // KPPB)[None, :], mask=lm, other=0)
+        code = (kb.to(tl.int32) >> ((ch % KPPB) * KBITS)[None, :]) & KMASK
+        if HAS_SLOTS:
+            sp = tl.load(KSLOT + c)
         else:
-            if HAS_SLOTS:
-                sp = tl.load(KSLOT + hrow[:, None] * D + d[None, :])
-            else:
-                sp = hrow[:, None] * D + d[None, :]
-            soff = ks_off + (sp // D) * sks_h + trow[:, None] * sks_t + (sp % D) // KG
-            ksc = tl.load(KS + soff, mask=lm, other=0.0)
-            kze = tl.load(KZ + soff, mask=lm, other=0.0)
-        if Y_F32:
-            y = _codes_to_float(code) * ksc.to(tl.float32) + kze.to(tl.float32)
-            if HAS_MU:
-                y += tl.load(MU + mu_off + hrow[:, None] * smu_h + d[None, :]).to(tl.float32)
-        else:  # fp16, as decode_attention.py dequantizes: codes are exact in it
-            y = ((code | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0) * ksc.to(tl.float16) \
-                + kze.to(tl.float16)
-            if HAS_MU:
-                y += tl.load(MU + mu_off + hrow[:, None] * smu_h + d[None, :]).to(tl.float16)
+            sp = c
+        if SCALE_DOT:
+            onehot = ((sp // KG)[None, :] == g_ar[:, None]).to(tl.float16)  # (groups, D)
+            ksc = tl.dot(sct, onehot)
+            kze = tl.dot(zet, onehot)
+        else:
+            soff = ks_off + (sp // D)[None, :] * sks_h + t[:, None] * sks_t + ((sp % D) // KG)[None, :]
+            ksc = tl.load(KS + soff, mask=lm, other=0.0).to(tl.float32)
+            kze = tl.load(KZ + soff, mask=lm, other=0.0).to(tl.float32)
+        y = _codes_to_float(code) * ksc + kze
+        if HAS_MU:
+            y += tl.load(MU + mu_off + hc * smu_h + ch).to(tl.float32)[None, :]
         return y
-
-    @triton.jit
-    def _rows_of(x, G: tl.constexpr, BLOCK_N: tl.constexpr):
-        """A per-token vector ``(BLOCK_N,)`` repeated for each of the G heads: ``(G*BLOCK_N,)``, row a*BLOCK_N + n."""
-        return tl.reshape(tl.broadcast_to(x[None, :], [G, BLOCK_N]), [G * BLOCK_N])
 
     @triton.jit
     def _value_slot(vb, shift: tl.constexpr, VMASK: tl.constexpr, vsc, vze):
@@ -261,7 +231,6 @@ if HAS_TRITON:
             KS, KZ, sks_b, sks_h, sks_t,  # key scale/zero (B, H, T, D/KG)
             MU, smu_b, smu_h,  # key centre (B, H, 1, D)
             KSLOT,  # (H*D,) int32: quantization slot of each rotated channel (its scale: group slot // KG)
-            ONEHOT,  # (H/G * G*NGK_PAD, D) fp16: key_scale_onehot (SCALE_DOT)
             HD,  # (D, D) Sylvester ±1 matrix (unnormalized)
             POS, spos_b,  # (B, T) int32 positions
             FREQ,  # (D/2,) float32 inverse frequencies
@@ -275,7 +244,7 @@ if HAS_TRITON:
             KBITS: tl.constexpr, KG: tl.constexpr, VBITS: tl.constexpr, VG: tl.constexpr,
             PREROPE: tl.constexpr, HAS_SLOTS: tl.constexpr, HAS_MU: tl.constexpr, HAS_SINKS: tl.constexpr,
             S_PAD: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, SCALE_DOT: tl.constexpr,
-            NGK: tl.constexpr, NGK_PAD: tl.constexpr, HD_FWHT: tl.constexpr, LOG_D: tl.constexpr):
+            NGK: tl.constexpr, NGK_PAD: tl.constexpr):
         VPPB: tl.constexpr = 8 // VBITS
         VDP: tl.constexpr = D // VPPB
         VMASK: tl.constexpr = (1 << VBITS) - 1
@@ -319,15 +288,6 @@ if HAS_TRITON:
         ks_off = b * sks_b
         mu_off = b * smu_b
         n = tl.arange(0, BLOCK_N)
-        # One block = the G heads' keys of BLOCK_N tokens as one (G*BLOCK_N, D) tile: one load, one H_D product,
-        # one score product per block instead of G of each (latency-bound otherwise: short dependent chains)
-        GN: tl.constexpr = G * BLOCK_N
-        rr = tl.arange(0, GN)
-        ra = rr // BLOCK_N  # each row's head within the group
-        hrow = r * G + ra
-        sign3 = tl.reshape(_hg_sign(arow[:, None] & tl.arange(0, G)[None, :]), [QROWS, G, 1])  # H_G[a, a_j]
-        kk = tl.arange(0, G * NGK_PAD)
-        oh_ptr = ONEHOT + (r * G * NGK_PAD + kk)[:, None] * D + d[None, :]  # this group's (G*NGK_PAD, D) rows
         for start in range(lo, hi, BLOCK_N):
             t = start + n
             live = t < hi
@@ -337,59 +297,60 @@ if HAS_TRITON:
             if HAS_SINKS:  # sinks are attended exactly in the dense segment, not from their codes
                 hit = tl.sum((t[:, None] == sidx[None, :]).to(tl.int32), axis=1)
                 ok = ok & (hit == 0)
-            trow = _rows_of(t, G, BLOCK_N)
-            onehot = kk
-            if SCALE_DOT:
-                onehot = tl.load(oh_ptr)
-            y = _key_rows(KP, kp_off, skp_h, skp_t, KS, KZ, ks_off, sks_h, sks_t, MU, mu_off, smu_h, KSLOT, hrow,
-                          trow, trow < hi, d, t, live, onehot, D, G, BLOCK_N, KBITS, KG, NGK, NGK_PAD, HAS_SLOTS,
-                          HAS_MU, SCALE_DOT, DOT_F32 or (PREROPE and HD_FWHT))
             if PREROPE:
                 ang = tl.load(POS + b * spos_b + t, mask=live, other=0).to(tl.float32)[:, None] * freq[None, :]
-                cs = tl.reshape(tl.broadcast_to((tl.cos(ang) * rope_mult)[None], [G, BLOCK_N, D2]), [GN, D2])
-                sn = tl.reshape(tl.broadcast_to((tl.sin(ang) * rope_mult)[None], [G, BLOCK_N, D2]), [GN, D2])
-                if HD_FWHT:  # y @ H_D as the butterflies of the fast Walsh-Hadamard transform, in registers
-                    for i in tl.static_range(LOG_D - 1):
-                        y = _fwht_stage(y, GN, D, 1 << i)
-                    a_, b_ = tl.split(tl.permute(tl.reshape(y, [GN, 2, D2]), [0, 2, 1]))  # the last stage's pairs
-                    z_lo = a_ + b_
-                    z_hi = a_ - b_
-                else:  # as two products with the halves of the ±1 matrix on the matrix units
-                    z_lo = _dot(y, tl.load(HD + d[:, None] * D + dh[None, :]), DOT_F32)  # (G*N, D/2)
-                    z_hi = _dot(y, tl.load(HD + d[:, None] * D + D2 + dh[None, :]), DOT_F32)
-                w_lo = z_lo * cs - z_hi * sn  # RoPE (rope_mult = attention_scaling / sqrt(G D)), rotate-half
-                w_hi = z_hi * cs + z_lo * sn
-                s_all = _dot(q_lo, tl.trans(w_lo), DOT_F32) + _dot(q_hi, tl.trans(w_hi), DOT_F32)
-            else:
-                s_all = _dot(qh, tl.trans(y), DOT_F32)
-            s = tl.sum(tl.reshape(s_all, [QROWS, G, BLOCK_N]) * sign3, axis=1)  # sum over the heads, signed
+                cs = tl.cos(ang) * rope_mult  # rope_mult = attention_scaling / sqrt(G D)
+                sn = tl.sin(ang) * rope_mult
+                hd_lo = tl.load(HD + d[:, None] * D + dh[None, :])
+                hd_hi = tl.load(HD + d[:, None] * D + D2 + dh[None, :])
+            g_ar = tl.arange(0, NGK_PAD)
+            sct = g_ar
+            zet = g_ar
+            if SCALE_DOT:  # every key group's scale/zero of these tokens (all heads), once for the G head tiles
+                goff = ks_off + (g_ar // (D // KG))[None, :] * sks_h + t[:, None] * sks_t + (g_ar % (D // KG))[None, :]
+                gm = live[:, None] & (g_ar < NGK)[None, :]
+                sct = tl.load(KS + goff, mask=gm, other=0.0)
+                zet = tl.load(KZ + goff, mask=gm, other=0.0)
+            s = tl.zeros([QROWS, BLOCK_N], tl.float32)
+            for a in range(G):  # not unrolled: one head tile live at a time (registers)
+                y = _key_tile(KP, kp_off, skp_h, skp_t, KS, KZ, ks_off, sks_h, sks_t, MU, mu_off, smu_h, KSLOT,
+                              (r * G + a) * D + d, t, live, sct, zet, g_ar, D, KBITS, KG, HAS_SLOTS, HAS_MU,
+                              SCALE_DOT)
+                if PREROPE:
+                    z_lo = _dot(y, hd_lo, DOT_F32)  # (N, D/2): y @ H_D, first half of the channels
+                    z_hi = _dot(y, hd_hi, DOT_F32)
+                    w_lo = z_lo * cs - z_hi * sn  # RoPE, rotate-half pairing
+                    w_hi = z_hi * cs + z_lo * sn
+                    part = _dot(q_lo, tl.trans(w_lo), DOT_F32) + _dot(q_hi, tl.trans(w_hi), DOT_F32)
+                else:
+                    part = _dot(qh, tl.trans(y), DOT_F32)
+                s += _hg_sign(arow & a)[:, None] * part  # H_G[a, a_j]
             m_i, l_i, p, alpha = _rescale(m_i, l_i, s, ok)
             acc0 = acc0 * alpha[:, None]
             acc1 = acc1 * alpha[:, None]
             acc2 = acc2 * alpha[:, None]
             acc3 = acc3 * alpha[:, None]
-            # p of each query row, placed in the column block of its own KV head: one (QROWS, G*N) product
-            p_all = tl.where(arow[:, None] == ra[None, :],
-                             tl.reshape(tl.broadcast_to(p[:, None, :], [QROWS, G, BLOCK_N]), [QROWS, GN]), 0.0)
-            # tokens not attended (padding, sinks, past the split) read as 0: p is 0 there, and 0 * (a
-            # non-finite scale of a token nobody attends) must not turn the accumulator into NaN
-            okr = _rows_of(ok, G, BLOCK_N)
-            vb = tl.load(VP + b * svp_b + hrow[:, None] * svp_h + trow[:, None] * svp_t + cb[None, :],
-                         mask=okr[:, None], other=0).to(tl.int32)
-            if VG == D:
-                voff = b * svs_b + hrow * svs_h + trow * svs_t
-                vsc = tl.load(VS + voff, mask=okr, other=0.0).to(tl.float32)[:, None]
-                vze = tl.load(VZ + voff, mask=okr, other=0.0).to(tl.float32)[:, None]
-            else:
-                voff = b * svs_b + hrow[:, None] * svs_h + trow[:, None] * svs_t + ((cb * VPPB) // VG)[None, :]
-                vsc = tl.load(VS + voff, mask=okr[:, None], other=0.0).to(tl.float32)
-                vze = tl.load(VZ + voff, mask=okr[:, None], other=0.0).to(tl.float32)
-            acc0 += _dot(p_all, _value_slot(vb, 0, VMASK, vsc, vze), DOT_F32)
-            if VPPB > 1:
-                acc1 += _dot(p_all, _value_slot(vb, VBITS, VMASK, vsc, vze), DOT_F32)
-            if VPPB > 2:
-                acc2 += _dot(p_all, _value_slot(vb, 2 * VBITS, VMASK, vsc, vze), DOT_F32)
-                acc3 += _dot(p_all, _value_slot(vb, 3 * VBITS, VMASK, vsc, vze), DOT_F32)
+            for a in range(G):  # not unrolled: one head tile live at a time (registers)
+                pa = tl.where((arow == a)[:, None], p, 0.0)  # only the query rows of KV head r*G + a
+                h = r * G + a
+                # tokens not attended (padding, sinks, past the split) read as 0: p is 0 there, and 0 * (a
+                # non-finite scale of a token nobody attends) must not turn the accumulator into NaN
+                vb = tl.load(VP + b * svp_b + h * svp_h + t[:, None] * svp_t + cb[None, :], mask=ok[:, None],
+                             other=0).to(tl.int32)
+                if VG == D:
+                    voff = b * svs_b + h * svs_h + t * svs_t
+                    vsc = tl.load(VS + voff, mask=ok, other=0.0).to(tl.float32)[:, None]
+                    vze = tl.load(VZ + voff, mask=ok, other=0.0).to(tl.float32)[:, None]
+                else:
+                    voff = b * svs_b + h * svs_h + t[:, None] * svs_t + ((cb * VPPB) // VG)[None, :]
+                    vsc = tl.load(VS + voff, mask=ok[:, None], other=0.0).to(tl.float32)
+                    vze = tl.load(VZ + voff, mask=ok[:, None], other=0.0).to(tl.float32)
+                acc0 += _dot(pa, _value_slot(vb, 0, VMASK, vsc, vze), DOT_F32)
+                if VPPB > 1:
+                    acc1 += _dot(pa, _value_slot(vb, VBITS, VMASK, vsc, vze), DOT_F32)
+                if VPPB > 2:
+                    acc2 += _dot(pa, _value_slot(vb, 2 * VBITS, VMASK, vsc, vze), DOT_F32)
+                    acc3 += _dot(pa, _value_slot(vb, 3 * VBITS, VMASK, vsc, vze), DOT_F32)
 
         _store_partials(M_OUT, L_OUT, ACC_OUT, (b * R * G * HG + qrow) * SLOTS + split, rows_ok, m_i, l_i,
                         acc0, acc1, acc2, acc3, cb, D, VPPB)
@@ -423,17 +384,6 @@ def hadamard_normalized(D: int, device, dtype: torch.dtype = torch.float32) -> t
     return _hadamard_pm1(D, torch.float32, str(torch.device(device))).to(dtype) * (D ** -0.5)
 
 
-def key_scale_onehot(slots: torch.Tensor | None, H: int, D: int, group: int, device) -> torch.Tensor:
-    """``(H * NGK_PAD, D)`` fp16, the decode kernel's scale lookup for keys quantized in slots (``SCALE_DOT``):
-    row ``h * NGK_PAD + g`` is 1 at the channels of KV head ``h`` whose quantization slot lies in key group ``g``
-    (flat over the heads: ``H * D / group`` groups, padded to a power of two >= 16)."""
-    pad = next_pow2(max(16, H * D // group))
-    sl = torch.arange(H * D) if slots is None else slots.long().cpu()
-    grp = (sl // group).view(H, 1, D)
-    oh = (grp == torch.arange(pad).view(1, pad, 1)).to(torch.float16)
-    return oh.reshape(H * pad, D).contiguous().to(device)
-
-
 def _dense_partial(q: torch.Tensor, state: RotateKVState, mask: torch.Tensor | None, qk_scale: float):
     """(max, sum, acc) in log2 units of the dense segment, per query head: ``(B, Hq)``, ``(B, Hq)``, ``(B, Hq, D)``."""
     B, Hq, D = q.shape
@@ -456,8 +406,7 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
                               scale: float | None = None, out: torch.Tensor | None = None,
                               num_splits: int | None = None, block_n: int | None = None,
                               num_warps: int | None = None, num_stages: int | None = None,
-                              waves: int | None = None, scale_lookup: str | None = None,
-                              hd_mode: str | None = None) -> torch.Tensor:
+                              waves: int | None = None, scale_lookup: str | None = None) -> torch.Tensor:
     """Attention of ``q (B, Hq, D)`` (one token per sequence, post-RoPE) over a RotateKV cache ``state``.
 
     ``mask (B, T)`` bool/int, nonzero where a token may be attended (``T = state.tokens``). Returns
@@ -469,13 +418,11 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
     why = unsupported_reason(state, D, Hq)
     if why is not None:
         raise ValueError(f"decode_attention_rotatekv: {why}")
-    H, G = state.num_kv_heads, state.head_group
-    block_n = max(16 // G, block_n or LAUNCH["block_n"])  # a block is G*block_n rows of the matrix products: >= 16
-    if block_n & (block_n - 1):
-        raise ValueError(f"block_n must be a power of two, got {block_n}")
+    block_n = max(16, block_n or LAUNCH["block_n"])
     num_warps = num_warps or LAUNCH["num_warps"]
     num_stages = num_stages or LAUNCH["num_stages"]
     waves = waves or LAUNCH["waves"]
+    H, G = state.num_kv_heads, state.head_group
     HG, R = Hq // H, H // G
     T, tq, dev = state.tokens, state.tq, q.device
     if q.stride(-1) != 1:
@@ -506,7 +453,7 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
     hd = _hadamard_pm1(D, torch.float32 if dot_f32 else torch.float16, str(dev))
     if splits:
         _launch_split(q, state, maskt, m_ws, l_ws, acc_ws, slots, splits, per_split, qk_scale, hd, block_n,
-                      num_warps, num_stages, dot_f32, R, HG, scale_lookup, hd_mode)
+                      num_warps, num_stages, dot_f32, R, HG, scale_lookup)
     if out is None:
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
     if out.stride(-1) != 1 or tuple(out.shape) != (B, Hq, D):
@@ -517,7 +464,7 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
 
 
 def _launch_split(q, state: RotateKVState, maskt, m_ws, l_ws, acc_ws, slots, splits, per_split, qk_scale, hd,
-                  block_n, num_warps, num_stages, dot_f32, R, HG, scale_lookup, hd_mode) -> None:
+                  block_n, num_warps, num_stages, dot_f32, R, HG, scale_lookup) -> None:
     B, Hq, D = q.shape
     dev = q.device
     G = state.head_group
@@ -540,21 +487,13 @@ def _launch_split(q, state: RotateKVState, maskt, m_ws, l_ws, acc_ws, slots, spl
         scale_lookup = LAUNCH["scale_lookup"]
     if scale_lookup not in ("dot", "gather"):
         raise ValueError(f"scale_lookup must be 'dot' or 'gather', got {scale_lookup!r}")
-    hd_mode = hd_mode or LAUNCH["hd_mode"]
-    if hd_mode not in ("dot", "fwht"):
-        raise ValueError(f"hd_mode must be 'dot' or 'fwht', got {hd_mode!r}")
     # the one-hot pick needs scales exact in fp16 (and few groups: its product runs over all of them)
     scale_dot = scale_lookup == "dot" and kq.scale.dtype == torch.float16 and ngk <= MAX_DOT_GROUPS
-    onehot = f16
-    if scale_dot:
-        onehot = state.key_onehot
-        if onehot is None:
-            onehot = key_scale_onehot(state.key_slots, state.num_kv_heads, D, kq.group, dev)
     _rkv_split_kernel[(B * R, splits)](
         q, q.stride(0), q.stride(1),
         kq.packed, *kq.packed.stride()[:3], kq.scale, kq.zero, *kq.scale.stride()[:3],
         mu if mu is not None else f16, *mu_st,
-        state.key_slots if state.key_slots is not None else i32, onehot,
+        state.key_slots if state.key_slots is not None else i32,
         hd,
         pos if state.prerope else i32, pos.stride(0) if state.prerope else 0,
         freq if state.prerope else _dummy(dev, torch.float32),
@@ -567,7 +506,7 @@ def _launch_split(q, state: RotateKVState, maskt, m_ws, l_ws, acc_ws, slots, spl
         VBITS=vq.bits, VG=vq.group, PREROPE=state.prerope, HAS_SLOTS=state.key_slots is not None,
         HAS_MU=mu is not None, HAS_SINKS=nsink > 0, S_PAD=next_pow2(max(nsink, 1)),
         HAS_MASK=maskt is not None, DOT_F32=dot_f32, SCALE_DOT=scale_dot, NGK=ngk, NGK_PAD=next_pow2(max(16, ngk)),
-        HD_FWHT=hd_mode == "fwht", LOG_D=int(math.log2(D)), num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages)
 
 
 # ---------------------------------------------------------------------------------------------- torch reference
@@ -624,4 +563,4 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
 
 
 __all__ = ["RotateKVState", "decode_attention_rotatekv", "unsupported_reason", "state_dense", "attention_ref",
-           "rope_tables", "hadamard_normalized", "key_scale_onehot", "LAUNCH"]
+           "rope_tables", "hadamard_normalized", "LAUNCH"]

@@ -37,8 +37,8 @@ from ..storage import QuantizedTensor, check_finite, packed_size
 from ._triton import device_guard, kernels_usable
 from .layer import _Stream, grow_capacity
 from .rotatekv_pack import rotatekv_pack_supported, rotatekv_quantize_keys, rotatekv_quantize_values
-from .rotatekv_decode import (RKV_BITS, RKV_HEAD_DIMS, RotateKVState, hadamard_normalized, key_scale_onehot,
-                              rope_tables, state_dense)
+from .rotatekv_decode import (RKV_BITS, RKV_HEAD_DIMS, RotateKVState, hadamard_normalized, rope_tables,
+                              state_dense)
 
 log = logging.getLogger("kvshrink")
 
@@ -284,16 +284,6 @@ class KernelRotateKVLayer(RotateKVLayer):
             self._device_copies[key] = self.inv_perm.to(device=device, dtype=torch.int32).contiguous()
         return self._device_copies[key]
 
-    def _key_onehot_on(self, device: torch.device) -> torch.Tensor | None:
-        """The kernel's one-hot key-scale lookup for this layer's channel order (:func:`key_scale_onehot`)."""
-        if self.key_axis != "channel":
-            return None
-        key = "onehot:" + str(device)
-        if key not in self._device_copies:
-            self._device_copies[key] = key_scale_onehot(self.inv_perm if self.channel_order(device) else None,
-                                                        self.H, self.D, self.key_group, device)
-        return self._device_copies[key]
-
     def _inv_freq_on(self, inv_freq: torch.Tensor, device: torch.device) -> torch.Tensor:
         """The rotary module's inverse frequencies on this layer's device (a model split over GPUs keeps its
         rotary module on the first one; the kernel reads a pointer on its own)."""
@@ -348,8 +338,7 @@ class KernelRotateKVLayer(RotateKVLayer):
             kq=self.kq, vq=self.vq, k_mu=self.k_mu, key_slots=self._key_slots_on(dev),
             pos=self.pos if self.m.prerope else None, inv_freq=self._inv_freq_on(rope[0], dev) if rope else None,
             rope_scale=rope[1] if rope else 1.0, head_group=self.G, rotate_values=rotv, sink_idx=self.sink_idx,
-            dense_k=torch.cat(ks, 2), dense_v=torch.cat(vs, 2), dense_idx=torch.cat(idx, 1), tokens=T,
-            key_onehot=self._key_onehot_on(dev))
+            dense_k=torch.cat(ks, 2), dense_v=torch.cat(vs, 2), dense_idx=torch.cat(idx, 1), tokens=T)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.kernel_step(key_states):
