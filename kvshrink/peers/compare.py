@@ -361,6 +361,8 @@ def now_utc() -> str:
 
 
 def git_commit(repo: Path) -> str | None:
+    if os.environ.get("KVSHRINK_GIT_COMMIT"):  # a run from an exported tree (no .git, or a stale one above it)
+        return os.environ["KVSHRINK_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
         dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
