@@ -188,36 +188,39 @@ if HAS_TRITON:
             return tl.dot(a.to(tl.float16), b.to(tl.float16))
 
     @triton.jit
-    def _key_tile(KP, kp_off, skp_h, skp_t, KS, KZ, ks_off, sks_h, sks_t, MU, mu_off, smu_h, KSLOT, c, t, live,
-                  sct, zet, g_ar, D: tl.constexpr, KBITS: tl.constexpr, KG: tl.constexpr, HAS_SLOTS: tl.constexpr,
+    def _key_slot(kb, SLOT: tl.constexpr, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t, live, MU,
+                  mu_off, smu_h, D: tl.constexpr, KBITS: tl.constexpr, KG: tl.constexpr, HAS_SLOTS: tl.constexpr,
                   HAS_MU: tl.constexpr, SCALE_DOT: tl.constexpr):
-        """Dequantized rotated-domain keys (tokens ``t``, rotated channels ``c`` of one head), float32 ``(N, D)``.
-        Codes sit at their own channel (contiguous bytes); each channel's scale/zero is its quantization
-        slot's: with ``SCALE_DOT`` picked from the token's whole scale row ``sct/zet (N, groups)`` by a
-        one-hot product on the matrix units (exact: one nonzero term), else loaded per element."""
+        """Dequantized rotated-domain keys of code slot ``SLOT`` of head ``h``'s packed bytes ``kb (N, D/KPPB)``
+        (int32): channels ``jb * KPPB + SLOT``, float32 ``(N, D/KPPB)``. Each byte is loaded once, for all its
+        codes. A channel's scale/zero is its quantization slot's: with ``SCALE_DOT`` picked from the token's
+        whole scale row ``sct/zet (N, groups)`` by a one-hot product on the matrix units (exact: one nonzero
+        term), else loaded per element."""
         KPPB: tl.constexpr = 8 // KBITS
         KMASK: tl.constexpr = (1 << KBITS) - 1
-        hc = c // D
-        ch = c % D
-        lm = live[:, None]
-        kb = tl.load(KP + kp_off + hc[None, :] * skp_h + t[:, None] * skp_t + (ch // KPPB)[None, :], mask=lm, other=0)
-        code = (kb.to(tl.int32) >> ((ch % KPPB) * KBITS)[None, :]) & KMASK
+        ch = jb * KPPB + SLOT
+        code = (kb >> (SLOT * KBITS)) & KMASK
         if HAS_SLOTS:
-            sp = tl.load(KSLOT + c)
+            sp = tl.load(KSLOT + h * D + ch)
         else:
-            sp = c
+            sp = h * D + ch
         if SCALE_DOT:
-            onehot = ((sp // KG)[None, :] == g_ar[:, None]).to(tl.float16)  # (groups, D)
+            onehot = ((sp // KG)[None, :] == g_ar[:, None]).to(tl.float16)  # (groups, D/KPPB)
             ksc = tl.dot(sct, onehot)
             kze = tl.dot(zet, onehot)
         else:
             soff = ks_off + (sp // D)[None, :] * sks_h + t[:, None] * sks_t + ((sp % D) // KG)[None, :]
-            ksc = tl.load(KS + soff, mask=lm, other=0.0).to(tl.float32)
-            kze = tl.load(KZ + soff, mask=lm, other=0.0).to(tl.float32)
+            ksc = tl.load(KS + soff, mask=live[:, None], other=0.0).to(tl.float32)
+            kze = tl.load(KZ + soff, mask=live[:, None], other=0.0).to(tl.float32)
         y = _codes_to_float(code) * ksc + kze
         if HAS_MU:
-            y += tl.load(MU + mu_off + hc * smu_h + ch).to(tl.float32)[None, :]
+            y += tl.load(MU + mu_off + h * smu_h + ch).to(tl.float32)[None, :]
         return y
+
+    @triton.jit
+    def _hd_rows(HD, ch, cols, D: tl.constexpr):
+        """Rows ``ch`` and columns ``cols`` of the +-1 matrix ``H_D``."""
+        return tl.load(HD + ch[:, None] * D + cols[None, :])
 
     @triton.jit
     def _value_slot(vb, shift: tl.constexpr, VMASK: tl.constexpr, vsc, vze):
@@ -260,6 +263,8 @@ if HAS_TRITON:
         rows_ok = jj < G * HG
         qrow = r * (G * HG) + jj  # query heads of KV heads r*G .. r*G+G-1 are contiguous
         arow = jj // HG  # each row's KV head within the group
+        KPPB: tl.constexpr = 8 // KBITS
+        jb = tl.arange(0, D // KPPB)  # key bytes of a token and head
         qbase = Q + b * sqb + qrow[:, None] * sqh
         if PREROPE:
             q_lo = tl.load(qbase + dh[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32) * qk_scale
@@ -267,8 +272,16 @@ if HAS_TRITON:
             freq = tl.load(FREQ + dh)
         else:
             q = tl.load(qbase + d[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32) * qk_scale
-            # keys stored post-RoPE: H_D (and 1/sqrt(G D)) move onto the query once
-            qh = _dot(q, tl.load(HD + d[:, None] * D + d[None, :]), DOT_F32) * rope_mult
+            # keys stored post-RoPE: H_D (and 1/sqrt(G D)) move onto the query once, one column slice per code slot
+            qh0 = _dot(q, tl.load(HD + d[:, None] * D + (jb * KPPB)[None, :]), DOT_F32) * rope_mult
+            qh1 = qh0
+            qh2 = qh0
+            qh3 = qh0
+            if KPPB > 1:
+                qh1 = _dot(q, tl.load(HD + d[:, None] * D + (jb * KPPB + 1)[None, :]), DOT_F32) * rope_mult
+            if KPPB > 2:
+                qh2 = _dot(q, tl.load(HD + d[:, None] * D + (jb * KPPB + 2)[None, :]), DOT_F32) * rope_mult
+                qh3 = _dot(q, tl.load(HD + d[:, None] * D + (jb * KPPB + 3)[None, :]), DOT_F32) * rope_mult
         if HAS_SINKS:
             si = tl.arange(0, S_PAD)
             sidx = tl.load(SINK + b * ssink_b + si, mask=si < NSINK, other=-1)
@@ -301,8 +314,6 @@ if HAS_TRITON:
                 ang = tl.load(POS + b * spos_b + t, mask=live, other=0).to(tl.float32)[:, None] * freq[None, :]
                 cs = tl.cos(ang) * rope_mult  # rope_mult = attention_scaling / sqrt(G D)
                 sn = tl.sin(ang) * rope_mult
-                hd_lo = tl.load(HD + d[:, None] * D + dh[None, :])
-                hd_hi = tl.load(HD + d[:, None] * D + D2 + dh[None, :])
             g_ar = tl.arange(0, NGK_PAD)
             sct = g_ar
             zet = g_ar
@@ -313,17 +324,44 @@ if HAS_TRITON:
                 zet = tl.load(KZ + goff, mask=gm, other=0.0)
             s = tl.zeros([QROWS, BLOCK_N], tl.float32)
             for a in range(G):  # not unrolled: one head tile live at a time (registers)
-                y = _key_tile(KP, kp_off, skp_h, skp_t, KS, KZ, ks_off, sks_h, sks_t, MU, mu_off, smu_h, KSLOT,
-                              (r * G + a) * D + d, t, live, sct, zet, g_ar, D, KBITS, KG, HAS_SLOTS, HAS_MU,
-                              SCALE_DOT)
+                h = r * G + a
+                kb = tl.load(KP + kp_off + h * skp_h + t[:, None] * skp_t + jb[None, :], mask=live[:, None],
+                             other=0).to(tl.int32)
+                # code slot by code slot: y_j (N, D/KPPB) holds channels jb*KPPB + j; y @ H_D = sum_j y_j @ H_D[rows j]
+                y = _key_slot(kb, 0, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t, live, MU,
+                              mu_off, smu_h, D, KBITS, KG, HAS_SLOTS, HAS_MU, SCALE_DOT)
                 if PREROPE:
-                    z_lo = _dot(y, hd_lo, DOT_F32)  # (N, D/2): y @ H_D, first half of the channels
-                    z_hi = _dot(y, hd_hi, DOT_F32)
+                    z_lo = _dot(y, _hd_rows(HD, jb * KPPB, dh, D), DOT_F32)  # (N, D/2): first half of y @ H_D
+                    z_hi = _dot(y, _hd_rows(HD, jb * KPPB, D2 + dh, D), DOT_F32)
+                else:
+                    part = _dot(qh0, tl.trans(y), DOT_F32)
+                if KPPB > 1:
+                    y = _key_slot(kb, 1, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t, live, MU,
+                                  mu_off, smu_h, D, KBITS, KG, HAS_SLOTS, HAS_MU, SCALE_DOT)
+                    if PREROPE:
+                        z_lo += _dot(y, _hd_rows(HD, jb * KPPB + 1, dh, D), DOT_F32)
+                        z_hi += _dot(y, _hd_rows(HD, jb * KPPB + 1, D2 + dh, D), DOT_F32)
+                    else:
+                        part += _dot(qh1, tl.trans(y), DOT_F32)
+                if KPPB > 2:
+                    y = _key_slot(kb, 2, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t, live, MU,
+                                  mu_off, smu_h, D, KBITS, KG, HAS_SLOTS, HAS_MU, SCALE_DOT)
+                    if PREROPE:
+                        z_lo += _dot(y, _hd_rows(HD, jb * KPPB + 2, dh, D), DOT_F32)
+                        z_hi += _dot(y, _hd_rows(HD, jb * KPPB + 2, D2 + dh, D), DOT_F32)
+                    else:
+                        part += _dot(qh2, tl.trans(y), DOT_F32)
+                    y = _key_slot(kb, 3, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t, live, MU,
+                                  mu_off, smu_h, D, KBITS, KG, HAS_SLOTS, HAS_MU, SCALE_DOT)
+                    if PREROPE:
+                        z_lo += _dot(y, _hd_rows(HD, jb * KPPB + 3, dh, D), DOT_F32)
+                        z_hi += _dot(y, _hd_rows(HD, jb * KPPB + 3, D2 + dh, D), DOT_F32)
+                    else:
+                        part += _dot(qh3, tl.trans(y), DOT_F32)
+                if PREROPE:
                     w_lo = z_lo * cs - z_hi * sn  # RoPE, rotate-half pairing
                     w_hi = z_hi * cs + z_lo * sn
                     part = _dot(q_lo, tl.trans(w_lo), DOT_F32) + _dot(q_hi, tl.trans(w_hi), DOT_F32)
-                else:
-                    part = _dot(qh, tl.trans(y), DOT_F32)
                 s += _hg_sign(arow & a)[:, None] * part  # H_G[a, a_j]
             m_i, l_i, p, alpha = _rescale(m_i, l_i, s, ok)
             acc0 = acc0 * alpha[:, None]
