@@ -65,9 +65,9 @@ MAX_QROWS = 64  # G * (query heads per KV head), padded: the score tile's rows
 MAX_SPLITS = 255  # + the dense segment: the merge kernel holds <= 256 partials
 LOG2E = math.log2(math.e)
 
-#: launch settings when a call names none: with the rotated-order layout, block 32 / 4 warps / one-hot scales was
-#: the fastest on an H100 at 8x32K, 1x128K and 16x32K and within 1% at 8x8K (1x32K: 64 / 8 by 25%); the one-hot
-#: lookup beat the per-element one at every shape (benchmarks/results/kernels_h100_rotatekv_layout.json)
+#: launch settings when a call names none: block 32 / 4 warps / one-hot scales was the fastest on an H100 at 8x8K,
+#: 8x32K, 1x128K and 16x32K (1x32K: 16 / 4 / per-element scales, 0.68 vs 0.90 ms;
+#: benchmarks/results/kernels_h100_rotatekv_slots.json); 8 warps or blocks of 64 spill (255 registers)
 LAUNCH: dict = {"block_n": 32, "num_warps": 4, "num_stages": 2, "waves": 4, "scale_lookup": "dot"}
 #: key groups per token (all heads) up to which scales are picked by a one-hot product (its K dimension)
 MAX_DOT_GROUPS = 64
