@@ -218,9 +218,22 @@ if HAS_TRITON:
         return y
 
     @triton.jit
-    def _hd_rows(HD, ch, cols, D: tl.constexpr):
-        """Rows ``ch`` and columns ``cols`` of the +-1 matrix ``H_D``."""
-        return tl.load(HD + ch[:, None] * D + cols[None, :])
+    def _slot_products(kb, SLOT: tl.constexpr, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t, live,
+                       MU, mu_off, smu_h, HD, dh, q_slot, D: tl.constexpr, KBITS: tl.constexpr, KG: tl.constexpr,
+                       HAS_SLOTS: tl.constexpr, HAS_MU: tl.constexpr, SCALE_DOT: tl.constexpr,
+                       PREROPE: tl.constexpr, DOT_F32: tl.constexpr):
+        """Code slot ``SLOT``'s share of a head tile: pre-RoPE, its part of ``y @ H_D`` as the two column halves
+        ``(N, D/2)`` (``y_j @ H_D[rows of slot j]``); post-RoPE, its part of the scores ``q_slot @ y_j^T`` (twice)."""
+        KPPB: tl.constexpr = 8 // KBITS
+        y = _key_slot(kb, SLOT, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t, live, MU, mu_off, smu_h,
+                      D, KBITS, KG, HAS_SLOTS, HAS_MU, SCALE_DOT)
+        if PREROPE:
+            rows = HD + (jb * KPPB + SLOT)[:, None] * D
+            return (_dot(y, tl.load(rows + dh[None, :]), DOT_F32),
+                    _dot(y, tl.load(rows + D // 2 + dh[None, :]), DOT_F32))
+        else:
+            part = _dot(q_slot, tl.trans(y), DOT_F32)
+            return part, part
 
     @triton.jit
     def _value_slot(vb, shift: tl.constexpr, VMASK: tl.constexpr, vsc, vze):
@@ -270,6 +283,10 @@ if HAS_TRITON:
             q_lo = tl.load(qbase + dh[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32) * qk_scale
             q_hi = tl.load(qbase + D2 + dh[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32) * qk_scale
             freq = tl.load(FREQ + dh)
+            qh0 = q_lo  # unused: the query meets the keys after RoPE
+            qh1 = q_lo
+            qh2 = q_lo
+            qh3 = q_lo
         else:
             q = tl.load(qbase + d[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32) * qk_scale
             # keys stored post-RoPE: H_D (and 1/sqrt(G D)) move onto the query once, one column slice per code slot
@@ -328,40 +345,32 @@ if HAS_TRITON:
                 kb = tl.load(KP + kp_off + h * skp_h + t[:, None] * skp_t + jb[None, :], mask=live[:, None],
                              other=0).to(tl.int32)
                 # code slot by code slot: y_j (N, D/KPPB) holds channels jb*KPPB + j; y @ H_D = sum_j y_j @ H_D[rows j]
-                y = _key_slot(kb, 0, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t, live, MU,
-                              mu_off, smu_h, D, KBITS, KG, HAS_SLOTS, HAS_MU, SCALE_DOT)
-                if PREROPE:
-                    z_lo = _dot(y, _hd_rows(HD, jb * KPPB, dh, D), DOT_F32)  # (N, D/2): first half of y @ H_D
-                    z_hi = _dot(y, _hd_rows(HD, jb * KPPB, D2 + dh, D), DOT_F32)
-                else:
-                    part = _dot(qh0, tl.trans(y), DOT_F32)
+                z_lo, z_hi = _slot_products(kb, 0, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t, live,
+                                            MU, mu_off, smu_h, HD, dh, qh0, D, KBITS, KG, HAS_SLOTS, HAS_MU,
+                                            SCALE_DOT, PREROPE, DOT_F32)
                 if KPPB > 1:
-                    y = _key_slot(kb, 1, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t, live, MU,
-                                  mu_off, smu_h, D, KBITS, KG, HAS_SLOTS, HAS_MU, SCALE_DOT)
-                    if PREROPE:
-                        z_lo += _dot(y, _hd_rows(HD, jb * KPPB + 1, dh, D), DOT_F32)
-                        z_hi += _dot(y, _hd_rows(HD, jb * KPPB + 1, D2 + dh, D), DOT_F32)
-                    else:
-                        part += _dot(qh1, tl.trans(y), DOT_F32)
+                    lo1, hi1 = _slot_products(kb, 1, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t,
+                                              live, MU, mu_off, smu_h, HD, dh, qh1, D, KBITS, KG, HAS_SLOTS, HAS_MU,
+                                              SCALE_DOT, PREROPE, DOT_F32)
+                    z_lo += lo1
+                    z_hi += hi1
                 if KPPB > 2:
-                    y = _key_slot(kb, 2, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t, live, MU,
-                                  mu_off, smu_h, D, KBITS, KG, HAS_SLOTS, HAS_MU, SCALE_DOT)
-                    if PREROPE:
-                        z_lo += _dot(y, _hd_rows(HD, jb * KPPB + 2, dh, D), DOT_F32)
-                        z_hi += _dot(y, _hd_rows(HD, jb * KPPB + 2, D2 + dh, D), DOT_F32)
-                    else:
-                        part += _dot(qh2, tl.trans(y), DOT_F32)
-                    y = _key_slot(kb, 3, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t, live, MU,
-                                  mu_off, smu_h, D, KBITS, KG, HAS_SLOTS, HAS_MU, SCALE_DOT)
-                    if PREROPE:
-                        z_lo += _dot(y, _hd_rows(HD, jb * KPPB + 3, dh, D), DOT_F32)
-                        z_hi += _dot(y, _hd_rows(HD, jb * KPPB + 3, D2 + dh, D), DOT_F32)
-                    else:
-                        part += _dot(qh3, tl.trans(y), DOT_F32)
+                    lo2, hi2 = _slot_products(kb, 2, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t,
+                                              live, MU, mu_off, smu_h, HD, dh, qh2, D, KBITS, KG, HAS_SLOTS, HAS_MU,
+                                              SCALE_DOT, PREROPE, DOT_F32)
+                    z_lo += lo2
+                    z_hi += hi2
+                    lo3, hi3 = _slot_products(kb, 3, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t,
+                                              live, MU, mu_off, smu_h, HD, dh, qh3, D, KBITS, KG, HAS_SLOTS, HAS_MU,
+                                              SCALE_DOT, PREROPE, DOT_F32)
+                    z_lo += lo3
+                    z_hi += hi3
                 if PREROPE:
                     w_lo = z_lo * cs - z_hi * sn  # RoPE, rotate-half pairing
                     w_hi = z_hi * cs + z_lo * sn
                     part = _dot(q_lo, tl.trans(w_lo), DOT_F32) + _dot(q_hi, tl.trans(w_hi), DOT_F32)
+                else:
+                    part = z_lo  # (query rows, N) scores already
                 s += _hg_sign(arow & a)[:, None] * part  # H_G[a, a_j]
             m_i, l_i, p, alpha = _rescale(m_i, l_i, s, ok)
             acc0 = acc0 * alpha[:, None]
