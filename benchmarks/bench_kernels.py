@@ -914,8 +914,7 @@ def main() -> int:
                     help="sections: roof, decode (KIVI + RotateKV rows), rdecode (RotateKV rows only), quant, graph, "
                          "e2e (fp16, kivi and rotatekv:bits=2), e2e_rkv (rotatekv:bits=2 beside fp16 only), rpack (RotateKV's "
                          "fused rotate+quantize+pack vs its torch path; after quant for the prefill share)")
-    ap.add_argument("--rvariants", default="16:4:2:4:dot,16:4:2:4:gather,32:8:2:4:dot,32:8:2:4:gather,16:4:3:4:dot,"
-                                           "32:4:2:4:dot,64:8:2:4:dot",
+    ap.add_argument("--rvariants", default="32:4:2:4:dot,16:4:2:4:dot,16:4:2:4:gather,16:4:3:4:dot,64:8:2:4:dot",
                     help="RotateKV decode kernel variants block_n:num_warps:num_stages:waves[:scale_lookup dot|gather] "
                          "(fastest reported); empty: no RotateKV rows in the decode section")
     ap.add_argument("--e2e-T", type=int, default=8192)

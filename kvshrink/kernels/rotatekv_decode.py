@@ -458,8 +458,8 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
 
     ``mask (B, T)`` bool/int, nonzero where a token may be attended (``T = state.tokens``). Returns
     ``(B, Hq, D)`` in ``q.dtype`` (or writes ``out``). Launch settings default to :data:`LAUNCH`
-    (``scale_lookup``: how key scales are found, see the module docstring). Raises ValueError for what :func:`unsupported_reason`
-    names; callers fall back to :func:`state_dense` + dense attention.
+    (``scale_lookup``: how key scales are found, see the module docstring). Raises ValueError for what
+    :func:`unsupported_reason` names; callers fall back to :func:`state_dense` + dense attention.
     """
     B, Hq, D = q.shape
     why = unsupported_reason(state, D, Hq)

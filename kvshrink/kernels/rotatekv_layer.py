@@ -168,8 +168,8 @@ class KernelRotateKVLayer(RotateKVLayer):
     # -- the quantization seam (torch path) ---------------------------------------------------------------
     def _quantize_block(self, block: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                         keys: bool) -> None:
-        """Quantize stored-domain keys or (rotated) values ``block (B, H, n, D)`` with per-token groups of
-        ``group`` channels (keys: formed in the calibrated order) into ``out`` (views of the capacity buffers)."""
+        """Quantize stored-domain keys (``keys``: per-token groups formed in the calibrated channel order) or
+        rotated values ``block (B, H, n, D)`` into ``out`` (views of the capacity buffers)."""
         if keys:
             q = self.quantize_keys(block)
         else:
