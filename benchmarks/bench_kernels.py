@@ -247,11 +247,13 @@ def make_rotatekv_state(B, T, bits=2, G=4, sinks=4, seed=0, dtype=torch.float16)
         return QuantizedTensor(packed, scale, zero, bits, "channel", D, T, D, dtype)
 
     kq, vq = stream(), stream()
+    slots = torch.randperm(HKV * D, device=dev, generator=g)
+    kq.slots = slots  # keys grouped in a (random) calibrated order, as RotateKV's default layout
     sidx = torch.arange(sinks, device=dev, dtype=torch.int32)[None].expand(B, sinks).contiguous()
     didx = torch.cat([sidx.long(), torch.full((B, 1), T, device=dev, dtype=torch.long)], 1)
     return RotateKVState(
         kq=kq, vq=vq, k_mu=(torch.randn(B, HKV, 1, D, device=dev, generator=g) * 0.1).to(torch.float16),
-        key_slots=torch.randperm(HKV * D, device=dev, generator=g).to(torch.int32),
+        key_slots=slots.to(torch.int32),
         pos=torch.arange(T, device=dev, dtype=torch.int32)[None].expand(B, T).contiguous(),
         inv_freq=1.0 / (500000.0 ** (torch.arange(0, D, 2, device=dev, dtype=torch.float32) / D)), rope_scale=1.0,
         head_group=G, rotate_values=True, sink_idx=sidx,

@@ -63,11 +63,11 @@ def rope_fn_for(D: int, theta: float = 10000.0, scaling: dict | None = None):
 
 
 def build(B, H, D, G, T, bits, dtype, *, reorder=True, center=True, sinks=True, prerope=True, residual=0,
-          group=None, rope=None):
+          group=None, rope=None, scale_dtype="float16"):
     """A RotateKVLayer holding ``T`` tokens, filled as decoding fills it (one chunk, then single tokens), with
     sink tokens (one per row in the first chunk, one in the last few tokens: the residual when there is one)."""
     method = RotateKV(bits=bits, head_group=G, reorder=reorder, center=center, sinks=sinks, prerope=prerope,
-                      residual=residual, group=group)
+                      residual=residual, group=group, scale_dtype=scale_dtype)
     perm = torch.randperm(H * D, generator=GEN) if method.uses_reorder() else None
     layer = RotateKVLayer(method, 0, H, D, G, perm)
     layer.rope_fn = rope or rope_fn_for(D)
@@ -177,6 +177,25 @@ def test_kernel_detects_wrong_state():
         assert err > 10 * TOL[torch.float32], (spoil, err)
 
 
+def test_scale_lookup_falls_back_and_slots_must_agree():
+    """bf16 scales are not exact in the one-hot product's fp16: "dot" then loads them per element (still exact);
+    a state whose key_slots disagree with its keys' own slots is refused, not read with the wrong scales."""
+    layer = build(1, 2, 64, 2, 40, 2, torch.float32, scale_dtype="bfloat16")
+    kl = KernelRotateKVLayer.from_layer(layer)
+    k_new, v_new = rand(1, 2, 1, 64), rand(1, 2, 1, 64)
+    q = rand(1, 4, 64, outliers=False)
+    ref = reference(layer, q, k_new, v_new, None, None)
+    st = kl.decode_state(k_new, v_new)
+    assert st.kq.scale.dtype == torch.bfloat16 and st.key_slots is not None
+    for lookup in ("dot", "gather"):
+        out = decode_attention_rotatekv(q, st, scale_lookup=lookup)
+        assert float((out.float() - ref).norm() / ref.norm()) < TOL[torch.float32]
+    st.key_slots = None
+    assert "key_slots" in unsupported_reason(st, 64, 4)
+    with pytest.raises(ValueError, match="key_slots"):
+        decode_attention_rotatekv(q, st)
+
+
 @pytest.mark.parametrize("residual", [3, 0])
 def test_kernel_layer_stores_what_base_layer_stores(residual):
     """In-place capacity buffers + the quantization seam (residual 3) or the fused rotate+quantize+pack kernel
@@ -207,6 +226,10 @@ def test_kernel_layer_stores_what_base_layer_stores(residual):
         assert a.tokens == b.tokens == held
         for x, y in zip(a.tensors(), b.tensors()):
             assert torch.equal(x, y)
+        assert (a.slots is None) == (b.slots is None) and (a.slots is None or torch.equal(a.slots, b.slots))
+    assert kl.kq.slots is not None  # the default layout: keys grouped in the calibrated order
+    for x, y in zip(kl.dense(), ref.dense()):  # what a prefill chunk, select() or a fallback step reads
+        assert torch.equal(x, y)
     assert (kl.k_res is None and ref.k_res is None) or torch.equal(kl.k_res, ref.k_res)
     assert torch.equal(kl.pos, ref.pos) and torch.equal(kl.k_mu, ref.k_mu)
     for name in ("sink_k", "sink_v", "sink_idx"):  # exact sinks kept alike (rows swapped by the selection)

@@ -72,6 +72,8 @@ def check_same(got, ref):
     """Same layout and dtypes; scales and zeros bit-equal; codes equal except 1 apart at rounding ties."""
     for f in ("bits", "axis", "group", "tokens", "head_dim", "dtype"):
         assert getattr(got, f) == getattr(ref, f), f
+    assert (got.slots is None) == (ref.slots is None)  # keys grouped in the calibrated order say so
+    assert got.slots is None or torch.equal(got.slots.cpu(), ref.slots.cpu())
     assert got.packed.shape == ref.packed.shape and got.packed.dtype == ref.packed.dtype == torch.uint8
     assert got.scale.shape == ref.scale.shape and got.scale.dtype == ref.scale.dtype
     assert torch.equal(got.scale, ref.scale), "scales differ"

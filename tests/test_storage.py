@@ -126,7 +126,6 @@ def test_slotted_groups_are_the_permuted_quantization_with_codes_in_place(bits, 
     q = replace(stored, packed=pack(codes, bits), slots=slots)
     assert torch.equal(q.codes(), codes)
     assert torch.equal(q.dequantize(torch.float32), regroup_channels(stored.dequantize(torch.float32), slots))
-    assert q.nbytes() == stored.nbytes()  # the order is the caller's data, not the tensor's bytes
     assert torch.equal(q.cat(q).dequantize(torch.float32)[:, :, T:], q.dequantize(torch.float32))
     other = replace(q, slots=torch.roll(slots, 1))
     with pytest.raises(ValueError, match="different layouts"):

@@ -72,6 +72,8 @@ def _deq(q: QuantizedTensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     codes were quantized from: a layer may quantize from 16-bit values yet serve a float32 model)."""
     if q is None:
         return None
+    if q.slots is not None:  # groups formed in another channel order: the tensor's own reader
+        return q.dequantize(dtype)
     return dequantize_codes(q.codes(), q.scale, q.zero, q.bits, q.axis, q.group, dtype)
 
 

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -79,9 +79,9 @@ class RotateKVState:
     """One layer's RotateKV cache as the decode kernel reads it (``T = tq + dense tokens``).
 
     Quantized stream, tokens ``[0, tq)`` (``key_axis="channel"`` layout, may be views into capacity buffers):
-    ``kq``/``vq`` codes + fp scale/zero, ``k_mu (B, H, 1, D)`` or None, ``key_slots (H*D,)`` int32 (the
-    quantization slot of each rotated key channel, ``kq.slots``; None = its own), ``pos (B, >= tq)`` int32
-    positions (prerope),
+    ``kq``/``vq`` codes + fp scale/zero, ``k_mu (B, H, 1, D)`` or None, ``key_slots (H*D,)`` int32: ``kq.slots``
+    (the quantization slot of each rotated key channel) for the kernel, None when ``kq.slots`` is None,
+    ``pos (B, >= tq)`` int32 positions (prerope),
     ``inv_freq (D/2,)`` float32 and ``rope_scale`` (RoPE's ``attention_scaling``), ``head_group`` = G,
     ``rotate_values`` (values stored as ``v @ H_D``), ``sink_idx (B, S)`` int32 sink tokens (-1 = none):
     excluded from the quantized stream.
@@ -158,6 +158,10 @@ def unsupported_reason(state: RotateKVState, head_dim: int, num_q_heads: int) ->
             return f"{name}: group {g} (kernel: a power of two dividing head_dim, >= codes per byte)"
         if qt.packed.stride(-1) != 1 or qt.scale.stride(-1) != 1 or qt.zero.stride(-1) != 1:
             return f"{name}: storage with a non-contiguous last dim"
+    kslots = None if state.kq is None else state.kq.slots
+    if (kslots is None) != (state.key_slots is None) or (
+            kslots is not None and tuple(kslots.shape) != tuple(state.key_slots.shape)):
+        return "key_slots must be the keys' own slots (kq.slots), both given or both None"
     if state.pos is not None and state.pos.dim() != 2:
         return "per-head positions (an eviction policy in front)"
     if state.sink_idx is not None and state.sink_idx.dim() != 2:
@@ -188,18 +192,18 @@ if HAS_TRITON:
             return tl.dot(a.to(tl.float16), b.to(tl.float16))
 
     @triton.jit
-    def _key_slot(kb, SLOT: tl.constexpr, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t, live, MU,
+    def _key_lane(kb, LANE: tl.constexpr, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t, live, MU,
                   mu_off, smu_h, D: tl.constexpr, KBITS: tl.constexpr, KG: tl.constexpr, HAS_SLOTS: tl.constexpr,
                   HAS_MU: tl.constexpr, SCALE_DOT: tl.constexpr):
-        """Dequantized rotated-domain keys of code slot ``SLOT`` of head ``h``'s packed bytes ``kb (N, D/KPPB)``
-        (int32): channels ``jb * KPPB + SLOT``, float32 ``(N, D/KPPB)``. Each byte is loaded once, for all its
-        codes. A channel's scale/zero is its quantization slot's: with ``SCALE_DOT`` picked from the token's
-        whole scale row ``sct/zet (N, groups)`` by a one-hot product on the matrix units (exact: one nonzero
-        term), else loaded per element."""
+        """Dequantized rotated-domain keys of code lane ``LANE`` (a code's position inside its byte) of head
+        ``h``'s packed bytes ``kb (N, D/KPPB)`` (int32): channels ``jb * KPPB + LANE``, float32 ``(N, D/KPPB)``.
+        Each byte is loaded once, for all its codes. A channel's scale/zero is its quantization slot's: with
+        ``SCALE_DOT`` picked from the token's whole scale row ``sct/zet (N, groups)`` by a one-hot product on the
+        matrix units (exact: one nonzero term), else loaded per element."""
         KPPB: tl.constexpr = 8 // KBITS
         KMASK: tl.constexpr = (1 << KBITS) - 1
-        ch = jb * KPPB + SLOT
-        code = (kb >> (SLOT * KBITS)) & KMASK
+        ch = jb * KPPB + LANE
+        code = (kb >> (LANE * KBITS)) & KMASK
         if HAS_SLOTS:
             sp = tl.load(KSLOT + h * D + ch)
         else:
@@ -218,25 +222,26 @@ if HAS_TRITON:
         return y
 
     @triton.jit
-    def _slot_products(kb, SLOT: tl.constexpr, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t, live,
-                       MU, mu_off, smu_h, HD, dh, q_slot, D: tl.constexpr, KBITS: tl.constexpr, KG: tl.constexpr,
+    def _lane_products(kb, LANE: tl.constexpr, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t, live,
+                       MU, mu_off, smu_h, HD, dh, q_lane, D: tl.constexpr, KBITS: tl.constexpr, KG: tl.constexpr,
                        HAS_SLOTS: tl.constexpr, HAS_MU: tl.constexpr, SCALE_DOT: tl.constexpr,
                        PREROPE: tl.constexpr, DOT_F32: tl.constexpr):
-        """Code slot ``SLOT``'s share of a head tile: pre-RoPE, its part of ``y @ H_D`` as the two column halves
-        ``(N, D/2)`` (``y_j @ H_D[rows of slot j]``); post-RoPE, its part of the scores ``q_slot @ y_j^T`` (twice)."""
+        """Code lane ``LANE``'s share of a head tile: pre-RoPE, its part of ``y @ H_D`` as the two column halves
+        ``(N, D/2)`` (``y_j @ H_D[rows of lane j]``); post-RoPE, its part of the scores ``q_lane @ y_j^T``
+        (returned twice)."""
         KPPB: tl.constexpr = 8 // KBITS
-        y = _key_slot(kb, SLOT, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t, live, MU, mu_off, smu_h,
+        y = _key_lane(kb, LANE, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t, live, MU, mu_off, smu_h,
                       D, KBITS, KG, HAS_SLOTS, HAS_MU, SCALE_DOT)
         if PREROPE:
-            rows = HD + (jb * KPPB + SLOT)[:, None] * D
+            rows = HD + (jb * KPPB + LANE)[:, None] * D
             return (_dot(y, tl.load(rows + dh[None, :]), DOT_F32),
                     _dot(y, tl.load(rows + D // 2 + dh[None, :]), DOT_F32))
         else:
-            part = _dot(q_slot, tl.trans(y), DOT_F32)
+            part = _dot(q_lane, tl.trans(y), DOT_F32)
             return part, part
 
     @triton.jit
-    def _value_slot(vb, shift: tl.constexpr, VMASK: tl.constexpr, vsc, vze):
+    def _value_lane(vb, shift: tl.constexpr, VMASK: tl.constexpr, vsc, vze):
         return _codes_to_float((vb >> shift) & VMASK) * vsc + vze
 
     # T and everything derived from it change every decode step: no specialization on them
@@ -289,7 +294,7 @@ if HAS_TRITON:
             qh3 = q_lo
         else:
             q = tl.load(qbase + d[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32) * qk_scale
-            # keys stored post-RoPE: H_D (and 1/sqrt(G D)) move onto the query once, one column slice per code slot
+            # keys stored post-RoPE: H_D (and 1/sqrt(G D)) move onto the query once, one column slice per code lane
             qh0 = _dot(q, tl.load(HD + d[:, None] * D + (jb * KPPB)[None, :]), DOT_F32) * rope_mult
             qh1 = qh0
             qh2 = qh0
@@ -305,7 +310,7 @@ if HAS_TRITON:
 
         m_i = tl.full([QROWS], float("-inf"), tl.float32)
         l_i = tl.zeros([QROWS], tl.float32)
-        # value accumulators per code slot: acc<j>[:, cb] is channel cb * VPPB + j (as decode_attention.py)
+        # value accumulators per code lane: acc<j>[:, cb] is channel cb * VPPB + j (as decode_attention.py)
         acc0 = tl.zeros([QROWS, VDP], tl.float32)
         acc1 = tl.zeros([QROWS, VDP], tl.float32)
         acc2 = tl.zeros([QROWS, VDP], tl.float32)
@@ -344,23 +349,23 @@ if HAS_TRITON:
                 h = r * G + a
                 kb = tl.load(KP + kp_off + h * skp_h + t[:, None] * skp_t + jb[None, :], mask=live[:, None],
                              other=0).to(tl.int32)
-                # code slot by code slot: y_j (N, D/KPPB) holds channels jb*KPPB + j; y @ H_D = sum_j y_j @ H_D[rows j]
-                z_lo, z_hi = _slot_products(kb, 0, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t, live,
+                # code lane by code lane: y_j (N, D/KPPB) holds channels jb*KPPB + j; y @ H_D = sum_j y_j @ H_D[rows j]
+                z_lo, z_hi = _lane_products(kb, 0, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t, live,
                                             MU, mu_off, smu_h, HD, dh, qh0, D, KBITS, KG, HAS_SLOTS, HAS_MU,
                                             SCALE_DOT, PREROPE, DOT_F32)
                 if KPPB > 1:
-                    lo1, hi1 = _slot_products(kb, 1, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t,
+                    lo1, hi1 = _lane_products(kb, 1, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t,
                                               live, MU, mu_off, smu_h, HD, dh, qh1, D, KBITS, KG, HAS_SLOTS, HAS_MU,
                                               SCALE_DOT, PREROPE, DOT_F32)
                     z_lo += lo1
                     z_hi += hi1
                 if KPPB > 2:
-                    lo2, hi2 = _slot_products(kb, 2, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t,
+                    lo2, hi2 = _lane_products(kb, 2, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t,
                                               live, MU, mu_off, smu_h, HD, dh, qh2, D, KBITS, KG, HAS_SLOTS, HAS_MU,
                                               SCALE_DOT, PREROPE, DOT_F32)
                     z_lo += lo2
                     z_hi += hi2
-                    lo3, hi3 = _slot_products(kb, 3, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t,
+                    lo3, hi3 = _lane_products(kb, 3, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t,
                                               live, MU, mu_off, smu_h, HD, dh, qh3, D, KBITS, KG, HAS_SLOTS, HAS_MU,
                                               SCALE_DOT, PREROPE, DOT_F32)
                     z_lo += lo3
@@ -392,12 +397,12 @@ if HAS_TRITON:
                     voff = b * svs_b + h * svs_h + t[:, None] * svs_t + ((cb * VPPB) // VG)[None, :]
                     vsc = tl.load(VS + voff, mask=ok[:, None], other=0.0).to(tl.float32)
                     vze = tl.load(VZ + voff, mask=ok[:, None], other=0.0).to(tl.float32)
-                acc0 += _dot(pa, _value_slot(vb, 0, VMASK, vsc, vze), DOT_F32)
+                acc0 += _dot(pa, _value_lane(vb, 0, VMASK, vsc, vze), DOT_F32)
                 if VPPB > 1:
-                    acc1 += _dot(pa, _value_slot(vb, VBITS, VMASK, vsc, vze), DOT_F32)
+                    acc1 += _dot(pa, _value_lane(vb, VBITS, VMASK, vsc, vze), DOT_F32)
                 if VPPB > 2:
-                    acc2 += _dot(pa, _value_slot(vb, 2 * VBITS, VMASK, vsc, vze), DOT_F32)
-                    acc3 += _dot(pa, _value_slot(vb, 3 * VBITS, VMASK, vsc, vze), DOT_F32)
+                    acc2 += _dot(pa, _value_lane(vb, 2 * VBITS, VMASK, vsc, vze), DOT_F32)
+                    acc3 += _dot(pa, _value_lane(vb, 3 * VBITS, VMASK, vsc, vze), DOT_F32)
 
         _store_partials(M_OUT, L_OUT, ACC_OUT, (b * R * G * HG + qrow) * SLOTS + split, rows_ok, m_i, l_i,
                         acc0, acc1, acc2, acc3, cb, D, VPPB)
@@ -490,7 +495,7 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
         splits = -(-tq // per_split)
     else:
         splits, per_split = 0, block_n
-    slots = splits + 1  # the last slot: the dense segment
+    slots = splits + 1  # partial-result slots, one per split; the last one: the dense segment
     m_ws, l_ws, acc_ws = partials_workspace(B, Hq, slots, D, dev)
     m_d, l_d, acc_d = _dense_partial(q, state, maskt, qk_scale)
     m_ws[:, :, splits] = m_d
@@ -575,8 +580,7 @@ def state_dense(state: RotateKVState, dtype: torch.dtype = torch.float32) -> tup
     K = torch.zeros(B, H, T + 1, D, dtype=torch.float32, device=state.dense_k.device)  # + a dump slot for -1
     V = torch.zeros_like(K)
     if tq:
-        slots = None if state.key_slots is None else state.key_slots.long()
-        y = replace(state.kq, slots=slots).dequantize(torch.float32)
+        y = state.kq.dequantize(torch.float32)  # channel c with its slot's scale (kq.slots)
         if state.k_mu is not None:
             y = y + state.k_mu.float()
         y = y.transpose(1, 2).reshape(B, tq, H * D)

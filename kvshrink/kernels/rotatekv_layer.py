@@ -275,13 +275,13 @@ class KernelRotateKVLayer(RotateKVLayer):
         return (self.use_kernels and not self.simulated and key_states.shape[-2] == 1 and self.is_initialized
                 and kernels_usable(key_states.device) and self.kernel_refusal(key_states) is None)
 
-    def _key_slots_on(self, device: torch.device) -> torch.Tensor | None:
-        """The keys' quantization slot of each channel (``kq.slots``) as int32 on ``device``, for the kernel."""
-        if self.channel_order(device) is None:
+    def _key_slots_on(self, slots: torch.Tensor | None) -> torch.Tensor | None:
+        """The keys' own quantization slots (``kq.slots``) as int32 for the kernel (cached per device copy)."""
+        if slots is None:
             return None
-        key = str(device)
+        key = f"slots:{slots.device}:{slots.data_ptr()}"
         if key not in self._device_copies:
-            self._device_copies[key] = self.inv_perm.to(device=device, dtype=torch.int32).contiguous()
+            self._device_copies[key] = slots.to(torch.int32).contiguous()
         return self._device_copies[key]
 
     def _inv_freq_on(self, inv_freq: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -335,7 +335,8 @@ class KernelRotateKVLayer(RotateKVLayer):
         idx.append(torch.full((B, 1), T - 1, device=dev, dtype=torch.long))
         rope = self._rope_params() if self.m.prerope else None
         return RotateKVState(
-            kq=self.kq, vq=self.vq, k_mu=self.k_mu, key_slots=self._key_slots_on(dev),
+            kq=self.kq, vq=self.vq, k_mu=self.k_mu,
+            key_slots=self._key_slots_on(self.kq.slots if self.kq is not None else None),
             pos=self.pos if self.m.prerope else None, inv_freq=self._inv_freq_on(rope[0], dev) if rope else None,
             rope_scale=rope[1] if rope else 1.0, head_group=self.G, rotate_values=rotv, sink_idx=self.sink_idx,
             dense_k=torch.cat(ks, 2), dense_v=torch.cat(vs, 2), dense_idx=torch.cat(idx, 1), tokens=T)

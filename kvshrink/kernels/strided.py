@@ -83,6 +83,8 @@ class StridedQuantizedTensor(QuantizedTensor):
     @classmethod
     def from_kivi(cls, q: QuantizedTensor) -> "StridedQuantizedTensor":
         """Repack a storage-layout tensor (same scales, same codes)."""
+        if q.slots is not None:
+            raise ValueError("the strided layout has no channel-order slots (a RotateKV key tensor?)")
         c = q.codes()
         if q.axis == "token":
             B, H, G, D, g = c.shape

@@ -69,12 +69,12 @@ Layout (what a decode kernel reads), per layer, batch at dim 0, tokens at dim 2:
   behind a per-head eviction policy, -1 where a head did not keep the sink). Dense keys and values are
   overwritten at those indices.
 
-Reading (``dense``): dequantize, undo the channel order, inverse-rotate (``H_G^T``), re-apply RoPE with
-``rotary(pos)``, then write the exact sinks back. A decode kernel can instead fold everything linear into
+Reading (``dense``): dequantize (each code with its slot's scale), inverse-rotate (``H_G^T``), re-apply RoPE
+with ``rotary(pos)``, then write the exact sinks back. A decode kernel can instead fold everything linear into
 the query, per rotation group: with ``q_t`` the post-RoPE query and ``R_p`` RoPE at position ``p``,
 ``q_t · R_p H_G^T k_rot = (H_G R_p^T q_t) · k_rot``, which depends on ``p`` (that is the cost of pre-RoPE
 storage: RoPE must be applied per stored token, or the query rotated per position). With
-``prerope=false`` the query is rotated once, ``(P H_G q_t) · k_stored``. Values: the output is
+``prerope=false`` the query is rotated once, ``(H_G q_t) · k_rot``. Values: the output is
 ``(softmax · V_rot) H_D^T``, one rotation per output row.
 
 ``bits=16`` stores the rotated keys/values unquantized (an exact round trip: tests the rotation and RoPE
@@ -113,10 +113,14 @@ def quantize_clipped(x: torch.Tensor, bits: int, axis: str, group: int, clip: fl
     """Asymmetric uniform quantization with the group range scaled by ``clip`` (<= 1); values outside
     the clipped range saturate. ``clip == 1`` is exactly :func:`kvshrink.storage.quantize`.
 
-    ``order`` (``axis="channel"``, with ``slots`` its inverse permutation): channel groups are formed over the
-    token's channels (flat over heads) gathered by ``order``, as if stored in that order, while every code
-    stays at its own channel; the result records ``slots`` (:class:`~kvshrink.storage.QuantizedTensor`)."""
+    ``order`` (``axis="channel"``; ``slots`` its inverse permutation, computed if not given): channel groups are
+    formed over the token's channels (flat over heads) gathered by ``order``, as if stored in that order, while
+    every code stays at its own channel; the result records ``slots`` (:class:`~kvshrink.storage.QuantizedTensor`)."""
     if order is not None:
+        if axis != "channel":
+            raise ValueError("quantize_clipped: a channel order forms channel groups; it needs axis='channel'")
+        if slots is None:
+            slots = order.argsort()
         q = quantize_clipped(regroup_channels(x, order), bits, axis, group, clip, scale_dtype)
         return replace(q, packed=pack(regroup_channels(q.codes(), slots), bits), slots=slots)
     if clip >= 1.0:

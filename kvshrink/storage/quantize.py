@@ -86,11 +86,13 @@ class QuantizedTensor:
         return [t for t in (self.packed, self.scale, self.zero) if t is not None]
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "QuantizedTensor":
-        """Apply ``fn`` to every stored tensor (all have batch at dim 0, heads at dim 1)."""
+        """Apply ``fn`` to every stored tensor (all have batch at dim 0, heads at dim 1). ``slots`` is kept:
+        ``fn`` may select batch rows or tokens, not heads or channels."""
         return replace(self, packed=fn(self.packed), scale=fn(self.scale), zero=None if self.zero is None else fn(self.zero))
 
     def codes(self) -> torch.Tensor:
-        """Unpacked integer codes as uint8, shaped like the scale groups expect."""
+        """Unpacked integer codes as uint8: ``(B, H, T, D)`` for channel groups (with ``slots``, each code at its own
+        channel, not in group order), ``(B, H, T/g, D, g)`` for token groups."""
         if self.axis == "channel":
             return unpack(self.packed, self.bits, self.head_dim)
         return unpack(self.packed, self.bits, self.group)  # (B, H, T/g, D, g)
