@@ -223,12 +223,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _lane_products(kb, LANE: tl.constexpr, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t, live,
-                       MU, mu_off, smu_h, HD, dh, q_lane, D: tl.constexpr, KBITS: tl.constexpr, KG: tl.constexpr,
-                       HAS_SLOTS: tl.constexpr, HAS_MU: tl.constexpr, SCALE_DOT: tl.constexpr,
+                       MU, mu_off, smu_h, HD, dh, qh0, qh1, qh2, qh3, D: tl.constexpr, KBITS: tl.constexpr,
+                       KG: tl.constexpr, HAS_SLOTS: tl.constexpr, HAS_MU: tl.constexpr, SCALE_DOT: tl.constexpr,
                        PREROPE: tl.constexpr, DOT_F32: tl.constexpr):
         """Code lane ``LANE``'s share of a head tile: pre-RoPE, its part of ``y @ H_D`` as the two column halves
-        ``(N, D/2)`` (``y_j @ H_D[rows of lane j]``); post-RoPE, its part of the scores ``q_lane @ y_j^T``
-        (returned twice)."""
+        ``(N, D/2)`` (``y_j @ H_D[rows of lane j]``); post-RoPE, its part of the scores ``qh<LANE> @ y_j^T``
+        (returned twice; ``qh<j>`` is the query's ``H_D`` column slice of lane j)."""
         KPPB: tl.constexpr = 8 // KBITS
         y = _key_lane(kb, LANE, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t, live, MU, mu_off, smu_h,
                       D, KBITS, KG, HAS_SLOTS, HAS_MU, SCALE_DOT)
@@ -237,6 +237,13 @@ if HAS_TRITON:
             return (_dot(y, tl.load(rows + dh[None, :]), DOT_F32),
                     _dot(y, tl.load(rows + D // 2 + dh[None, :]), DOT_F32))
         else:
+            q_lane = qh0
+            if LANE == 1:
+                q_lane = qh1
+            if LANE == 2:
+                q_lane = qh2
+            if LANE == 3:
+                q_lane = qh3
             part = _dot(q_lane, tl.trans(y), DOT_F32)
             return part, part
 
@@ -351,25 +358,14 @@ if HAS_TRITON:
                              other=0).to(tl.int32)
                 # code lane by code lane: y_j (N, D/KPPB) holds channels jb*KPPB + j; y @ H_D = sum_j y_j @ H_D[rows j]
                 z_lo, z_hi = _lane_products(kb, 0, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t, live,
-                                            MU, mu_off, smu_h, HD, dh, qh0, D, KBITS, KG, HAS_SLOTS, HAS_MU,
-                                            SCALE_DOT, PREROPE, DOT_F32)
-                if KPPB > 1:
-                    lo1, hi1 = _lane_products(kb, 1, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t,
-                                              live, MU, mu_off, smu_h, HD, dh, qh1, D, KBITS, KG, HAS_SLOTS, HAS_MU,
-                                              SCALE_DOT, PREROPE, DOT_F32)
-                    z_lo += lo1
-                    z_hi += hi1
-                if KPPB > 2:
-                    lo2, hi2 = _lane_products(kb, 2, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t,
-                                              live, MU, mu_off, smu_h, HD, dh, qh2, D, KBITS, KG, HAS_SLOTS, HAS_MU,
-                                              SCALE_DOT, PREROPE, DOT_F32)
-                    z_lo += lo2
-                    z_hi += hi2
-                    lo3, hi3 = _lane_products(kb, 3, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t,
-                                              live, MU, mu_off, smu_h, HD, dh, qh3, D, KBITS, KG, HAS_SLOTS, HAS_MU,
-                                              SCALE_DOT, PREROPE, DOT_F32)
-                    z_lo += lo3
-                    z_hi += hi3
+                                            MU, mu_off, smu_h, HD, dh, qh0, qh1, qh2, qh3, D, KBITS, KG, HAS_SLOTS,
+                                            HAS_MU, SCALE_DOT, PREROPE, DOT_F32)
+                for lane in tl.static_range(1, KPPB):
+                    lo_, hi_ = _lane_products(kb, lane, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t,
+                                              live, MU, mu_off, smu_h, HD, dh, qh0, qh1, qh2, qh3, D, KBITS, KG,
+                                              HAS_SLOTS, HAS_MU, SCALE_DOT, PREROPE, DOT_F32)
+                    z_lo += lo_
+                    z_hi += hi_
                 if PREROPE:
                     w_lo = z_lo * cs - z_hi * sn  # RoPE, rotate-half pairing
                     w_hi = z_hi * cs + z_lo * sn
