@@ -220,13 +220,7 @@ def sec_decode(res: dict, copy_bw: float, variants: list[dict], svariants: list[
                 row["dequant_sdpa_ms"] = bench(deq, warmup=5, rep=20)
             del kvs, qs
             torch.cuda.empty_cache()
-        if rvariants:
-            try:
-                rotatekv_rows(row, B, T, copy_bw, rvariants)
-            except Exception:  # noqa: BLE001
-                log(f"rotatekv rows failed at B={B} T={T}:\n{traceback.format_exc()}")
-        rows.append(row)
-        log("decode " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
+        finish_row(rows, row, "decode", copy_bw, rvariants or None)
     res["decode"] = rows
 
 
@@ -321,13 +315,20 @@ def sec_rdecode(res: dict, copy_bw: float, rvariants: list[dict]) -> None:
         row["sdpa_ms"] = bench(lambda: fns[rot()]())
         del qs, ks, vs, fns
         torch.cuda.empty_cache()
-        try:
-            rotatekv_rows(row, B, T, copy_bw, rvariants)
-        except Exception:  # noqa: BLE001
-            log(f"rotatekv rows failed at B={B} T={T}:\n{traceback.format_exc()}")
-        rows.append(row)
-        log("rdecode " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
+        finish_row(rows, row, "rdecode", copy_bw, rvariants)
     res["rdecode"] = rows
+
+
+def finish_row(rows: list, row: dict, section: str, copy_bw: float, rvariants: list[dict] | None) -> None:
+    """Add the RotateKV kernel's keys to a decode row (unless ``rvariants`` is None; a failure is logged), keep
+    the row and log it."""
+    if rvariants is not None:
+        try:
+            rotatekv_rows(row, row["B"], row["T"], copy_bw, rvariants)
+        except Exception:  # noqa: BLE001
+            log(f"rotatekv rows failed at B={row['B']} T={row['T']}:\n{traceback.format_exc()}")
+    rows.append(row)
+    log(f"{section} " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
 
 
 def make_packed_bytes(B, T, group, bits=2):
