@@ -411,18 +411,24 @@ def fill_fp16(cache, B, T, chunk=2048):
                          torch.randn(B, HKV, n, D, device="cuda", dtype=torch.bfloat16))
 
 
+def random_chunks(layer, B: int, T: int, chunk: int):
+    """Random bf16 K/V of ``T`` tokens in chunks, ``(start, n, k, v)``, the layer initialized from the first."""
+    for s in range(0, T, chunk):
+        n = min(chunk, T - s)
+        k = torch.randn(B, HKV, n, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(B, HKV, n, D, device="cuda", dtype=torch.bfloat16)
+        if not layer.is_initialized:
+            layer.lazy_initialization(k, v)
+        yield s, n, k, v
+
+
 def fill_kivi(cache, B, T, chunk=256):
     """Fill kernel layers with T random tokens without running attention (append + bookkeeping only)."""
     from kvshrink.kernels import KernelUniformLayer
 
     for layer in cache.layers:
         assert isinstance(layer, KernelUniformLayer)
-        for s in range(0, T, chunk):
-            n = min(chunk, T - s)
-            k = torch.randn(B, HKV, n, D, device="cuda", dtype=torch.bfloat16)
-            v = torch.randn(B, HKV, n, D, device="cuda", dtype=torch.bfloat16)
-            if not layer.is_initialized:
-                layer.lazy_initialization(k, v)
+        for _, n, k, v in random_chunks(layer, B, T, chunk):
             layer.append(k, v)
             layer.seen += n
 
@@ -667,12 +673,7 @@ def fill_rotatekv(model, cache, B, T, chunk=1024, sinks=(0,)):
     for layer in cache.layers:
         assert isinstance(layer, KernelRotateKVLayer)
         layer.rope_fn = fn
-        for s0 in range(0, T, chunk):
-            n = min(chunk, T - s0)
-            k = torch.randn(B, HKV, n, D, device="cuda", dtype=torch.bfloat16)
-            v = torch.randn(B, HKV, n, D, device="cuda", dtype=torch.bfloat16)
-            if not layer.is_initialized:
-                layer.lazy_initialization(k, v)
+        for s0, n, k, v in random_chunks(layer, B, T, chunk):
             pos = torch.arange(s0, s0 + n, device="cuda", dtype=torch.int32)[None].expand(B, n)
             slots = torch.tensor(list(sinks), device="cuda")[None].expand(B, len(sinks)) if s0 == 0 and sinks else None
             layer._store(k, v, pos, None, None, slots)
