@@ -18,6 +18,8 @@ Sections (``--only`` picks some):
               group, a random channel permutation, key centre, 4 sink tokens, pre-RoPE keys (RoPE in the kernel).
 * ``e2e`` also runs ``rotatekv:bits=2`` (kernel layers; channel order calibrated with the calibrate API on
   random token ids), next to fp16 and kivi.
+* ``graph_rkv`` ``rotatekv:bits=2`` in graph mode (rotatekv_graph.py's static layers) beside the 16-bit static
+              baseline, CUDA-graph replayed, at B=8, fp16's largest batch and RotateKV's largest batch.
 
 Decode rows carry both kernels: ``g128``/``g32`` = the channel-strided layout (decode_strided.py),
 ``g128_kivi``/``g32_kivi`` = KIVI's storage layout (decode_attention.py); ``dense_triton`` = the graph-mode
@@ -798,12 +800,120 @@ def pick_launch(res: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------- e2e, graphs
+def time_graph(model, cache, B: int, T: int, steps: int) -> dict:
+    """Capture one greedy step over ``cache`` (holding ``T`` tokens per row) and time ``steps`` replays."""
+    from kvshrink.kernels.graph import GraphDecoder
+
+    tok = torch.randint(0, model.config.vocab_size, (B,), device="cuda")
+    t0 = time.perf_counter()
+    dec = GraphDecoder(model, cache, tok, position=T)
+    torch.cuda.synchronize()
+    capture_s = time.perf_counter() - t0
+    for _ in range(3):
+        dec.step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        dec.step()
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    return {"splits": cache.layers[0].splits, "tokens_per_s": B * steps / dt, "ms_per_step": dt / steps * 1e3,
+            "capture_s": capture_s, "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def fill_static_dense(cache, B: int, T: int) -> None:
+    """Random 16-bit K/V of ``T`` tokens into StaticDenseLayer/StaticKiviLayer layers, 1 GiB of K (and V) at a time."""
+    chunk = max(1, 2**30 // (HKV * T * D * 2))
+    for layer in cache.layers:
+        for b0 in range(0, B, chunk):
+            b = min(chunk, B - b0)
+            k = torch.randn(b, HKV, T, D, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn(b, HKV, T, D, device="cuda", dtype=torch.bfloat16)
+            if not layer.is_initialized:
+                layer.lazy_initialization(torch.empty(B, HKV, 1, D, device="cuda", dtype=torch.bfloat16), None)
+            layer.prefill(k, v, batch_start=b0)
+            del k, v
+
+
+def sec_graph_rotatekv(res: dict, model, T: int, steps: int) -> None:
+    """Graph-captured decode tok/s with ``rotatekv:bits=2`` static layers (kvshrink.kernels.rotatekv_graph) beside
+    the 16-bit static baseline, at the baseline's largest batch, RotateKV's largest batch and B=8."""
+    from kvshrink.kernels import disable
+    from kvshrink.kernels.graph import make_static_cache
+
+    spec = rotatekv_calib_spec(model)
+    cap = T + steps + 16
+    out = {"T": T, "steps": steps, "spec": "rotatekv:bits=2 (calib: random ids), static layers, sink_slots=16",
+           "runs": []}
+    torch.cuda.empty_cache()
+    budget = torch.cuda.mem_get_info()[0] - 6 * 2**30
+    L = model.config.num_hidden_layers
+    per_dense = L * 2 * HKV * cap * D * 2
+
+    def make_rkv(B):
+        c = make_static_cache(model, cap, kind="rotatekv", spec=spec)
+        fill_rotatekv(model, c, B, T)
+        for layer in c.layers:
+            layer.lazy_initialization(torch.empty(B, HKV, 1, D, device="cuda", dtype=torch.bfloat16), None)
+        return c
+
+    c = make_rkv(2)
+    for layer in c.layers:  # what a decode step allocates: capacity rows, sink slots
+        layer._freeze(torch.empty(2, HKV, 1, D, device="cuda", dtype=torch.bfloat16))
+    per_rkv = c.nbytes() / 2
+    disable(model)
+    del c
+    torch.cuda.empty_cache()
+    out.update(bytes_per_seq_fp16=per_dense, bytes_per_seq_rotatekv=per_rkv, kv_budget_bytes=budget,
+               max_batch_fp16=int(budget // per_dense), max_batch_rotatekv=int(budget // per_rkv))
+    out["max_batch_ratio"] = out["max_batch_rotatekv"] / max(1, out["max_batch_fp16"])
+    log(f"graph e2e rotatekv: per seq fp16 {per_dense / 2**20:.0f} MiB, rotatekv {per_rkv / 2**20:.0f} MiB; max batch "
+        f"fp16 {out['max_batch_fp16']} rotatekv {out['max_batch_rotatekv']} ({out['max_batch_ratio']:.2f}x)")
+
+    def attempt(kind, B):
+        try:
+            if kind == "fp16":
+                cache = make_static_cache(model, cap, kind="dense")
+                fill_static_dense(cache, B, T)
+            else:
+                cache = make_rkv(B)
+            try:
+                r = {"cache": kind, "B": B, **time_graph(model, cache, B, T, steps)}
+                r["len_after"] = int(cache.layers[0].lens[0])
+                if kind == "rotatekv":
+                    cache.layers[0].settle()  # warns if a sink found no slot
+                out["runs"].append(r)
+                log(f"graph e2e {kind} B={B} T={T}: {r['tokens_per_s']:.0f} tok/s, {r['ms_per_step']:.2f} ms/step "
+                    f"(len after {r['len_after']}, capture {r['capture_s']:.1f} s)")
+            finally:
+                disable(model)
+                del cache
+        except torch.cuda.OutOfMemoryError as e:
+            out["runs"].append({"cache": kind, "B": B, "error": f"OOM: {e}"[:300]})
+            log(f"graph e2e {kind} B={B}: OOM")
+        except Exception:  # noqa: BLE001
+            out["runs"].append({"cache": kind, "B": B, "error": traceback.format_exc()[-1500:]})
+            log(f"graph e2e {kind} B={B} failed:\n{traceback.format_exc()}")
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+    Bf = out["max_batch_fp16"]
+    for kind, B in (("fp16", 8), ("rotatekv", 8), ("fp16", Bf), ("rotatekv", Bf), ("rotatekv", out["max_batch_rotatekv"])):
+        attempt(kind, B)
+    tps = {(r["cache"], r["B"]): r["tokens_per_s"] for r in out["runs"] if "tokens_per_s" in r}
+    if ("fp16", Bf) in tps and ("rotatekv", Bf) in tps:
+        out["speedup_at_fp16_max_batch"] = tps[("rotatekv", Bf)] / tps[("fp16", Bf)]
+    if ("fp16", Bf) in tps and ("rotatekv", out["max_batch_rotatekv"]) in tps:
+        out["throughput_ratio_at_each_max_batch"] = tps[("rotatekv", out["max_batch_rotatekv"])] / tps[("fp16", Bf)]
+    res["graph_rotatekv"] = out
+
+
 def sec_graph(res: dict, model, T: int, steps: int, group: int) -> None:
     """Decode tokens/s with one greedy step captured in a CUDA graph and replayed, for the 16-bit baseline
     (StaticDenseLayer: preallocated K/V, device length, split-K Triton kernel) and kivi:bits=2 (StaticKiviLayer:
     strided layout, rings, device lengths). Same model, same capture method, measured side by side."""
     from kvshrink.kernels import disable
-    from kvshrink.kernels.graph import GraphDecoder, StaticKiviLayer, make_static_cache
+    from kvshrink.kernels.graph import StaticKiviLayer, make_static_cache
 
     out = {"T": T, "steps": steps, "spec": f"kivi:bits=2,group={group},residual=128", "runs": []}
     torch.cuda.empty_cache()
@@ -826,33 +936,9 @@ def sec_graph(res: dict, model, T: int, steps: int, group: int) -> None:
         cache = make_static_cache(model, cap, kind="kivi" if kind == "kivi" else "dense",
                                   **({"group": group, "layout": layout, "waves": waves} if kind == "kivi" else {}))
         try:
-            chunk = max(1, 2**30 // (HKV * T * D * 2))  # fill 1 GiB of random K (and V) at a time
-            for layer in cache.layers:
-                for b0 in range(0, B, chunk):
-                    b = min(chunk, B - b0)
-                    k = torch.randn(b, HKV, T, D, device="cuda", dtype=torch.bfloat16)
-                    v = torch.randn(b, HKV, T, D, device="cuda", dtype=torch.bfloat16)
-                    if not layer.is_initialized:
-                        layer.lazy_initialization(torch.empty(B, HKV, 1, D, device="cuda", dtype=torch.bfloat16), None)
-                    layer.prefill(k, v, batch_start=b0)
-                    del k, v
-            tok = torch.randint(0, model.config.vocab_size, (B,), device="cuda")
-            t0 = time.perf_counter()
-            dec = GraphDecoder(model, cache, tok, position=T)
-            torch.cuda.synchronize()
-            capture_s = time.perf_counter() - t0
-            for _ in range(3):
-                dec.step()
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            for _ in range(steps):
-                dec.step()
-            torch.cuda.synchronize()
-            dt = time.perf_counter() - t
+            fill_static_dense(cache, B, T)
             r = {"cache": kind, "layout": layout if kind == "kivi" else "dense", "B": B,
-                 "waves": waves if kind == "kivi" else None, "splits": cache.layers[0].splits,
-                 "tokens_per_s": B * steps / dt, "ms_per_step": dt / steps * 1e3,
-                 "capture_s": capture_s, "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
+                 "waves": waves if kind == "kivi" else None, **time_graph(model, cache, B, T, steps)}
             # the replayed steps really advanced the cache: lengths on the device
             r["len_after"] = int(cache.layers[0].lens[0])
             log(f"graph e2e {kind} ({r['layout']}, splits {r['splits']}) B={B} T={T}: {r['tokens_per_s']:.0f} tok/s, {r['ms_per_step']:.2f} ms/step "
@@ -916,7 +1002,8 @@ def main() -> int:
     ap.add_argument("--out", default="benchmarks/results/kernels.json")
     ap.add_argument("--only", default="roof,decode,quant,graph,e2e",
                     help="sections: roof, decode (KIVI + RotateKV rows), rdecode (RotateKV rows only), quant, graph, "
-                         "e2e (fp16, kivi and rotatekv:bits=2), e2e_rkv (rotatekv:bits=2 beside fp16 only), rpack (RotateKV's "
+                         "e2e (fp16, kivi and rotatekv:bits=2), e2e_rkv (rotatekv:bits=2 beside fp16 only), graph_rkv "
+                         "(rotatekv:bits=2 static layers beside fp16 ones, CUDA graphs), rpack (RotateKV's "
                          "fused rotate+quantize+pack vs its torch path; after quant for the prefill share)")
     ap.add_argument("--rvariants", default="32:4:2:4:dot,16:4:2:4:dot,16:4:2:4:gather,16:4:3:4:dot,64:8:2:4:dot",
                     help="RotateKV decode kernel variants block_n:num_warps:num_stages:waves[:scale_lookup dot|gather] "
@@ -977,7 +1064,7 @@ def main() -> int:
             except Exception:  # noqa: BLE001
                 log(f"section {name} failed:\n{traceback.format_exc()}")
             dump()
-    if only & {"quant", "e2e", "graph", "e2e_rkv", "rpack"}:
+    if only & {"quant", "e2e", "graph", "graph_rkv", "e2e_rkv", "rpack"}:
         try:
             model = build_model()
             if "quant" in only:
@@ -998,6 +1085,12 @@ def main() -> int:
                     dump()
                 except Exception:  # noqa: BLE001
                     log(f"section graph failed:\n{traceback.format_exc()}")
+            if "graph_rkv" in only:
+                try:
+                    sec_graph_rotatekv(res, model, args.e2e_T, args.graph_steps)
+                    dump()
+                except Exception:  # noqa: BLE001
+                    log(f"section graph_rkv failed:\n{traceback.format_exc()}")
             if "e2e" in only:
                 try:
                     sec_e2e(res, model, args.e2e_T, args.e2e_steps, args.e2e_group)

@@ -10,7 +10,8 @@
 * :func:`decode_attention_rotatekv` / :class:`KernelRotateKVLayer` — RotateKV's packed cache attended directly
   (channel order, grouped-head Hadamard and RoPE undone inside the kernel; ``rotatekv_decode.py``).
 * :func:`make_static_cache` / :class:`GraphDecoder` — static cache layers (device-side lengths, residual rings,
-  fixed split counts) whose decode step a CUDA graph captures and replays (``graph.py``).
+  fixed split counts) whose decode step a CUDA graph captures and replays (``graph.py``);
+  :class:`StaticRotateKVLayer` the same for RotateKV (``rotatekv_graph.py``, ``make_static_cache(kind="rotatekv")``).
 
 Triton is optional: without it (or without CUDA, unless ``TRITON_INTERPRET=1`` was set before Triton was
 imported), the layers fall back to the reference path and the attention function to SDPA.
@@ -25,6 +26,7 @@ from .quant_pack import kernel_supports, quantize_pack
 from .reference import PackedKV, decode_attention_ref
 from .rotatekv_decode import RotateKVState, decode_attention_rotatekv
 from .rotatekv_layer import KernelRotateKVLayer, RotateKVDecode
+from .rotatekv_graph import StaticRotateKVLayer, make_static_rotatekv_cache
 from .strided import StridedQuantizedTensor, quantize_pack_strided, strided_supported
 
 __all__ = ["HAS_TRITON", "kernels_usable", "convert_cache", "disable", "enable", "kvshrink_attention",
@@ -32,4 +34,5 @@ __all__ = ["HAS_TRITON", "kernels_usable", "convert_cache", "disable", "enable",
            "PackedDecode", "kernel_supports", "quantize_pack", "PackedKV", "decode_attention_ref",
            "decode_attention_strided", "strided_decode_supported", "StridedQuantizedTensor", "quantize_pack_strided",
            "strided_supported", "GraphDecoder", "StaticDenseLayer", "StaticKiviLayer", "decode_attention_dense",
-           "make_static_cache", "RotateKVState", "decode_attention_rotatekv", "KernelRotateKVLayer", "RotateKVDecode"]
+           "make_static_cache", "RotateKVState", "decode_attention_rotatekv", "KernelRotateKVLayer", "RotateKVDecode",
+           "StaticRotateKVLayer", "make_static_rotatekv_cache"]

@@ -436,9 +436,18 @@ class StaticKiviLayer(_StaticBase):
 
 
 def make_static_cache(model: torch.nn.Module, capacity: int, kind: str = "kivi", **kw) -> "Cache":
-    """A transformers ``Cache`` of static layers (``kind`` "kivi" or "dense") for graph-captured decoding, and
-    ``model`` switched to the ``"kvshrink"`` attention (undo with ``kvshrink.kernels.disable``)."""
+    """A transformers ``Cache`` of static layers (``kind`` "kivi", "dense" or "rotatekv") for graph-captured
+    decoding, and ``model`` switched to the ``"kvshrink"`` attention (undo with ``kvshrink.kernels.disable``).
+    ``kind="rotatekv"`` takes ``spec=`` (default ``"rotatekv:bits=2"``), ``sink_slots=``, ``waves=``
+    (:func:`~.rotatekv_graph.make_static_rotatekv_cache`)."""
     from .attention import enable
+
+    if kind == "rotatekv":
+        from .rotatekv_graph import make_static_rotatekv_cache
+
+        return make_static_rotatekv_cache(model, kw.pop("spec", "rotatekv:bits=2"), capacity, **kw)
+    if kind not in ("kivi", "dense"):
+        raise ValueError(f"kind must be 'kivi', 'dense' or 'rotatekv', got {kind!r}")
 
     n = model.config.num_hidden_layers
     layers = [StaticKiviLayer(capacity, **kw) if kind == "kivi" else StaticDenseLayer(capacity) for _ in range(n)]

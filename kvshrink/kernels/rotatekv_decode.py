@@ -267,12 +267,13 @@ if HAS_TRITON:
             SINK, ssink_b, NSINK,  # (B, S) int32 sink token indices, -1 = none
             MASK, smask_b,  # (B, T) int8, 1 = attend
             M_OUT, L_OUT, ACC_OUT, SLOTS,  # (B, Hq, SLOTS), (B, Hq, SLOTS), (B, Hq, SLOTS, D) float32
+            LENS,  # graph mode: [tq] int32 on the device (the host's TQ and tokens_per_split are ignored)
             R, TQ, tokens_per_split, qk_scale, rope_mult,
             G: tl.constexpr, HG: tl.constexpr, QROWS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
             KBITS: tl.constexpr, KG: tl.constexpr, VBITS: tl.constexpr, VG: tl.constexpr,
             PREROPE: tl.constexpr, HAS_SLOTS: tl.constexpr, HAS_MU: tl.constexpr, HAS_SINKS: tl.constexpr,
             S_PAD: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, SCALE_DOT: tl.constexpr,
-            NGK: tl.constexpr, NGK_PAD: tl.constexpr):
+            NGK: tl.constexpr, NGK_PAD: tl.constexpr, HAS_LENS: tl.constexpr = False):
         VPPB: tl.constexpr = 8 // VBITS
         VDP: tl.constexpr = D // VPPB
         VMASK: tl.constexpr = (1 << VBITS) - 1
@@ -324,6 +325,9 @@ if HAS_TRITON:
         acc3 = tl.zeros([QROWS, VDP], tl.float32)
         cb = tl.arange(0, VDP)
 
+        if HAS_LENS:  # the split grid is fixed; each program derives its slice from the device length
+            TQ = tl.load(LENS)
+            tokens_per_split = tl.cdiv(tl.cdiv(TQ, tl.num_programs(1)), BLOCK_N) * BLOCK_N
         lo = split * tokens_per_split
         hi = tl.minimum(lo + tokens_per_split, TQ)
         kp_off = b * skp_b
@@ -454,13 +458,20 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
                               scale: float | None = None, out: torch.Tensor | None = None,
                               num_splits: int | None = None, block_n: int | None = None,
                               num_warps: int | None = None, num_stages: int | None = None,
-                              waves: int | None = None, scale_lookup: str | None = None) -> torch.Tensor:
+                              waves: int | None = None, scale_lookup: str | None = None,
+                              lens: torch.Tensor | None = None,
+                              workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Attention of ``q (B, Hq, D)`` (one token per sequence, post-RoPE) over a RotateKV cache ``state``.
 
     ``mask (B, T)`` bool/int, nonzero where a token may be attended (``T = state.tokens``). Returns
     ``(B, Hq, D)`` in ``q.dtype`` (or writes ``out``). Launch settings default to :data:`LAUNCH`
     (``scale_lookup``: how key scales are found, see the module docstring). Raises ValueError for what
     :func:`unsupported_reason` names; callers fall back to :func:`state_dense` + dense attention.
+
+    Graph mode (``lens``, :mod:`.rotatekv_graph`): the quantized stream holds ``lens[0]`` tokens (int32 on
+    the device; ``state.kq``/``vq`` may span a larger capacity), ``num_splits`` is fixed and each program
+    derives its slice on the device, ``workspace`` (``partials_workspace(B, Hq, num_splits + 1, D)``) is reused:
+    nothing depends on a host value that changes per step, so CUDA graphs can capture the call. No mask.
     """
     B, Hq, D = q.shape
     why = unsupported_reason(state, D, Hq)
@@ -482,7 +493,12 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
         maskt = mask.to(torch.int8).contiguous()
     sc = D ** -0.5 if scale is None else scale
     qk_scale = sc * LOG2E  # the softmax runs in exp2
-    if tq > 0:
+    if lens is not None:
+        if mask is not None or not num_splits or not 0 < num_splits <= MAX_SPLITS or state.kq is None:
+            raise ValueError(f"graph mode needs mask=None, a quantized stream and a fixed 0 < num_splits <= "
+                             f"{MAX_SPLITS}")
+        splits, per_split = num_splits, 0
+    elif tq > 0:
         sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) \
             if dev.type == "cuda" else 4
         splits = max(1, min(num_splits or choose_splits(B * R, tq, block_n, sms, waves), MAX_SPLITS))
@@ -492,7 +508,9 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
     else:
         splits, per_split = 0, block_n
     slots = splits + 1  # partial-result slots, one per split; the last one: the dense segment
-    m_ws, l_ws, acc_ws = partials_workspace(B, Hq, slots, D, dev)
+    m_ws, l_ws, acc_ws = workspace if workspace is not None else partials_workspace(B, Hq, slots, D, dev)
+    if tuple(acc_ws.shape) != (B, Hq, slots, D):
+        raise ValueError(f"workspace must hold (B, Hq, splits + 1, D) = {(B, Hq, slots, D)} partials")
     m_d, l_d, acc_d = _dense_partial(q, state, maskt, qk_scale)
     m_ws[:, :, splits] = m_d
     l_ws[:, :, splits] = l_d
@@ -501,7 +519,7 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
     hd = _hadamard_pm1(D, torch.float32 if dot_f32 else torch.float16, str(dev))
     if splits:
         _launch_split(q, state, maskt, m_ws, l_ws, acc_ws, slots, splits, per_split, qk_scale, hd, block_n,
-                      num_warps, num_stages, dot_f32, R, HG, scale_lookup)
+                      num_warps, num_stages, dot_f32, R, HG, scale_lookup, lens)
     if out is None:
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
     if out.stride(-1) != 1 or tuple(out.shape) != (B, Hq, D):
@@ -512,7 +530,7 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
 
 
 def _launch_split(q, state: RotateKVState, maskt, m_ws, l_ws, acc_ws, slots, splits, per_split, qk_scale, hd,
-                  block_n, num_warps, num_stages, dot_f32, R, HG, scale_lookup) -> None:
+                  block_n, num_warps, num_stages, dot_f32, R, HG, scale_lookup, lens=None) -> None:
     B, Hq, D = q.shape
     dev = q.device
     G = state.head_group
@@ -548,13 +566,13 @@ def _launch_split(q, state: RotateKVState, maskt, m_ws, l_ws, acc_ws, slots, spl
         vq.packed, *vq.packed.stride()[:3], vq.scale, vq.zero, *vq.scale.stride()[:3],
         sink if nsink else i32, sink.stride(0) if nsink else 0, nsink,
         maskt if maskt is not None else _dummy(dev, torch.int8), maskt.stride(0) if maskt is not None else 0,
-        m_ws, l_ws, acc_ws, slots,
+        m_ws, l_ws, acc_ws, slots, lens if lens is not None else i32,
         R, state.tq, per_split, qk_scale, rope_mult,
         G=G, HG=HG, QROWS=next_pow2(max(16, G * HG)), D=D, BLOCK_N=block_n, KBITS=kq.bits, KG=kq.group,
         VBITS=vq.bits, VG=vq.group, PREROPE=state.prerope, HAS_SLOTS=state.key_slots is not None,
         HAS_MU=mu is not None, HAS_SINKS=nsink > 0, S_PAD=next_pow2(max(nsink, 1)),
         HAS_MASK=maskt is not None, DOT_F32=dot_f32, SCALE_DOT=scale_dot, NGK=ngk, NGK_PAD=next_pow2(max(16, ngk)),
-        num_warps=num_warps, num_stages=num_stages)
+        HAS_LENS=lens is not None, num_warps=num_warps, num_stages=num_stages)
 
 
 # ---------------------------------------------------------------------------------------------- torch reference

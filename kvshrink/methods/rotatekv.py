@@ -489,6 +489,13 @@ class RotateKVLayer(CompressedLayer):
             return idx
         return _slots_of(index, idx[:, None].expand(B, index.shape[1], S))
 
+    def token_is_sink(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` bool: whether a one-token chunk ``hidden (B, 1, C)`` is a sink, exactly as :meth:`_chunk_sinks`
+        decides it (some of the token's top-k |entries| reach ``sink_ratio`` x the median |entry|: true iff its
+        largest does), computed on the device with no host sync (graph-captured decode steps)."""
+        a = hidden.detach().abs().float().reshape(hidden.shape[0], -1)
+        return a.amax(dim=1) >= self.m.sink_ratio * lower_median(a)
+
     def _add_sinks(self, hidden: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
                    index: torch.Tensor | None = None) -> None:
         """Detect the sinks of a chunk from its hidden states and keep them exact (held indices from ``start``)."""

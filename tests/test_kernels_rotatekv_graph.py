@@ -1,0 +1,141 @@
+"""Graph-mode RotateKV (kvshrink/kernels/rotatekv_graph.py) against the eager kernel layer.
+
+The static layer must decode exactly like :class:`KernelRotateKVLayer` (same stored bytes, same sinks, same
+logits to float rounding: only the kernel's split grid and the dense segment's padding differ), while its step
+depends on no host value that changes. On CPU the kernels run under ``TRITON_INTERPRET=1``; the CUDA-graph
+capture itself is tested on a GPU only.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+pytest.importorskip("triton")
+
+from kvshrink.kernels import disable, make_kernel_cache, make_static_cache  # noqa: E402
+from kvshrink.kernels.rotatekv_graph import StaticRotateKVLayer  # noqa: E402
+from kvshrink.testing import tiny_model  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+GEN = torch.Generator().manual_seed(99)
+ALL_SINKS = "rotatekv:bits=2,sink_ratio=0,sink_topk=3"  # every token a sink: exercises the device sink store
+
+
+def _model(tiny):
+    return tiny("llama", head_dim=64) if DEV == "cpu" else tiny_model("llama", head_dim=64).to(DEV)
+
+
+def _decode(model, cache, ids, steps):
+    """Prefill ``ids`` then ``steps`` greedy single-token steps with explicit positions; logits per step."""
+    B, n0 = ids.shape
+    outs = []
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="rotatekv: no calib file")
+        tok = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        for i in range(steps):
+            pos = torch.full((B, 1), n0 + i, device=DEV)
+            logits = model(input_ids=tok, position_ids=pos, cache_position=pos[0], past_key_values=cache,
+                           use_cache=True).logits[:, -1]
+            outs.append(logits)
+            tok = logits[:, None].argmax(-1)
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("spec", ["rotatekv:bits=2", ALL_SINKS])
+def test_static_layer_decodes_like_the_eager_kernel_layer(tiny, spec):
+    model = _model(tiny)
+    ids = torch.randint(3, 200, (2, 19), generator=GEN).to(DEV)
+    steps = 5
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="rotatekv: no calib file")
+            eager = make_kernel_cache(model, spec, reserve=32)
+            want = _decode(model, eager, ids, steps)
+            static = make_static_cache(model, 32, kind="rotatekv", spec=spec, sink_slots=8)
+        assert all(isinstance(layer, StaticRotateKVLayer) for layer in static.layers)
+        got = _decode(model, static, ids, steps)
+    finally:
+        disable(model)
+    assert float((got - want).norm() / want.norm()) < 1e-4
+    for i, (lay, ref) in enumerate(zip(static.layers, eager.layers)):
+        assert lay.frozen and int(lay.lens[0]) == 19 + steps and lay.seen == 19 + steps
+        kq, vq, pos = lay.held_state()
+        assert torch.equal(pos, ref.pos)
+        k1, v1 = lay.dense()
+        k2, v2 = ref.dense()
+        if i == 0:  # the first layer's inputs are the same tensors in both runs: the same bytes, sinks and values
+            for a, b in zip((*kq.tensors(), *vq.tensors()), (*ref.kq.tensors(), *ref.vq.tensors())):
+                assert torch.equal(a, b)  # written through the staging row at lens[0]
+            assert torch.equal(k1, k2) and torch.equal(v1, v2)
+        else:  # later layers see the first layer's attention, equal to float rounding
+            assert torch.allclose(k1, k2, atol=1e-4) and torch.allclose(v1, v2, atol=1e-4)
+        if spec == ALL_SINKS:  # every decode token became a sink, in the order it came
+            new = lay.sink_idx[:, -8:]
+            assert torch.equal(new[:, :steps].cpu(), torch.arange(19, 19 + steps).expand(2, steps).to(torch.int32))
+            assert bool((new[:, steps:] == -1).all())
+
+
+def test_sink_overflow_is_reported_not_silent(tiny):
+    model = _model(tiny)
+    ids = torch.randint(3, 200, (2, 19), generator=GEN).to(DEV)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="rotatekv: no calib file")
+            static = make_static_cache(model, 32, kind="rotatekv", spec=ALL_SINKS, sink_slots=2)
+        _decode(model, static, ids, 4)
+    finally:
+        disable(model)
+    # every token is a sink: 4 steps x 2 rows, 2 free slots per row -> 2 x 2 tokens kept quantized only
+    with pytest.warns(UserWarning, match=r"4 sink token\(s\) found no free sink slot"):
+        assert static.layers[0].settle() == 23
+
+
+def test_static_rotatekv_refuses_what_it_cannot_do(tiny):
+    model = _model(tiny)
+    try:
+        with pytest.raises(ValueError, match="residual=0"):
+            make_static_cache(model, 32, kind="rotatekv", spec="rotatekv:bits=2,residual=4")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="rotatekv: no calib file")
+            static = make_static_cache(model, 32, kind="rotatekv")
+        ids = torch.randint(3, 200, (1, 6), generator=GEN).to(DEV)
+        _decode(model, static, ids, 1)
+        with torch.no_grad(), pytest.raises(NotImplementedError, match="one prefill chunk"):
+            model(input_ids=ids, past_key_values=static, use_cache=True)
+    finally:
+        disable(model)
+    with pytest.raises(ValueError, match="kind must be"):
+        make_static_cache(model, 32, kind="rotatekvv")
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs need a GPU")
+def test_graph_decoder_replays_the_static_step_exactly():
+    """Captured and replayed greedy steps give exactly the tokens of the same static layers stepped eagerly
+    (the replay runs the same kernels on the same buffers), and every replayed token is stored."""
+    from kvshrink.kernels.graph import GraphDecoder
+
+    model = tiny_model("llama", head_dim=64, dtype=torch.float16).to(DEV)
+    ids = torch.randint(3, 200, (2, 40), generator=GEN).to(DEV)
+    steps = 8
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="rotatekv: no calib file")
+            eager = make_static_cache(model, 64, kind="rotatekv")
+            want = _decode(model, eager, ids, steps + 2).argmax(-1).T  # (B, steps + 2): tokens 1 .. steps + 2
+            static = make_static_cache(model, 64, kind="rotatekv")
+        with torch.no_grad():
+            first = model(input_ids=ids, past_key_values=static, use_cache=True).logits[:, -1].argmax(-1)
+        dec = GraphDecoder(model, static, first, position=40)  # 2 eager warm-up steps, then the capture
+        got = [dec.tokens.clone()]  # token 2, from the last warm-up step
+        for _ in range(steps):
+            got.append(dec.step().clone())
+        got = torch.cat(got, 1)
+    finally:
+        disable(model)
+    assert torch.equal(got, want[:, 1:])
+    assert int(static.layers[0].lens[0]) == 40 + 2 + steps  # capturing records a step, it does not run it
