@@ -68,7 +68,8 @@ LOG2E = math.log2(math.e)
 #: launch settings when a call names none: block 32 / 4 warps / one-hot scales was the fastest on an H100 at 8x8K,
 #: 8x32K, 1x128K and 16x32K (1x32K: 16 / 4 / per-element scales, 0.68 vs 0.90 ms;
 #: benchmarks/results/kernels_h100_rotatekv_slots.json); 8 warps or blocks of 64 spill (255 registers)
-LAUNCH: dict = {"block_n": 32, "num_warps": 4, "num_stages": 2, "waves": 4, "scale_lookup": "dot"}
+#: (``maxnreg``: a register cap for more programs per SM; None = the compiler's choice)
+LAUNCH: dict = {"block_n": 32, "num_warps": 4, "num_stages": 2, "waves": 4, "scale_lookup": "dot", "maxnreg": None}
 #: key groups per token (all heads) up to which scales are picked by a one-hot product (its K dimension)
 MAX_DOT_GROUPS = 64
 
@@ -459,7 +460,7 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
                               num_splits: int | None = None, block_n: int | None = None,
                               num_warps: int | None = None, num_stages: int | None = None,
                               waves: int | None = None, scale_lookup: str | None = None,
-                              lens: torch.Tensor | None = None,
+                              maxnreg: int | None = None, lens: torch.Tensor | None = None,
                               workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Attention of ``q (B, Hq, D)`` (one token per sequence, post-RoPE) over a RotateKV cache ``state``.
 
@@ -519,7 +520,8 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
     hd = _hadamard_pm1(D, torch.float32 if dot_f32 else torch.float16, str(dev))
     if splits:
         _launch_split(q, state, maskt, m_ws, l_ws, acc_ws, slots, splits, per_split, qk_scale, hd, block_n,
-                      num_warps, num_stages, dot_f32, R, HG, scale_lookup, lens)
+                      num_warps, num_stages, dot_f32, R, HG, scale_lookup, lens,
+                      maxnreg if maxnreg is not None else LAUNCH.get("maxnreg"))
     if out is None:
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
     if out.stride(-1) != 1 or tuple(out.shape) != (B, Hq, D):
@@ -530,7 +532,7 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
 
 
 def _launch_split(q, state: RotateKVState, maskt, m_ws, l_ws, acc_ws, slots, splits, per_split, qk_scale, hd,
-                  block_n, num_warps, num_stages, dot_f32, R, HG, scale_lookup, lens=None) -> None:
+                  block_n, num_warps, num_stages, dot_f32, R, HG, scale_lookup, lens=None, maxnreg=None) -> None:
     B, Hq, D = q.shape
     dev = q.device
     G = state.head_group
@@ -572,7 +574,8 @@ def _launch_split(q, state: RotateKVState, maskt, m_ws, l_ws, acc_ws, slots, spl
         VBITS=vq.bits, VG=vq.group, PREROPE=state.prerope, HAS_SLOTS=state.key_slots is not None,
         HAS_MU=mu is not None, HAS_SINKS=nsink > 0, S_PAD=next_pow2(max(nsink, 1)),
         HAS_MASK=maskt is not None, DOT_F32=dot_f32, SCALE_DOT=scale_dot, NGK=ngk, NGK_PAD=next_pow2(max(16, ngk)),
-        HAS_LENS=lens is not None, num_warps=num_warps, num_stages=num_stages)
+        HAS_LENS=lens is not None, num_warps=num_warps, num_stages=num_stages,
+        **({"maxnreg": maxnreg} if maxnreg and dev.type == "cuda" else {}))
 
 
 # ---------------------------------------------------------------------------------------------- torch reference
