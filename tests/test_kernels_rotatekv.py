@@ -160,12 +160,16 @@ def test_kernel_matches_dense_reference(B, Hq, H, G, D, T, bits, dtype, reorder,
 
 def test_kernel_detects_wrong_state():
     """The test can fail: a state whose channel order, sinks or positions are off gives a large error."""
+    GEN.manual_seed(77)  # the same data whichever tests ran before
     layer = build(1, 2, 64, 2, 40, 2, torch.float32)
     kl = KernelRotateKVLayer.from_layer(layer)
     k_new, v_new = rand(1, 2, 1, 64), rand(1, 2, 1, 64)
     q = rand(1, 4, 64, outliers=False) * 4
-    ref = reference(layer, q, k_new, v_new, None, None)
+    # for the sinks: queries that look at the sink token (index 1), so its 2-bit copy would show
+    q_sink = layer.dense()[0][:, :, 1].repeat_interleave(2, dim=1) / 2
     for spoil in ("perm", "pos", "sinks"):
+        qs = q_sink if spoil == "sinks" else q
+        ref = reference(layer, qs, k_new, v_new, None, None)
         st = kl.decode_state(k_new, v_new)
         if spoil == "perm":
             st.key_slots = st.key_slots.roll(1)
@@ -173,7 +177,7 @@ def test_kernel_detects_wrong_state():
             st.pos = st.pos + 1
         else:
             st.sink_idx = None  # sinks read from their codes too
-        err = float((decode_attention_rotatekv(q, st, block_n=16).float() - ref).norm() / ref.norm())
+        err = float((decode_attention_rotatekv(qs, st, block_n=16).float() - ref).norm() / ref.norm())
         assert err > 10 * TOL[torch.float32], (spoil, err)
 
 
