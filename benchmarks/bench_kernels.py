@@ -226,10 +226,11 @@ def sec_decode(res: dict, copy_bw: float, variants: list[dict], svariants: list[
     res["decode"] = rows
 
 
-def make_rotatekv_state(B, T, bits=2, G=4, sinks=4, seed=0, dtype=torch.float16):
+def make_rotatekv_state(B, T, bits=2, G=4, sinks=4, seed=0, dtype=torch.float16, prerope=True):
     """A RotateKV decode state (kvshrink.kernels.rotatekv_decode.RotateKVState) of T quantized tokens + the new one,
     with random codes, scales, centre, channel permutation and ``sinks`` exact sink tokens (timing and the kernel's
-    accuracy against its own reference do not depend on the values being real keys)."""
+    accuracy against its own reference do not depend on the values being real keys). ``prerope=False``: keys
+    stored post-RoPE (``rotatekv:prerope=false``: ``H_D`` moves onto the query, no RoPE in the kernel)."""
     from kvshrink.kernels.rotatekv_decode import RotateKVState
     from kvshrink.storage import QuantizedTensor
 
@@ -250,8 +251,9 @@ def make_rotatekv_state(B, T, bits=2, G=4, sinks=4, seed=0, dtype=torch.float16)
     return RotateKVState(
         kq=kq, vq=vq, k_mu=(torch.randn(B, HKV, 1, D, device=dev, generator=g) * 0.1).to(torch.float16),
         key_slots=slots.to(torch.int32),
-        pos=torch.arange(T, device=dev, dtype=torch.int32)[None].expand(B, T).contiguous(),
-        inv_freq=1.0 / (500000.0 ** (torch.arange(0, D, 2, device=dev, dtype=torch.float32) / D)), rope_scale=1.0,
+        pos=torch.arange(T, device=dev, dtype=torch.int32)[None].expand(B, T).contiguous() if prerope else None,
+        inv_freq=1.0 / (500000.0 ** (torch.arange(0, D, 2, device=dev, dtype=torch.float32) / D)) if prerope else None,
+        rope_scale=1.0,
         head_group=G, rotate_values=True, sink_idx=sidx,
         dense_k=torch.randn(B, HKV, sinks + 1, D, device=dev, dtype=dtype, generator=g),
         dense_v=torch.randn(B, HKV, sinks + 1, D, device=dev, dtype=dtype, generator=g), dense_idx=didx, tokens=T + 1)
@@ -285,6 +287,16 @@ def rotatekv_rows(row: dict, B: int, T: int, copy_bw: float, rvariants: list[dic
     row.update(rkv_ms=ms, rkv_variant=var, rkv_GBps=read / (ms * 1e-3) / 1e9, rkv_roof_frac=row["rkv_roof_ms"] / ms)
     if "sdpa_ms" in row:
         row["rkv_speedup_vs_sdpa"] = row["sdpa_ms"] / ms
+    # rotatekv:prerope=false (keys stored post-RoPE): the same launch, H_D on the query, no RoPE per token
+    post = [make_rotatekv_state(B, T, seed=i, prerope=False) for i in range(len(states))]
+    try:
+        decode_attention_rotatekv(qs[0], post[0], **var)
+        row["rkv_postrope_ms"] = bench(lambda: decode_attention_rotatekv(qs[(j := rot())], post[j], **var))
+        if "sdpa_ms" in row:
+            row["rkv_postrope_speedup_vs_sdpa"] = row["sdpa_ms"] / row["rkv_postrope_ms"]
+    except Exception as e:  # noqa: BLE001
+        log(f"rotatekv post-RoPE at B={B} T={T} failed: {type(e).__name__}: {e}")
+    del post
     if B * T <= 8 * 32768:  # accuracy vs the state's float32 torch reference (validated against RotateKVLayer.dense)
         q = torch.randn(B, HQ, D, device="cuda", dtype=torch.float16)
         k, v = state_dense(states[0], torch.float32)
@@ -642,22 +654,23 @@ def sec_e2e(res: dict, model, T: int, steps: int, group: int) -> None:
     res.setdefault("e2e", []).append(out)
 
 
-def rotatekv_calib_spec(model, n_tokens: int = 512) -> str:
+def rotatekv_calib_spec(model, n_tokens: int = 512, prerope: bool = True) -> str:
     """``rotatekv:bits=2,calib=FILE`` with the channel order calibrated by kvshrink's calibrate API on seeded random
-    token ids (the random-weight model has no tokenizer, so no built-in text), saved as a calibration file."""
+    token ids (the random-weight model has no tokenizer, so no built-in text), saved as a calibration file
+    (``prerope=False``: ``rotatekv:bits=2,prerope=false``, calibrated on post-RoPE keys)."""
     import tempfile
 
     from kvshrink.calibration import make_metadata, save_calibration, tokens_sha256
     from kvshrink.methods.rotatekv import RotateKV, calibrate
     from kvshrink.model_info import model_info
 
-    method, info = RotateKV(bits=2), model_info(model)
+    method, info = RotateKV(bits=2, prerope=prerope), model_info(model)
     ids = torch.randint(0, model.config.vocab_size, (1, n_tokens), generator=torch.Generator().manual_seed(0))
     tensors = calibrate(model, method, ids)
     meta = make_metadata(method.name, method.calib_params(info), info.identity(), tensors, tokens_sha256(ids), n_tokens)
     path = save_calibration(os.path.join(tempfile.mkdtemp(prefix="kvshrink_bench_"), "rotatekv.safetensors"), tensors,
                             meta)
-    return f"rotatekv:bits=2,calib={path}"
+    return f"rotatekv:bits=2,calib={path}" + ("" if prerope else ",prerope=false")
 
 
 def fill_rotatekv(model, cache, B, T, chunk=1024, sinks=(0,)):
@@ -850,7 +863,7 @@ def sec_graph_rotatekv(res: dict, model, T: int, steps: int) -> None:
     L = model.config.num_hidden_layers
     per_dense = L * 2 * HKV * cap * D * 2
 
-    def make_rkv(B):
+    def make_rkv(B, spec=spec):
         c = make_static_cache(model, cap, kind="rotatekv", spec=spec)
         fill_rotatekv(model, c, B, T)
         for layer in c.layers:
@@ -875,12 +888,14 @@ def sec_graph_rotatekv(res: dict, model, T: int, steps: int) -> None:
             if kind == "fp16":
                 cache = make_static_cache(model, cap, kind="dense")
                 fill_static_dense(cache, B, T)
+            elif kind == "rotatekv_postrope":
+                cache = make_rkv(B, rotatekv_calib_spec(model, prerope=False))
             else:
                 cache = make_rkv(B)
             try:
                 r = {"cache": kind, "B": B, **time_graph(model, cache, B, T, steps)}
                 r["len_after"] = int(cache.layers[0].lens[0])
-                if kind == "rotatekv":
+                if kind != "fp16":
                     cache.layers[0].settle()  # warns if a sink found no slot
                 out["runs"].append(r)
                 log(f"graph e2e {kind} B={B} T={T}: {r['tokens_per_s']:.0f} tok/s, {r['ms_per_step']:.2f} ms/step "
@@ -898,7 +913,8 @@ def sec_graph_rotatekv(res: dict, model, T: int, steps: int) -> None:
         torch.cuda.reset_peak_memory_stats()
 
     Bf = out["max_batch_fp16"]
-    for kind, B in (("fp16", 8), ("rotatekv", 8), ("fp16", Bf), ("rotatekv", Bf), ("rotatekv", out["max_batch_rotatekv"])):
+    for kind, B in (("fp16", 8), ("rotatekv", 8), ("fp16", Bf), ("rotatekv", Bf), ("rotatekv_postrope", Bf),
+                    ("rotatekv", out["max_batch_rotatekv"])):
         attempt(kind, B)
     tps = {(r["cache"], r["B"]): r["tokens_per_s"] for r in out["runs"] if "tokens_per_s" in r}
     if ("fp16", Bf) in tps and ("rotatekv", Bf) in tps:

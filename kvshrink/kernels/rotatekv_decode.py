@@ -67,9 +67,11 @@ LOG2E = math.log2(math.e)
 
 #: launch settings when a call names none: block 32 / 4 warps / one-hot scales was the fastest on an H100 at 8x8K,
 #: 8x32K, 1x128K and 16x32K (1x32K: 16 / 4 / per-element scales, 0.68 vs 0.90 ms;
-#: benchmarks/results/kernels_h100_rotatekv_slots.json); 8 warps or blocks of 64 spill (255 registers)
-#: (``maxnreg``: a register cap for more programs per SM; None = the compiler's choice)
-LAUNCH: dict = {"block_n": 32, "num_warps": 4, "num_stages": 2, "waves": 4, "scale_lookup": "dot", "maxnreg": None}
+#: benchmarks/results/kernels_h100_rotatekv_slots.json); 8 warps or blocks of 64 spill (255 registers).
+#: ``maxnreg``: register cap (None = the compiler's choice, 224 with Triton 3.6): 128 was faster than no cap at
+#: all five benchmark shapes in one H100 run (8x32K 1.05 vs 1.13 ms, 1x32K 0.62 vs 0.86;
+#: benchmarks/results/kernels_h100_rotatekv_nreg.json); CUDA only
+LAUNCH: dict = {"block_n": 32, "num_warps": 4, "num_stages": 2, "waves": 4, "scale_lookup": "dot", "maxnreg": 128}
 #: key groups per token (all heads) up to which scales are picked by a one-hot product (its K dimension)
 MAX_DOT_GROUPS = 64
 
