@@ -459,6 +459,8 @@ class GraphDecoder:
     """One greedy decode step of ``model`` over a static cache, captured in a CUDA graph and replayed.
 
     ``step()`` replays: feeds the last token, writes the next into ``self.tokens`` (device). No host sync.
+    The ``warmup`` eager steps before the capture are real decode steps: their tokens are kept in
+    ``warmup_tokens`` (``(B, 1)`` each, in order).
     """
 
     def __init__(self, model: torch.nn.Module, cache, first_tokens: torch.Tensor, position: int,
@@ -468,11 +470,13 @@ class GraphDecoder:
         self.tokens = first_tokens.clone().view(-1, 1)
         self.pos = torch.full_like(self.tokens, position)
         self.cache_position = torch.full((1,), position, dtype=torch.long, device=dev)
+        self.warmup_tokens: list[torch.Tensor] = []
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.no_grad():
             for _ in range(warmup):  # compiles the kernels; these steps are real decode steps
                 self._forward()
+                self.warmup_tokens.append(self.tokens.clone())
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(self.graph):

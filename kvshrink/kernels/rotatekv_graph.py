@@ -105,18 +105,19 @@ class StaticRotateKVLayer(KernelRotateKVLayer):
         self.vq = self._commit_rows(self._v, cap - self._v.rows, self.bits, self.value_group, D, self.vq.dtype)
         if self.m.prerope:
             self.pos = self._pos_buf[:, :cap]
-        # sinks: the prompt's, then sink_slots free slots (index -1) per row
+        # sinks (sinks=true): the prompt's, then sink_slots free slots (index -1) per row
         s0 = 0 if self.sink_idx is None else self.sink_idx.shape[-1]
-        S = s0 + self.sink_slots
-        sdt = self.sink_k.dtype if self.sink_k is not None else self._sink_dtype(k.dtype)
-        sk = torch.zeros(B, H, S, D, dtype=sdt, device=dev)
-        sv = torch.zeros(B, H, S, D, dtype=sdt, device=dev)
-        si = torch.full((B, S), -1, dtype=torch.int32, device=dev)
-        if s0:
-            sk[:, :, :s0].copy_(self.sink_k)
-            sv[:, :, :s0].copy_(self.sink_v)
-            si[:, :s0].copy_(self.sink_idx)
-        self.sink_k, self.sink_v, self.sink_idx = sk, sv, si
+        if self.m.sinks:
+            S = s0 + self.sink_slots
+            sdt = self.sink_k.dtype if self.sink_k is not None else self._sink_dtype(k.dtype)
+            sk = torch.zeros(B, H, S, D, dtype=sdt, device=dev)
+            sv = torch.zeros(B, H, S, D, dtype=sdt, device=dev)
+            si = torch.full((B, S), -1, dtype=torch.int32, device=dev)
+            if s0:
+                sk[:, :, :s0].copy_(self.sink_k)
+                sv[:, :, :s0].copy_(self.sink_v)
+                si[:, :s0].copy_(self.sink_idx)
+            self.sink_k, self.sink_v, self.sink_idx = sk, sv, si
         self._sink_next = torch.full((B,), s0, dtype=torch.int32, device=dev)  # next free slot per row
         self._sinks_dropped = torch.zeros(B, dtype=torch.int32, device=dev)
         self.lens = torch.tensor([tq], dtype=torch.int32, device=dev)
@@ -200,18 +201,22 @@ class StaticRotateKVLayer(KernelRotateKVLayer):
         the new token as the dense segment (sinks not yet seen, and this token's own sink copy, masked by -1)."""
         B = k.shape[0]
         hdn = self._hdn
-        sidx = torch.where(self.sink_idx < self.lens, self.sink_idx, -1).long()
-        dense_v = torch.cat([self.sink_v.float(), v.float()], 2)
+        new_idx = self.lens.long().expand(B, 1)
+        if self.sink_idx is not None:
+            sidx = torch.where(self.sink_idx < self.lens, self.sink_idx, -1).long()
+            dense_k = torch.cat([self.sink_k.float(), k.float()], 2)
+            dense_v = torch.cat([self.sink_v.float(), v.float()], 2)
+            dense_idx = torch.cat([sidx, new_idx], 1)
+        else:
+            dense_k, dense_v, dense_idx = k.float(), v.float(), new_idx
         rope = self._rope_params() if self.m.prerope else None
         return RotateKVState(
             kq=self.kq, vq=self.vq, k_mu=self.k_mu,
             key_slots=self._key_slots_on(self.kq.slots),
             pos=self.pos if self.m.prerope else None, inv_freq=self._inv_freq_on(rope[0], k.device) if rope else None,
             rope_scale=rope[1] if rope else 1.0, head_group=self.G, rotate_values=hdn is not None,
-            sink_idx=self.sink_idx,
-            dense_k=torch.cat([self.sink_k.float(), k.float()], 2),
-            dense_v=dense_v @ hdn if hdn is not None else dense_v,
-            dense_idx=torch.cat([sidx, self.lens.long().expand(B, 1)], 1), tokens=self.capacity)
+            sink_idx=self.sink_idx, dense_k=dense_k, dense_v=dense_v @ hdn if hdn is not None else dense_v,
+            dense_idx=dense_idx, tokens=self.capacity)
 
     def attend(self, q: torch.Tensor, scale: float | None) -> torch.Tensor:
         """Attention of this step's query over the state :meth:`_step` built, then the length advances."""
