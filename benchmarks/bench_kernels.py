@@ -1023,7 +1023,7 @@ def main() -> int:
                          "fused rotate+quantize+pack vs its torch path; after quant for the prefill share)")
     ap.add_argument("--rvariants", default="32:4:2:4:dot,16:4:2:4:dot,16:4:2:4:gather,16:4:3:4:dot,64:8:2:4:dot",
                     help="RotateKV decode kernel variants block_n:num_warps:num_stages:waves[:scale_lookup dot|gather"
-                         "[:maxnreg]] "
+                         "[:maxnreg[:kron 0|1]]] "
                          "(fastest reported); empty: no RotateKV rows in the decode section")
     ap.add_argument("--e2e-T", type=int, default=8192)
     ap.add_argument("--e2e-steps", type=int, default=16)
@@ -1052,7 +1052,7 @@ def main() -> int:
         return [dict(zip(keys, map(int, v.split(":")))) for v in spec.split(",")]
 
     variants, svariants = parse(args.variants), parse(args.svariants)
-    rvariants = [dict(zip(("block_n", "num_warps", "num_stages", "waves", "scale_lookup", "maxnreg"),
+    rvariants = [dict(zip(("block_n", "num_warps", "num_stages", "waves", "scale_lookup", "maxnreg", "kron"),
                           [int(x) if x.isdigit() else x for x in v.split(":")]))
                  for v in args.rvariants.split(",") if v]
     t0 = time.time()

@@ -34,6 +34,8 @@ def main() -> int:
     ap.add_argument("--rkv-g", type=int, default=4, help="rotatekv_decode: KV heads per Hadamard group")
     ap.add_argument("--prerope", type=int, default=1, help="rotatekv_decode: RoPE in the kernel (1) or not (0)")
     ap.add_argument("--scale-lookup", default="dot", help="rotatekv_decode: key scales by one-hot dot or gather")
+    ap.add_argument("--kron", type=int, default=1, help="rotatekv_decode: pre-RoPE keys by the Kronecker split (1) "
+                                                        "or full D x D products (0)")
     ap.add_argument("--sass", action="store_true")
     ap.add_argument("--maxnreg", type=int, default=0)
     ap.add_argument("--dump", default="")
@@ -59,7 +61,8 @@ def main() -> int:
     # RotateKV's kernel (--module rotatekv_decode): --hg is the query heads per KV head, --rkv-g the head group
     const.update(G=args.rkv_g, QROWS=max(16, 1 << (args.rkv_g * args.hg - 1).bit_length()), PREROPE=bool(args.prerope),
                  HAS_SLOTS=True, HAS_MU=True, HAS_SINKS=True, S_PAD=16, SCALE_DOT=args.scale_lookup == "dot",
-                 NGK=8 * (128 // args.group), NGK_PAD=max(16, 8 * (128 // args.group)))
+                 NGK=8 * (128 // args.group), NGK_PAD=max(16, 8 * (128 // args.group)),
+                 KRON=bool(args.kron and args.prerope and 128 // (8 // args.bits) >= 32))
     ptr = {"Q": "*fp16", "KP": "*u8", "KS": "*fp16", "KZ": "*fp16", "KR": "*fp16", "VP": "*u8", "VS": "*fp16",
            "VZ": "*fp16", "VR": "*fp16", "MASK": "*i8", "M_OUT": "*fp32", "L_OUT": "*fp32", "ACC_OUT": "*fp32", "LENS": "*i32",
            "MU": "*fp16", "KSLOT": "*i32", "HD": "*fp16", "POS": "*i32", "FREQ": "*fp32", "SINK": "*i32"}

@@ -158,6 +158,24 @@ def test_kernel_matches_dense_reference(B, Hq, H, G, D, T, bits, dtype, reorder,
     torch.testing.assert_close(V[:, :, :T], Vr.float(), atol=tol * float(Vr.float().abs().max()), rtol=0)
 
 
+@pytest.mark.parametrize("D,bits", [(128, 2), (64, 4), (128, 8)])
+def test_kronecker_split_matches_full_products(D, bits):
+    """Pre-RoPE keys through H_D = H_{D/PPB} (x) H_PPB (per-lane products + butterfly, ``kron``) give the output of
+    the full D x D products, and both the float32 reference."""
+    GEN.manual_seed(5)
+    layer = build(2, 4, D, 2, 41, bits, torch.float32)
+    kl = KernelRotateKVLayer.from_layer(layer)
+    k_new, v_new = rand(2, 4, 1, D), rand(2, 4, 1, D)
+    q = rand(2, 16, D, outliers=False)
+    state = kl.decode_state(k_new, v_new)
+    K, V = state_dense(state, torch.float32)
+    exact = attention_ref(q, K, V, None, None)
+    outs = [decode_attention_rotatekv(q, state, block_n=16, num_splits=2, kron=kron) for kron in (False, True)]
+    for out in outs:
+        assert float((out - exact).norm() / exact.norm()) < TOL[torch.float32]
+    assert float((outs[0] - outs[1]).norm() / outs[0].norm()) < 1e-5
+
+
 def test_kernel_detects_wrong_state():
     """The test can fail: a state whose channel order, sinks or positions are off gives a large error."""
     GEN.manual_seed(77)  # the same data whichever tests ran before

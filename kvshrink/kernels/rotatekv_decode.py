@@ -71,7 +71,10 @@ LOG2E = math.log2(math.e)
 #: ``maxnreg``: register cap (None = the compiler's choice, 224 with Triton 3.6): 128 was faster than no cap at
 #: all five benchmark shapes in one H100 run (8x32K 1.05 vs 1.13 ms, 1x32K 0.62 vs 0.86;
 #: benchmarks/results/kernels_h100_rotatekv_nreg.json); CUDA only
-LAUNCH: dict = {"block_n": 32, "num_warps": 4, "num_stages": 2, "waves": 4, "scale_lookup": "dot", "maxnreg": 128}
+#: ``kron``: pre-RoPE keys through Sylvester's Kronecker split of ``H_D`` (per-lane ``D/PPB``-wide products and a
+#: butterfly; where ``D/PPB >= 32``) instead of ``D x D`` products per token (see the module docstring)
+LAUNCH: dict = {"block_n": 32, "num_warps": 4, "num_stages": 2, "waves": 4, "scale_lookup": "dot", "maxnreg": 128,
+                "kron": True}
 #: key groups per token (all heads) up to which scales are picked by a one-hot product (its K dimension)
 MAX_DOT_GROUPS = 64
 
@@ -251,6 +254,20 @@ if HAS_TRITON:
             return part, part
 
     @triton.jit
+    def _kron_lane(kb, LANE: tl.constexpr, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t, live, MU,
+                   mu_off, smu_h, hs_lo, hs_hi, D: tl.constexpr, KBITS: tl.constexpr, KG: tl.constexpr,
+                   HAS_SLOTS: tl.constexpr, HAS_MU: tl.constexpr, SCALE_DOT: tl.constexpr, DOT_F32: tl.constexpr):
+        """``u_j = y_j @ H_{D/KPPB}`` of code lane ``LANE``, as its two column halves ``(N, D/(2 KPPB))``."""
+        y = _key_lane(kb, LANE, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t, live, MU, mu_off, smu_h,
+                      D, KBITS, KG, HAS_SLOTS, HAS_MU, SCALE_DOT)
+        return _dot(y, hs_lo, DOT_F32), _dot(y, hs_hi, DOT_F32)
+
+    @triton.jit
+    def _rope_score(ql, qu, zl, zh, cs, sn, DOT_F32: tl.constexpr):
+        """Scores of one output lane: RoPE (rotate-half pairs ``zl``/``zh``) then the query's matching channels."""
+        return _dot(ql, tl.trans(zl * cs - zh * sn), DOT_F32) + _dot(qu, tl.trans(zh * cs + zl * sn), DOT_F32)
+
+    @triton.jit
     def _value_lane(vb, shift: tl.constexpr, VMASK: tl.constexpr, vsc, vze):
         return _codes_to_float((vb >> shift) & VMASK) * vsc + vze
 
@@ -276,7 +293,7 @@ if HAS_TRITON:
             KBITS: tl.constexpr, KG: tl.constexpr, VBITS: tl.constexpr, VG: tl.constexpr,
             PREROPE: tl.constexpr, HAS_SLOTS: tl.constexpr, HAS_MU: tl.constexpr, HAS_SINKS: tl.constexpr,
             S_PAD: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, SCALE_DOT: tl.constexpr,
-            NGK: tl.constexpr, NGK_PAD: tl.constexpr, HAS_LENS: tl.constexpr = False):
+            NGK: tl.constexpr, NGK_PAD: tl.constexpr, HAS_LENS: tl.constexpr = False, KRON: tl.constexpr = False):
         VPPB: tl.constexpr = 8 // VBITS
         VDP: tl.constexpr = D // VPPB
         VMASK: tl.constexpr = (1 << VBITS) - 1
@@ -295,6 +312,42 @@ if HAS_TRITON:
         KPPB: tl.constexpr = 8 // KBITS
         jb = tl.arange(0, D // KPPB)  # key bytes of a token and head
         qbase = Q + b * sqb + qrow[:, None] * sqh
+        NL: tl.constexpr = D // KPPB  # channels per code lane
+        N2: tl.constexpr = NL // 2
+        m2 = tl.arange(0, N2)
+        if KRON:
+            # H_D[KPPB*i + j, KPPB*m + e] = H_NL[i, m] * H_KPPB[j, e] (Sylvester): y @ H_D is NL-wide products per
+            # code lane plus a butterfly over lanes. Output lane e holds channels KPPB*m + e; its RoPE partners
+            # (+ D/2) are the same lane's columns m + NL/2. H_NL is H_D's top-left block; loaded once.
+            il = tl.arange(0, NL)
+            hs_lo = tl.load(HD + il[:, None] * D + m2[None, :])
+            hs_hi = tl.load(HD + il[:, None] * D + N2 + m2[None, :])
+            fr0 = tl.load(FREQ + m2 * KPPB)
+            ql0 = tl.load(qbase + (m2 * KPPB)[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32) * qk_scale
+            qu0 = tl.load(qbase + D2 + (m2 * KPPB)[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32) * qk_scale
+            fr1 = fr0
+            ql1 = ql0
+            qu1 = qu0
+            fr2 = fr0
+            ql2 = ql0
+            qu2 = qu0
+            fr3 = fr0
+            ql3 = ql0
+            qu3 = qu0
+            if KPPB > 1:
+                fr1 = tl.load(FREQ + m2 * KPPB + 1)
+                ql1 = tl.load(qbase + (m2 * KPPB + 1)[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32) * qk_scale
+                qu1 = tl.load(qbase + D2 + (m2 * KPPB + 1)[None, :], mask=rows_ok[:, None],
+                              other=0.0).to(tl.float32) * qk_scale
+            if KPPB > 2:
+                fr2 = tl.load(FREQ + m2 * KPPB + 2)
+                ql2 = tl.load(qbase + (m2 * KPPB + 2)[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32) * qk_scale
+                qu2 = tl.load(qbase + D2 + (m2 * KPPB + 2)[None, :], mask=rows_ok[:, None],
+                              other=0.0).to(tl.float32) * qk_scale
+                fr3 = tl.load(FREQ + m2 * KPPB + 3)
+                ql3 = tl.load(qbase + (m2 * KPPB + 3)[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32) * qk_scale
+                qu3 = tl.load(qbase + D2 + (m2 * KPPB + 3)[None, :], mask=rows_ok[:, None],
+                              other=0.0).to(tl.float32) * qk_scale
         if PREROPE:
             q_lo = tl.load(qbase + dh[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32) * qk_scale
             q_hi = tl.load(qbase + D2 + dh[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32) * qk_scale
@@ -346,7 +399,25 @@ if HAS_TRITON:
             if HAS_SINKS:  # sinks are attended exactly in the dense segment, not from their codes
                 hit = tl.sum((t[:, None] == sidx[None, :]).to(tl.int32), axis=1)
                 ok = ok & (hit == 0)
-            if PREROPE:
+            if KRON:  # cos/sin per output lane (channels KPPB*m + e), rope_mult = attention_scaling / sqrt(G D)
+                pt = tl.load(POS + b * spos_b + t, mask=live, other=0).to(tl.float32)[:, None]
+                cs0 = tl.cos(pt * fr0[None, :]) * rope_mult
+                sn0 = tl.sin(pt * fr0[None, :]) * rope_mult
+                cs1 = cs0
+                sn1 = sn0
+                cs2 = cs0
+                sn2 = sn0
+                cs3 = cs0
+                sn3 = sn0
+                if KPPB > 1:
+                    cs1 = tl.cos(pt * fr1[None, :]) * rope_mult
+                    sn1 = tl.sin(pt * fr1[None, :]) * rope_mult
+                if KPPB > 2:
+                    cs2 = tl.cos(pt * fr2[None, :]) * rope_mult
+                    sn2 = tl.sin(pt * fr2[None, :]) * rope_mult
+                    cs3 = tl.cos(pt * fr3[None, :]) * rope_mult
+                    sn3 = tl.sin(pt * fr3[None, :]) * rope_mult
+            elif PREROPE:
                 ang = tl.load(POS + b * spos_b + t, mask=live, other=0).to(tl.float32)[:, None] * freq[None, :]
                 cs = tl.cos(ang) * rope_mult  # rope_mult = attention_scaling / sqrt(G D)
                 sn = tl.sin(ang) * rope_mult
@@ -363,22 +434,52 @@ if HAS_TRITON:
                 h = r * G + a
                 kb = tl.load(KP + kp_off + h * skp_h + t[:, None] * skp_t + jb[None, :], mask=live[:, None],
                              other=0).to(tl.int32)
-                # code lane by code lane: y_j (N, D/KPPB) holds channels jb*KPPB + j; y @ H_D = sum_j y_j @ H_D[rows j]
-                z_lo, z_hi = _lane_products(kb, 0, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t, live,
-                                            MU, mu_off, smu_h, HD, dh, qh0, qh1, qh2, qh3, D, KBITS, KG, HAS_SLOTS,
-                                            HAS_MU, SCALE_DOT, PREROPE, DOT_F32)
-                for lane in tl.static_range(1, KPPB):
-                    lo_, hi_ = _lane_products(kb, lane, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t,
-                                              live, MU, mu_off, smu_h, HD, dh, qh0, qh1, qh2, qh3, D, KBITS, KG,
-                                              HAS_SLOTS, HAS_MU, SCALE_DOT, PREROPE, DOT_F32)
-                    z_lo += lo_
-                    z_hi += hi_
-                if PREROPE:
-                    w_lo = z_lo * cs - z_hi * sn  # RoPE, rotate-half pairing
-                    w_hi = z_hi * cs + z_lo * sn
-                    part = _dot(q_lo, tl.trans(w_lo), DOT_F32) + _dot(q_hi, tl.trans(w_hi), DOT_F32)
+                if KRON:
+                    # u_j = y_j @ H_NL per code lane; output lane e = sum_j H_KPPB[j, e] u_j (a butterfly)
+                    u0l, u0h = _kron_lane(kb, 0, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t, live,
+                                          MU, mu_off, smu_h, hs_lo, hs_hi, D, KBITS, KG, HAS_SLOTS, HAS_MU, SCALE_DOT,
+                                          DOT_F32)
+                    if KPPB == 1:
+                        part = _rope_score(ql0, qu0, u0l, u0h, cs0, sn0, DOT_F32)
+                    else:
+                        u1l, u1h = _kron_lane(kb, 1, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t,
+                                              live, MU, mu_off, smu_h, hs_lo, hs_hi, D, KBITS, KG, HAS_SLOTS, HAS_MU,
+                                              SCALE_DOT, DOT_F32)
+                        if KPPB == 2:
+                            part = (_rope_score(ql0, qu0, u0l + u1l, u0h + u1h, cs0, sn0, DOT_F32)
+                                    + _rope_score(ql1, qu1, u0l - u1l, u0h - u1h, cs1, sn1, DOT_F32))
+                        else:
+                            u2l, u2h = _kron_lane(kb, 2, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t,
+                                                  t, live, MU, mu_off, smu_h, hs_lo, hs_hi, D, KBITS, KG, HAS_SLOTS,
+                                                  HAS_MU, SCALE_DOT, DOT_F32)
+                            u3l, u3h = _kron_lane(kb, 3, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t,
+                                                  t, live, MU, mu_off, smu_h, hs_lo, hs_hi, D, KBITS, KG, HAS_SLOTS,
+                                                  HAS_MU, SCALE_DOT, DOT_F32)
+                            al, ah = u0l + u1l, u0h + u1h  # H_4's butterfly: lanes (0+1), (0-1), (2+3), (2-3)
+                            bl, bh = u0l - u1l, u0h - u1h
+                            cl, ch_ = u2l + u3l, u2h + u3h
+                            dl, dh_ = u2l - u3l, u2h - u3h
+                            part = (_rope_score(ql0, qu0, al + cl, ah + ch_, cs0, sn0, DOT_F32)
+                                    + _rope_score(ql1, qu1, bl + dl, bh + dh_, cs1, sn1, DOT_F32)
+                                    + _rope_score(ql2, qu2, al - cl, ah - ch_, cs2, sn2, DOT_F32)
+                                    + _rope_score(ql3, qu3, bl - dl, bh - dh_, cs3, sn3, DOT_F32))
                 else:
-                    part = z_lo  # (query rows, N) scores already
+                    # code lane by code lane: y_j (N, D/KPPB) holds channels jb*KPPB + j; y @ H_D = sum_j y_j @ H_D[rows j]
+                    z_lo, z_hi = _lane_products(kb, 0, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t, live,
+                                                MU, mu_off, smu_h, HD, dh, qh0, qh1, qh2, qh3, D, KBITS, KG, HAS_SLOTS,
+                                                HAS_MU, SCALE_DOT, PREROPE, DOT_F32)
+                    for lane in tl.static_range(1, KPPB):
+                        lo_, hi_ = _lane_products(kb, lane, jb, h, KSLOT, sct, zet, g_ar, KS, KZ, ks_off, sks_h, sks_t, t,
+                                                  live, MU, mu_off, smu_h, HD, dh, qh0, qh1, qh2, qh3, D, KBITS, KG,
+                                                  HAS_SLOTS, HAS_MU, SCALE_DOT, PREROPE, DOT_F32)
+                        z_lo += lo_
+                        z_hi += hi_
+                    if PREROPE:
+                        w_lo = z_lo * cs - z_hi * sn  # RoPE, rotate-half pairing
+                        w_hi = z_hi * cs + z_lo * sn
+                        part = _dot(q_lo, tl.trans(w_lo), DOT_F32) + _dot(q_hi, tl.trans(w_hi), DOT_F32)
+                    else:
+                        part = z_lo  # (query rows, N) scores already
                 s += _hg_sign(arow & a)[:, None] * part  # H_G[a, a_j]
             m_i, l_i, p, alpha = _rescale(m_i, l_i, s, ok)
             acc0 = acc0 * alpha[:, None]
@@ -462,7 +563,8 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
                               num_splits: int | None = None, block_n: int | None = None,
                               num_warps: int | None = None, num_stages: int | None = None,
                               waves: int | None = None, scale_lookup: str | None = None,
-                              maxnreg: int | None = None, lens: torch.Tensor | None = None,
+                              maxnreg: int | None = None, kron: bool | None = None,
+                              lens: torch.Tensor | None = None,
                               workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Attention of ``q (B, Hq, D)`` (one token per sequence, post-RoPE) over a RotateKV cache ``state``.
 
@@ -523,7 +625,8 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
     if splits:
         _launch_split(q, state, maskt, m_ws, l_ws, acc_ws, slots, splits, per_split, qk_scale, hd, block_n,
                       num_warps, num_stages, dot_f32, R, HG, scale_lookup, lens,
-                      maxnreg if maxnreg is not None else LAUNCH.get("maxnreg"))
+                      maxnreg if maxnreg is not None else LAUNCH.get("maxnreg"),
+                      LAUNCH.get("kron", True) if kron is None else kron)
     if out is None:
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
     if out.stride(-1) != 1 or tuple(out.shape) != (B, Hq, D):
@@ -534,7 +637,8 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
 
 
 def _launch_split(q, state: RotateKVState, maskt, m_ws, l_ws, acc_ws, slots, splits, per_split, qk_scale, hd,
-                  block_n, num_warps, num_stages, dot_f32, R, HG, scale_lookup, lens=None, maxnreg=None) -> None:
+                  block_n, num_warps, num_stages, dot_f32, R, HG, scale_lookup, lens=None, maxnreg=None,
+                  kron=True) -> None:
     B, Hq, D = q.shape
     dev = q.device
     G = state.head_group
@@ -576,7 +680,8 @@ def _launch_split(q, state: RotateKVState, maskt, m_ws, l_ws, acc_ws, slots, spl
         VBITS=vq.bits, VG=vq.group, PREROPE=state.prerope, HAS_SLOTS=state.key_slots is not None,
         HAS_MU=mu is not None, HAS_SINKS=nsink > 0, S_PAD=next_pow2(max(nsink, 1)),
         HAS_MASK=maskt is not None, DOT_F32=dot_f32, SCALE_DOT=scale_dot, NGK=ngk, NGK_PAD=next_pow2(max(16, ngk)),
-        HAS_LENS=lens is not None, num_warps=num_warps, num_stages=num_stages,
+        HAS_LENS=lens is not None, KRON=bool(kron and state.prerope and D // (8 // kq.bits) >= 32),
+        num_warps=num_warps, num_stages=num_stages,
         # register cap on the fp16 path only, where it was measured
         **({"maxnreg": maxnreg} if maxnreg and dev.type == "cuda" and not dot_f32 else {}))
 
