@@ -30,6 +30,13 @@ per block of tokens instead, exactly:
   ``k_lo = z_lo cos - z_hi sin``, ``k_hi = z_hi cos + z_lo sin``, ``cos/sin = cos/sin(pos_t · inv_freq)``
   (fp32, as transformers' rotary modules compute them); so ``H_D`` is applied as its two column halves and
   ``rotate_half`` costs no product at all.
+* **Kronecker split of H_D** (``kron``, the default where ``D/PPB >= 32``, PPB = codes per byte): Sylvester's
+  ``H_D[PPB*i + j, PPB*m + e] = H_{D/PPB}[i, m] * H_PPB[j, e]`` (the bits of ``i``/``j`` and ``m``/``e`` do not
+  overlap). Code lane ``j`` of a byte row holds channels ``PPB*i + j``, so ``u_j = y_j @ H_{D/PPB}`` per lane (one
+  small ±1 constant, loaded once per program) and a butterfly over lanes, ``z_e = sum_j H_PPB[j, e] u_j``, give the
+  output channels ``PPB*m + e``: 4x fewer multiply-adds than ``y @ H_D`` at 2 bits and no ``D x D`` operand
+  re-staged per block. RoPE's rotate-half partner of channel ``PPB*m + e`` (``+ D/2``) is the same lane's column
+  ``m + D/(2 PPB)``, so each output lane is rotated and scored with the matching query channels on its own.
 * **values**: ``out_j = (sum_t p_jt v_rot(t)) H_D^T / sqrt(D)``: accumulated in the rotated domain per KV
   head (query rows of other heads masked out of ``p``: the matrix unit pads to 16 rows anyway), and
   rotated back once per output row in the merge kernel.
@@ -65,15 +72,14 @@ MAX_QROWS = 64  # G * (query heads per KV head), padded: the score tile's rows
 MAX_SPLITS = 255  # + the dense segment: the merge kernel holds <= 256 partials
 LOG2E = math.log2(math.e)
 
-#: launch settings when a call names none: block 32 / 4 warps / one-hot scales was the fastest on an H100 at 8x8K,
-#: 8x32K, 1x128K and 16x32K (1x32K: 16 / 4 / per-element scales, 0.68 vs 0.90 ms;
-#: benchmarks/results/kernels_h100_rotatekv_slots.json); 8 warps or blocks of 64 spill (255 registers).
-#: ``maxnreg``: register cap (None = the compiler's choice, 224 with Triton 3.6): 128 was faster than no cap at
-#: all five benchmark shapes in one H100 run (8x32K 1.05 vs 1.13 ms, 1x32K 0.62 vs 0.86;
-#: benchmarks/results/kernels_h100_rotatekv_nreg.json); CUDA only
+#: launch settings when a call names none. Block 64 / 4 warps / 2 stages / no register cap / one-hot scales /
+#: Kronecker split was the fastest at the shapes where the kernel, not the host, sets the time (H100, two runs:
+#: benchmarks/results/kernels_h100_rotatekv_kron*.json): 8x32K 0.89 ms (full D x D products at the same launch 1.00,
+#: the previous default 32 / 4 / cap 128 1.05-1.08), 16x32K 1.67-1.69 (2.0-2.6). At 1x32K and 8x8K the eager call's
+#: host work dominates (0.5-0.9 ms whatever the launch). ``maxnreg``: optional register cap (CUDA, fp16 path);
 #: ``kron``: pre-RoPE keys through Sylvester's Kronecker split of ``H_D`` (per-lane ``D/PPB``-wide products and a
-#: butterfly; where ``D/PPB >= 32``) instead of ``D x D`` products per token (see the module docstring)
-LAUNCH: dict = {"block_n": 32, "num_warps": 4, "num_stages": 2, "waves": 4, "scale_lookup": "dot", "maxnreg": 128,
+#: butterfly, where ``D/PPB >= 32``) instead of ``D x D`` products per token (see the module docstring)
+LAUNCH: dict = {"block_n": 64, "num_warps": 4, "num_stages": 2, "waves": 4, "scale_lookup": "dot", "maxnreg": None,
                 "kron": True}
 #: key groups per token (all heads) up to which scales are picked by a one-hot product (its K dimension)
 MAX_DOT_GROUPS = 64
