@@ -408,6 +408,52 @@ def test_static_dense_layer_attends_over_its_device_length():
 
 
 @pytest.mark.parametrize("kind,layout", [("kivi", "strided"), ("kivi", "kivi"), ("dense", None)])
+def test_static_cache_with_left_padding_decodes_like_the_reference_path(tiny, kind, layout):
+    """Rows of different prompt lengths (left padding): the static layers, given the prompt's mask once
+    (``set_padding``, what ``GraphDecoder(attention_mask=...)`` does) and per-row positions, give the logits of the
+    reference path fed the growing attention mask every step; without the mask they do not."""
+    from kvshrink.kernels.graph import make_static_cache
+
+    model = tiny("llama", head_dim=64) if DEV == "cpu" else tiny_model("llama", head_dim=64).to(DEV)
+    B, n0, steps = 2, 21, 4
+    ids = torch.randint(3, 200, (B, n0), generator=GEN).to(DEV)
+    am = torch.ones(B, n0, dtype=torch.long, device=DEV)
+    am[1, :7] = 0
+    pos0 = (am.cumsum(-1) - 1).clamp(min=0)
+    spec = "kivi:bits=2,group=16,residual=16"
+    kw = {"group": 16, "residual": 16, "layout": layout} if kind == "kivi" else {}
+
+    def run(cache, static, padded=True):
+        outs = []
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=am, position_ids=pos0, past_key_values=cache, use_cache=True)
+            if static:
+                for layer in cache.layers:
+                    layer.set_padding(am if padded else None)
+            tok = out.logits[:, -1:].argmax(-1)
+            for i in range(steps):
+                pos = am.sum(1, keepdim=True) + i
+                full = torch.cat([am, torch.ones(B, i + 1, dtype=am.dtype, device=DEV)], 1)
+                extra = {} if static else {"attention_mask": full}
+                logits = model(input_ids=tok, position_ids=pos, cache_position=torch.tensor([n0 + i], device=DEV),
+                               past_key_values=cache, use_cache=True, **extra).logits[:, -1]
+                outs.append(logits)
+                tok = logits[:, None].argmax(-1)
+        return torch.stack(outs)
+
+    try:
+        from transformers import DynamicCache
+
+        want = run(make_cache(model, spec) if kind == "kivi" else DynamicCache(), static=False)
+        got = run(make_static_cache(model, n0 + steps + 4, kind=kind, **kw), static=True)
+        unmasked = run(make_static_cache(model, n0 + steps + 4, kind=kind, **kw), static=True, padded=False)
+    finally:
+        disable(model)
+    assert float((got - want).norm() / want.norm()) < 2e-2
+    assert float((unmasked[:, 1] - want[:, 1]).norm() / want[:, 1].norm()) > 2e-2  # the padded row needs the mask
+
+
+@pytest.mark.parametrize("kind,layout", [("kivi", "strided"), ("kivi", "kivi"), ("dense", None)])
 def test_static_cache_decodes_like_the_reference_path(tiny, kind, layout):
     """A model over a static cache (what GraphDecoder captures: explicit positions, device lengths) gives the
     logits of the reference path (kivi: the eager UniformLayer cache; dense: transformers' own cache)."""

@@ -81,6 +81,46 @@ def test_static_layer_decodes_like_the_eager_kernel_layer(tiny, spec):
             assert bool((new[:, steps:] == -1).all())
 
 
+def _decode_padded(model, cache, ids, am, steps, static):
+    """Left-padded prompt, per-row positions; the eager cache gets the growing mask every step, the static one
+    the prompt's mask once (``set_padding``, what ``GraphDecoder(attention_mask=...)`` does)."""
+    B, n0 = ids.shape
+    outs = []
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="rotatekv: no calib file")
+        pos0 = (am.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=am, position_ids=pos0, past_key_values=cache, use_cache=True)
+        if static:
+            for layer in cache.layers:
+                layer.set_padding(am)
+        tok = out.logits[:, -1:].argmax(-1)
+        for i in range(steps):
+            pos = am.sum(1, keepdim=True) + i
+            extra = {} if static else {"attention_mask": torch.cat([am, torch.ones_like(am[:, :i + 1])], 1)}
+            logits = model(input_ids=tok, position_ids=pos, cache_position=torch.tensor([n0 + i], device=DEV),
+                           past_key_values=cache, use_cache=True, **extra).logits[:, -1]
+            outs.append(logits)
+            tok = logits[:, None].argmax(-1)
+    return torch.stack(outs)
+
+
+def test_static_layer_with_left_padding_decodes_like_the_eager_kernel_layer(tiny):
+    model = _model(tiny)
+    ids = torch.randint(3, 200, (2, 19), generator=GEN).to(DEV)
+    am = torch.ones_like(ids)
+    am[0, :6] = 0  # row 0: 13 tokens, positions 0..12, then its decode tokens from 13
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="rotatekv: no calib file")
+            want = _decode_padded(model, make_kernel_cache(model, "rotatekv:bits=2", reserve=32), ids, am, 4, False)
+            got = _decode_padded(model, make_static_cache(model, 32, kind="rotatekv"), ids, am, 4, True)
+            plain = _decode(model, make_static_cache(model, 32, kind="rotatekv"), ids, 4)  # padding attended
+    finally:
+        disable(model)
+    assert float((got - want).norm() / want.norm()) < 1e-4
+    assert float((plain[:, 0] - want[:, 0]).norm() / want[:, 0].norm()) > 1e-2  # the mask matters for row 0
+
+
 def test_sink_overflow_is_reported_not_silent(tiny):
     model = _model(tiny)
     ids = torch.randint(3, 200, (2, 19), generator=GEN).to(DEV)
@@ -140,3 +180,32 @@ def test_graph_decoder_replays_the_static_step_exactly():
         disable(model)
     assert torch.equal(got, want)
     assert int(static.layers[0].lens[0]) == 40 + 2 + steps  # capturing records a step, it does not run it
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("kind", ["rotatekv", "kivi", "dense"])
+def test_graph_decoder_with_left_padding_replays_the_static_step_exactly(kind):
+    """With a left-padded batch (GraphDecoder(attention_mask=...)): replayed steps give the tokens of the same
+    static layers stepped eagerly with the prompt's mask and per-row positions."""
+    from kvshrink.kernels.graph import GraphDecoder
+
+    model = tiny_model("llama", head_dim=64, dtype=torch.float16).to(DEV)
+    ids = torch.randint(3, 200, (2, 40), generator=GEN).to(DEV)
+    am = torch.ones_like(ids)
+    am[1, :9] = 0
+    kw = {"group": 16, "residual": 16} if kind == "kivi" else {}
+    steps = 6
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="rotatekv: no calib file")
+            want = _decode_padded(model, make_static_cache(model, 64, kind=kind, **kw), ids, am, steps + 2,
+                                  True).argmax(-1).T
+            static = make_static_cache(model, 64, kind=kind, **kw)
+        with torch.no_grad():
+            first = model(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0),
+                          past_key_values=static, use_cache=True).logits[:, -1].argmax(-1)
+        dec = GraphDecoder(model, static, first, position=40, attention_mask=am)
+        got = torch.cat(list(dec.warmup_tokens) + [dec.step().clone() for _ in range(steps)], 1)
+    finally:
+        disable(model)
+    assert torch.equal(got, want)

@@ -380,6 +380,21 @@ def _sm_count(index: int) -> int:
 _DUMMIES: dict = {}
 
 
+def mask_arg(mask: torch.Tensor | None, B: int, T: int, graph: bool, dev) -> tuple[torch.Tensor, int]:
+    """A padding mask as the decode kernels read it: ``(B, T)`` int8 with contiguous rows, and its row stride (a
+    dummy and 0 for None). Graph mode (lengths on the device): ``(B, >= T)`` where ``T`` is the capacity, so one
+    buffer written once (the prompt's padding, then ones) serves every replayed step."""
+    if mask is None:
+        return _dummy(dev, torch.int8), 0
+    maskt = mask if mask.dtype == torch.int8 else mask.to(torch.int8)
+    if maskt.stride(-1) != 1:
+        maskt = maskt.contiguous()
+    if maskt.dim() != 2 or maskt.shape[0] != B or (maskt.shape[1] < T if graph else maskt.shape[1] != T):
+        want = f"(batch, >= capacity) = ({B}, >= {T})" if graph else f"(batch, tokens) = {(B, T)}"
+        raise ValueError(f"mask must be {want}, got {tuple(maskt.shape)}")
+    return maskt, maskt.stride(0)
+
+
 def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A one-element tensor for pointer arguments a launch never reads (cached: no allocation per step)."""
     key = (str(device), dtype)
@@ -455,7 +470,7 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor | None = 
     ``mask (B, T)`` bool/int, nonzero where a token may be attended. Returns ``(B, Hq, D)`` in
     ``q.dtype`` (or writes ``out``, any tensor with that shape and a contiguous last dim).
     Graph mode (``lens``, ``ring``, fixed ``num_splits``/``main_splits``, ``workspace``): as
-    :func:`~.decode_strided.decode_attention_strided`.
+    :func:`~.decode_strided.decode_attention_strided`; ``mask`` then covers the capacity (:func:`mask_arg`).
     """
     if not HAS_TRITON:
         raise RuntimeError("decode_attention needs Triton; use reference.decode_attention_ref on this machine")
@@ -500,18 +515,11 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor | None = 
     for name, tns in (("k_res", kv.k_res), ("v_res", kv.v_res)):
         if tns is not None and tns.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dim")
-    if mask is not None:
-        maskt = mask.to(torch.int8) if mask.dtype != torch.int8 else mask
-        if maskt.stride(-1) != 1:
-            maskt = maskt.contiguous()
-        if tuple(maskt.shape) != (B, T):
-            raise ValueError(f"mask must be (batch, tokens) = {(B, T)}, got {tuple(maskt.shape)}")
-        sm_b = maskt.stride(0)
-    else:
-        maskt, sm_b = _dummy(dev, torch.int8), 0
+    # graph mode: T counts the capacity and the residual rings (more than any token index the mask is read at)
+    maskt, sm_b = mask_arg(mask, B, kv.tkq if lens is not None else T, lens is not None, dev)
     if lens is not None:
-        if mask is not None or num_splits is None or main_splits is None or not 0 < main_splits < num_splits:
-            raise ValueError("graph mode needs mask=None and fixed num_splits > main_splits > 0")
+        if num_splits is None or main_splits is None or not 0 < main_splits < num_splits:
+            raise ValueError("graph mode needs fixed num_splits > main_splits > 0")
         fast_end = per_split = tail_chunk = 0
     else:
         fast_end, per_split, main_splits, tail_chunk, num_splits = plan_splits(

@@ -24,7 +24,7 @@ import torch
 
 from ._triton import HAS_TRITON, dot_in_f32, next_pow2, tl, triton
 from . import decode_attention as _da  # its merge kernel exists only with Triton: looked up at call time
-from .decode_attention import _dummy, partials_workspace, plan_splits
+from .decode_attention import _dummy, mask_arg, partials_workspace, plan_splits
 from .reference import PackedKV
 from .strided import StridedQuantizedTensor, strided_supported
 
@@ -323,7 +323,8 @@ def decode_attention_strided(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor |
     Host mode (default): token counts from ``kv``, splits chosen per call. Graph mode (``lens`` given):
     ``lens = [T, Tkq, Tvq]`` int32 on the device, ``num_splits`` and ``main_splits`` fixed, the
     residuals are rings of ``ring`` rows (``kv.k_res``/``kv.v_res`` are the whole rings), ``kv.kq``/
-    ``kv.vq`` the whole capacity buffers; ``mask`` must be None. ``workspace`` = (m, l, acc) buffers of
+    ``kv.vq`` the whole capacity buffers; ``mask``, if any, covers the capacity (``(B, >= capacity)``: the
+    prompt's padding, then ones). ``workspace`` = (m, l, acc) buffers of
     shapes (B, Hq, S), (B, Hq, S), (B, Hq, S, D) fp32, reused across calls.
     """
     if not HAS_TRITON:
@@ -358,25 +359,16 @@ def decode_attention_strided(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor |
     for name, tns in (("k_res", kv.k_res), ("v_res", kv.v_res)):
         if tns is not None and tns.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dim")
+    maskt, sm_b = mask_arg(mask, B, kv.tkq if lens is not None else kv.tokens, lens is not None, dev)
     if lens is not None:
-        if mask is not None or num_splits is None or main_splits is None or not 0 < main_splits < num_splits:
-            raise ValueError("graph mode needs mask=None and fixed num_splits > main_splits > 0")
+        if num_splits is None or main_splits is None or not 0 < main_splits < num_splits:
+            raise ValueError("graph mode needs fixed num_splits > main_splits > 0")
         T = tkq = tvq = 0
         fast_end = per_split = tail_chunk = 0
     else:
         T, tkq, tvq = kv.tokens, kv.tkq, kv.tvq
-        if mask is not None:
-            maskt = mask.to(torch.int8) if mask.dtype != torch.int8 else mask
-            if maskt.stride(-1) != 1:
-                maskt = maskt.contiguous()
-            if tuple(maskt.shape) != (B, T):
-                raise ValueError(f"mask must be (batch, tokens) = {(B, T)}, got {tuple(maskt.shape)}")
         fast_end, per_split, main_splits, tail_chunk, num_splits = plan_splits(
             B * Hkv, T, tkq, tvq, block_n, tail_n, fast, num_splits, waves, dev)
-    if mask is not None:
-        sm_b = maskt.stride(0)
-    else:
-        maskt, sm_b = _dummy(dev, torch.int8), 0
     m_ws, l_ws, acc_ws = workspace if workspace is not None else partials_workspace(B, Hq, num_splits, D, dev)
     sc = D ** -0.5 if scale is None else scale
     f32 = dot_in_f32(q.dtype)

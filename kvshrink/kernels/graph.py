@@ -17,8 +17,10 @@ it cannot be replayed from a CUDA graph. The layers here keep everything that ch
   length, :func:`decode_attention_dense`, a split-K kernel over 16-bit K/V with the same structure), so the
   two can be compared under the same graph replay.
 
-Prefill (one chunk into an empty layer) is served densely from the prompt, like the eager layers. Limits of
-graph mode: no padding mask (all rows share one length), one chunk of prefill, then single-token steps.
+Prefill (one chunk into an empty layer) is served densely from the prompt, like the eager layers. A left-padded
+prompt's mask is given once (``set_padding``, or ``GraphDecoder(..., attention_mask=...)``): the decode kernels
+read it as a ``(B, capacity)`` buffer (the prompt's padding, then ones). Limits of graph mode: one chunk of
+prefill, then single-token steps (all rows advance together).
 
 The ``"kvshrink"`` attention function (``attention.py``) recognises the handles these layers return.
 :func:`make_static_cache` builds a transformers ``Cache`` of them; :class:`GraphDecoder` captures one decode
@@ -137,9 +139,9 @@ if HAS_TRITON:
         tl.store(LENS, T + NEW)
 
     @triton.jit
-    def _dense_decode_kernel(Q, sqb, sqh, K, V, skb, skh, skt, LENS, M_OUT, L_OUT, ACC_OUT, H, num_splits, qk_scale,
-                             HG: tl.constexpr, HG_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                             F32: tl.constexpr):
+    def _dense_decode_kernel(Q, sqb, sqh, K, V, skb, skh, skt, LENS, MASK, smask_b, M_OUT, L_OUT, ACC_OUT, H,
+                             num_splits, qk_scale, HG: tl.constexpr, HG_PAD: tl.constexpr, D: tl.constexpr,
+                             BLOCK_N: tl.constexpr, F32: tl.constexpr, HAS_MASK: tl.constexpr = False):
         """Split-K decode over 16-bit K/V (B, H, cap, D) with the length on the device (baseline kernel)."""
         pid_bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -168,7 +170,10 @@ if HAS_TRITON:
                 sT = tl.dot(k.to(tl.float32), qT.to(tl.float32), input_precision="ieee")
             else:
                 sT = tl.dot(k, qT)
-            sT = tl.where(live[:, None], sT, float("-inf"))
+            ok = live
+            if HAS_MASK:  # padding (B, >= capacity), 1 = attend
+                ok = ok & (tl.load(MASK + b * smask_b + t, mask=live, other=0) != 0)
+            sT = tl.where(ok[:, None], sT, float("-inf"))
             m_i, l_i, pT, alpha = _rescale_t(m_i, l_i, sT)
             v = tl.load(V + base + t[:, None] * skt + d[None, :], mask=live[:, None], other=0.0)
             if F32:
@@ -192,24 +197,37 @@ def _splits(batch_kv_heads: int, device: torch.device, waves: int = 4, tokens: i
 def decode_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, num_splits: int,
                            scale: float | None = None, block_n: int = 64, num_warps: int = 4,
                            workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
-    """``q (B, Hq, D)`` over the first ``lens[0]`` tokens of 16-bit ``k``/``v (B, H, cap, D)`` (GQA)."""
+                           out: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``q (B, Hq, D)`` over the first ``lens[0]`` tokens of 16-bit ``k``/``v (B, H, cap, D)`` (GQA); ``mask``
+    ``(B, >= cap)``, nonzero where a token may be attended (padding)."""
     B, Hq, D = q.shape
     H = k.shape[1]
+    maskt, sm_b = _da.mask_arg(mask, B, k.shape[2], True, q.device)
     HG = Hq // H
     m_ws, l_ws, acc_ws = workspace if workspace is not None else _da.partials_workspace(B, Hq, num_splits, D,
                                                                                          q.device)
     f32 = dot_in_f32(k.dtype)
     sc = (D ** -0.5 if scale is None else scale) * math.log2(math.e)
     _dense_decode_kernel[(B * H, num_splits)](q, q.stride(0), q.stride(1), k, v, k.stride(0), k.stride(1), k.stride(2),
-                                              lens, m_ws, l_ws, acc_ws, H, num_splits, sc, HG=HG,
+                                              lens, maskt, sm_b, m_ws, l_ws, acc_ws, H, num_splits, sc, HG=HG,
                                               HG_PAD=max(16, next_pow2(HG)), D=D, BLOCK_N=block_n, F32=f32,
-                                              num_warps=num_warps)
+                                              HAS_MASK=mask is not None, num_warps=num_warps)
     if out is None:
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     _da._decode_reduce_kernel[(B * Hq,)](m_ws, l_ws, acc_ws, out, out.stride(0), out.stride(1), Hq, num_splits,
                                      D=D, S_PAD=next_pow2(num_splits), num_warps=4)
     return out
+
+
+def padding_buffer(attention_mask: torch.Tensor, width: int) -> torch.Tensor:
+    """``(B, width)`` int8 for a graph-mode decode kernel: the prompt's ``attention_mask (B, T0)`` (1 = token,
+    0 = padding), then ones: every decoded token is real, so the buffer is written once and read by every replay."""
+    B, T0 = attention_mask.shape
+    if T0 > width:
+        raise ValueError(f"attention mask of {T0} tokens exceeds the cache's capacity {width}")
+    buf = torch.ones(B, width, dtype=torch.int8, device=attention_mask.device)
+    buf[:, :T0].copy_(attention_mask != 0)
+    return buf
 
 
 @dataclass
@@ -238,6 +256,11 @@ class _StaticBase(CacheLayerMixin):
         self.lens: torch.Tensor | None = None
         self.splits = 0
         self._ws: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.pad_mask: torch.Tensor | None = None
+
+    def set_padding(self, attention_mask: torch.Tensor | None) -> None:
+        """The prompt's padding (``(B, T0)``, 0 = pad), masked out of every later decode step (None: no padding)."""
+        self.pad_mask = None if attention_mask is None else padding_buffer(attention_mask, self.capacity)
 
     def _workspace(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, Hq, D = q.shape
@@ -307,7 +330,8 @@ class StaticDenseLayer(_StaticBase):
         self.lens.add_(self._one)
 
     def attend(self, q: torch.Tensor, scale: float | None) -> torch.Tensor:
-        return decode_attention_dense(q, self.k, self.v, self.lens, self.splits, scale, workspace=self._workspace(q))
+        return decode_attention_dense(q, self.k, self.v, self.lens, self.splits, scale, workspace=self._workspace(q),
+                                      mask=self.pad_mask)
 
     def nbytes(self) -> int:
         return 0 if self.lens is None else 2 * self.k.numel() * self.k.element_size()
@@ -412,7 +436,7 @@ class StaticKiviLayer(_StaticBase):
 
     def attend(self, q: torch.Tensor, scale: float | None) -> torch.Tensor:
         fn = decode_attention_strided if self.layout == "strided" else decode_attention
-        return fn(q, self.kv, scale=scale, lens=self.lens, ring=self.ring, num_splits=self.splits,
+        return fn(q, self.kv, mask=self.pad_mask, scale=scale, lens=self.lens, ring=self.ring, num_splits=self.splits,
                   main_splits=self.splits - self.tail_splits, workspace=self._workspace(q))
 
     def state(self) -> PackedKV:
@@ -460,15 +484,28 @@ class GraphDecoder:
 
     ``step()`` replays: feeds the last token, writes the next into ``self.tokens`` (device). No host sync.
     The ``warmup`` eager steps before the capture are real decode steps: their tokens are kept in
-    ``warmup_tokens`` (``(B, 1)`` each, in order).
+    ``warmup_tokens`` (``(B, 1)`` each, in order). ``position``: the prompt's length (tokens in the cache).
+    ``attention_mask (B, position)``: the prompt's padding (left padding: rows of different lengths); each row's
+    position ids then continue from its own token count, and the padded slots stay masked in every step.
     """
 
     def __init__(self, model: torch.nn.Module, cache, first_tokens: torch.Tensor, position: int,
-                 warmup: int = 2) -> None:
+                 warmup: int = 2, attention_mask: torch.Tensor | None = None) -> None:
         self.model, self.cache = model, cache
         dev = first_tokens.device
         self.tokens = first_tokens.clone().view(-1, 1)
-        self.pos = torch.full_like(self.tokens, position)
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (self.tokens.shape[0], position):
+                raise ValueError(f"attention_mask must be (batch, position) = {(self.tokens.shape[0], position)}, "
+                                 f"got {tuple(attention_mask.shape)}")
+            self.pos = (attention_mask != 0).sum(1, keepdim=True).to(device=dev, dtype=torch.long)
+        else:
+            self.pos = torch.full_like(self.tokens, position)
+        for layer in getattr(cache, "layers", []):
+            if hasattr(layer, "set_padding"):
+                layer.set_padding(attention_mask)
+            elif attention_mask is not None:
+                raise ValueError(f"{type(layer).__name__} does not take a padding mask in graph mode")
         self.cache_position = torch.full((1,), position, dtype=torch.long, device=dev)
         self.warmup_tokens: list[torch.Tensor] = []
         stream = torch.cuda.Stream()

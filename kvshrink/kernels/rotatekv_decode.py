@@ -64,7 +64,7 @@ import torch
 
 from ..storage import QuantizedTensor
 from ._triton import HAS_TRITON, dot_in_f32, next_pow2, tl, triton
-from .decode_attention import _dummy, _sm_count, choose_splits, partials_workspace
+from .decode_attention import _dummy, _sm_count, choose_splits, mask_arg, partials_workspace
 
 RKV_BITS = (2, 4, 8)
 RKV_HEAD_DIMS = (64, 128)
@@ -582,7 +582,8 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
     Graph mode (``lens``, :mod:`.rotatekv_graph`): the quantized stream holds ``lens[0]`` tokens (int32 on
     the device; ``state.kq``/``vq`` may span a larger capacity), ``num_splits`` is fixed and each program
     derives its slice on the device, ``workspace`` (``partials_workspace(B, Hq, num_splits + 1, D)``) is reused:
-    nothing depends on a host value that changes per step, so CUDA graphs can capture the call. No mask.
+    nothing depends on a host value that changes per step, so CUDA graphs can capture the call. A ``mask`` then
+    covers the capacity, ``(B, >= state.tokens)``: the prompt's padding, then ones.
     """
     B, Hq, D = q.shape
     why = unsupported_reason(state, D, Hq)
@@ -597,17 +598,12 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
     T, tq, dev = state.tokens, state.tq, q.device
     if q.stride(-1) != 1:
         q = q.contiguous()
-    maskt = None
-    if mask is not None:
-        if tuple(mask.shape) != (B, T):
-            raise ValueError(f"mask must be (batch, tokens) = {(B, T)}, got {tuple(mask.shape)}")
-        maskt = mask.to(torch.int8).contiguous()
+    maskt = None if mask is None else mask_arg(mask, B, T, lens is not None, dev)[0]
     sc = D ** -0.5 if scale is None else scale
     qk_scale = sc * LOG2E  # the softmax runs in exp2
     if lens is not None:
-        if mask is not None or not num_splits or not 0 < num_splits <= MAX_SPLITS or state.kq is None:
-            raise ValueError(f"graph mode needs mask=None, a quantized stream and a fixed 0 < num_splits <= "
-                             f"{MAX_SPLITS}")
+        if not num_splits or not 0 < num_splits <= MAX_SPLITS or state.kq is None:
+            raise ValueError(f"graph mode needs a quantized stream and a fixed 0 < num_splits <= {MAX_SPLITS}")
         splits, per_split = num_splits, 0
     elif tq > 0:
         sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) \

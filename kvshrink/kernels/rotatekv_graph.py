@@ -20,9 +20,10 @@ storage and semantics with everything that changes per step on the device:
 
 The prompt (one chunk into an empty layer) takes the eager layer's path (host syncs allowed there); the first
 decode step freezes the layer (allocations, host work) -- :class:`~.graph.GraphDecoder` runs warm-up steps
-before capturing, so capture sees only the static step. Limits: ``residual=0`` (the paper's default: every token
-is quantized on arrival), no padding mask (all rows share one length), one prefill chunk, a model whose rotary
-embedding the kernel recomputes (see :meth:`KernelRotateKVLayer.kernel_refusal`).
+before capturing, so capture sees only the static step. A left-padded prompt's mask is given once
+(:meth:`StaticRotateKVLayer.set_padding`, or ``GraphDecoder(..., attention_mask=...)``) and masks the padded slots
+in every step. Limits: ``residual=0`` (the paper's default: every token is quantized on arrival), one prefill
+chunk, a model whose rotary embedding the kernel recomputes (see :meth:`KernelRotateKVLayer.kernel_refusal`).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import torch
 from ..storage import QuantizedTensor, packed_size
 from ._triton import device_guard, kernels_usable
 from .decode_attention import partials_workspace
-from .graph import GraphDecode, _splits
+from .graph import GraphDecode, _splits, padding_buffer
 from .rotatekv_decode import LAUNCH, MAX_SPLITS, RotateKVState, decode_attention_rotatekv, hadamard_normalized
 from .rotatekv_layer import KernelRotateKVLayer
 from .rotatekv_pack import rotatekv_quantize_keys, rotatekv_quantize_values
@@ -50,18 +51,24 @@ class StaticRotateKVLayer(KernelRotateKVLayer):
         self.frozen = False
         self.lens: torch.Tensor | None = None
         self.splits = 0
+        self.pad_mask: torch.Tensor | None = None
 
     @classmethod
     def from_layer(cls, layer, capacity: int = 0, sink_slots: int = 16, waves: int = 4) -> "StaticRotateKVLayer":
         new = super().from_layer(layer)
         new.capacity, new.sink_slots, new.waves = int(capacity), int(sink_slots), waves
-        new.frozen, new.lens, new.splits = False, None, 0
+        new.frozen, new.lens, new.splits, new.pad_mask = False, None, 0, None
         new.reserve(capacity)
         return new
 
     def reset(self) -> None:
         super().reset()
-        self.frozen, self.lens, self.splits = False, None, 0
+        self.frozen, self.lens, self.splits, self.pad_mask = False, None, 0, None
+
+    def set_padding(self, attention_mask: torch.Tensor | None) -> None:
+        """The prompt's padding (``(B, T0)``, 0 = pad), masked out of every later decode step (None: no padding)."""
+        self.pad_mask = None if attention_mask is None else padding_buffer(attention_mask,
+                                                                           max(self.capacity, attention_mask.shape[1] + 1))
 
     def why_not_static(self, key_states: torch.Tensor) -> str | None:
         """Why this layer cannot take graph-mode decode steps (None: it can)."""
@@ -127,6 +134,8 @@ class StaticRotateKVLayer(KernelRotateKVLayer):
         self.splits = min(MAX_SPLITS, _splits(B * R, dev, waves=self.waves, tokens=cap, block=LAUNCH["block_n"]))
         self._ws = None
         self._hdn = hadamard_normalized(D, dev) if (self.m.fwht and self.m.rotate_values) else None
+        if self.pad_mask is not None and self.pad_mask.shape[1] < cap:  # every token after the prompt is real
+            self.pad_mask = torch.cat([self.pad_mask, self.pad_mask.new_ones(B, cap - self.pad_mask.shape[1])], 1)
         self.frozen = True
 
     def _sink_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
@@ -224,8 +233,8 @@ class StaticRotateKVLayer(KernelRotateKVLayer):
         if self._ws is None or self._ws[0].shape != (B, Hq, self.splits + 1):
             self._ws = partials_workspace(B, Hq, self.splits + 1, D, q.device)
         with device_guard(q.device):
-            out = decode_attention_rotatekv(q, self._state, scale=scale, lens=self.lens, num_splits=self.splits,
-                                            workspace=self._ws)
+            out = decode_attention_rotatekv(q, self._state, mask=self.pad_mask, scale=scale, lens=self.lens,
+                                            num_splits=self.splits, workspace=self._ws)
         self.lens.add_(1)
         return out
 
