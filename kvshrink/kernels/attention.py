@@ -75,7 +75,7 @@ def kvshrink_attention(module: torch.nn.Module, query: torch.Tensor, key: Any, v
                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                        **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers attention function: packed decode kernel for :class:`PackedDecode`, else SDPA."""
-    if isinstance(key, GraphDecode) and query.shape[2] == 1:  # static layers (graph.py): no padding mask
+    if isinstance(key, GraphDecode) and query.shape[2] == 1:  # static layers: padding from set_padding, not this mask
         return key.attend(query[:, :, 0, :], scaling).unsqueeze(1), None
     if isinstance(key, RotateKVDecode):
         return _rotatekv_attention(module, query, key, attention_mask, dropout, scaling, **kwargs)
