@@ -34,7 +34,7 @@ def main() -> int:
     if args.kernel == "rotatekv":
         from kvshrink.kernels.rotatekv_decode import decode_attention_rotatekv as fn
 
-        keys = ("block_n", "num_warps", "num_stages", "waves", "scale_lookup")
+        keys = ("block_n", "num_warps", "num_stages", "waves", "scale_lookup", "maxnreg", "kron")
         state = bk.make_rotatekv_state(args.B, args.T)
     else:
         from kvshrink.kernels import decode_attention
