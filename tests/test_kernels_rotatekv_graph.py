@@ -47,7 +47,8 @@ def _decode(model, cache, ids, steps):
 
 
 @pytest.mark.parametrize("spec", ["rotatekv:bits=2", ALL_SINKS, "rotatekv:bits=2,prerope=false",
-                                  "rotatekv:bits=2,sinks=false"])
+                                  "rotatekv:bits=2,sinks=false", "rotatekv:bits=2,residual=4",
+                                  ALL_SINKS + ",residual=3"])
 def test_static_layer_decodes_like_the_eager_kernel_layer(tiny, spec):
     model = _model(tiny)
     ids = torch.randint(3, 200, (2, 19), generator=GEN).to(DEV)
@@ -64,18 +65,21 @@ def test_static_layer_decodes_like_the_eager_kernel_layer(tiny, spec):
         disable(model)
     assert float((got - want).norm() / want.norm()) < 1e-4
     for i, (lay, ref) in enumerate(zip(static.layers, eager.layers)):
-        assert lay.frozen and int(lay.lens[0]) == 19 + steps and lay.seen == 19 + steps
-        kq, vq, pos = lay.held_state()
+        # lens counts the quantized tokens; the newest `residual` are held in the ring
+        assert lay.frozen and int(lay.lens[0]) + lay.m.residual == 19 + steps and lay.seen == 19 + steps
+        kq, vq, pos, k_res, v_res = lay.held_state()
         assert (pos is None) == (ref.pos is None) and (pos is None or torch.equal(pos, ref.pos))
         k1, v1 = lay.dense()
         k2, v2 = ref.dense()
         if i == 0:  # the first layer's inputs are the same tensors in both runs: the same bytes, sinks and values
             for a, b in zip((*kq.tensors(), *vq.tensors()), (*ref.kq.tensors(), *ref.vq.tensors())):
                 assert torch.equal(a, b)  # written through the staging row at lens[0]
+            for a, b in ((k_res, ref.k_res), (v_res, ref.v_res)):  # the residual ring, in token order
+                assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
             assert torch.equal(k1, k2) and torch.equal(v1, v2)
         else:  # later layers see the first layer's attention, equal to float rounding
             assert torch.allclose(k1, k2, atol=1e-4) and torch.allclose(v1, v2, atol=1e-4)
-        if spec == ALL_SINKS:  # every decode token became a sink, in the order it came
+        if spec.startswith(ALL_SINKS):  # every decode token became a sink, in the order it came
             new = lay.sink_idx[:, -8:]
             assert torch.equal(new[:, :steps].cpu(), torch.arange(19, 19 + steps).expand(2, steps).to(torch.int32))
             assert bool((new[:, steps:] == -1).all())
@@ -139,8 +143,13 @@ def test_sink_overflow_is_reported_not_silent(tiny):
 def test_static_rotatekv_refuses_what_it_cannot_do(tiny):
     model = _model(tiny)
     try:
-        with pytest.raises(ValueError, match="residual=0"):
-            make_static_cache(model, 32, kind="rotatekv", spec="rotatekv:bits=2,residual=4")
+        with pytest.raises(ValueError, match="key_axis=channel"):
+            make_static_cache(model, 32, kind="rotatekv", spec="rotatekv:bits=2,key_axis=token")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="rotatekv: no calib file")
+            short = make_static_cache(model, 32, kind="rotatekv", spec="rotatekv:bits=2,residual=8")
+        with pytest.raises(ValueError, match="more than residual=8"):  # a 6-token prompt stays all in the residual
+            _decode(model, short, torch.randint(3, 200, (1, 6), generator=GEN).to(DEV), 1)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="rotatekv: no calib file")
             static = make_static_cache(model, 32, kind="rotatekv")
@@ -155,7 +164,8 @@ def test_static_rotatekv_refuses_what_it_cannot_do(tiny):
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs need a GPU")
-def test_graph_decoder_replays_the_static_step_exactly():
+@pytest.mark.parametrize("spec", ["rotatekv:bits=2", "rotatekv:bits=2,residual=8"])
+def test_graph_decoder_replays_the_static_step_exactly(spec):
     """Captured and replayed greedy steps give exactly the tokens of the same static layers stepped eagerly
     (the replay runs the same kernels on the same buffers), and every replayed token is stored."""
     from kvshrink.kernels.graph import GraphDecoder
@@ -166,9 +176,9 @@ def test_graph_decoder_replays_the_static_step_exactly():
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="rotatekv: no calib file")
-            eager = make_static_cache(model, 64, kind="rotatekv")
+            eager = make_static_cache(model, 64, kind="rotatekv", spec=spec)
             want = _decode(model, eager, ids, steps + 2).argmax(-1).T  # (B, steps + 2): tokens 1 .. steps + 2
-            static = make_static_cache(model, 64, kind="rotatekv")
+            static = make_static_cache(model, 64, kind="rotatekv", spec=spec)
         with torch.no_grad():
             first = model(input_ids=ids, past_key_values=static, use_cache=True).logits[:, -1].argmax(-1)
         dec = GraphDecoder(model, static, first, position=40)  # 2 eager warm-up steps, then the capture
@@ -179,7 +189,8 @@ def test_graph_decoder_replays_the_static_step_exactly():
     finally:
         disable(model)
     assert torch.equal(got, want)
-    assert int(static.layers[0].lens[0]) == 40 + 2 + steps  # capturing records a step, it does not run it
+    # capturing records a step, it does not run it; lens counts the quantized tokens, the ring the newest
+    assert int(static.layers[0].lens[0]) + static.layers[0].m.residual == 40 + 2 + steps
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs need a GPU")

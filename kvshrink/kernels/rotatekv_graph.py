@@ -22,8 +22,12 @@ The prompt (one chunk into an empty layer) takes the eager layer's path (host sy
 decode step freezes the layer (allocations, host work) -- :class:`~.graph.GraphDecoder` runs warm-up steps
 before capturing, so capture sees only the static step. A left-padded prompt's mask is given once
 (:meth:`StaticRotateKVLayer.set_padding`, or ``GraphDecoder(..., attention_mask=...)``) and masks the padded slots
-in every step. Limits: ``residual=0`` (the paper's default: every token is quantized on arrival), one prefill
-chunk, a model whose rotary embedding the kernel recomputes (see :meth:`KernelRotateKVLayer.kernel_refusal`).
+in every step. With ``residual=R > 0`` the newest ``R`` tokens stay 16-bit in rings of ``R + 1`` rows (token ``t``
+at row ``t % (R + 1)``, in the stored rotated domain, as the eager layer holds them); each step quantizes the
+oldest into row ``lens[0]`` (the layer's torch quantizer, no host value involved) and puts the new token in the
+freed row; the ring's tokens join the dense segment (un-rotated and re-RoPE'd there). Limits: one prefill chunk
+(of more than ``residual`` tokens), a model whose rotary embedding the kernel recomputes (see
+:meth:`KernelRotateKVLayer.kernel_refusal`).
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ import warnings
 
 import torch
 
+from ..methods.rotatekv import quantize_clipped
+from ..rope import apply_rope, invert_rope
 from ..storage import QuantizedTensor, packed_size
 from ._triton import device_guard, kernels_usable
 from .decode_attention import partials_workspace
@@ -41,7 +47,7 @@ from .rotatekv_pack import rotatekv_quantize_keys, rotatekv_quantize_values
 
 
 class StaticRotateKVLayer(KernelRotateKVLayer):
-    """RotateKV (``key_axis="channel"``, ``residual=0``) for graph-captured decoding (see module docstring)."""
+    """RotateKV (``key_axis="channel"``) for graph-captured decoding (see module docstring)."""
 
     def __init__(self, *args, capacity: int = 0, sink_slots: int = 16, waves: int = 4, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -75,15 +81,17 @@ class StaticRotateKVLayer(KernelRotateKVLayer):
         why = self.kernel_refusal(key_states)
         if why is not None:
             return why
-        if self.m.residual:
-            return f"residual={self.m.residual} (graph mode quantizes every token on arrival: residual=0)"
+        R = self.m.residual
         if self.simulated:
             return "simulated quantization"
         if not kernels_usable(key_states.device):
             return f"no Triton kernels on {key_states.device} (CUDA, or TRITON_INTERPRET=1)"
-        if self.kq is None or self.k_res is not None or self.v_res is not None:
-            return "no prompt stored yet (one prefill chunk first), or an unquantized residual"
-        if not self.fused_store(key_states, None):
+        if self.kq is None:
+            return f"no quantized tokens yet: one prefill chunk of more than residual={R} tokens first"
+        held = [0 if x is None else x.shape[-2] for x in (self.k_res, self.v_res)]
+        if held != [R, R]:
+            return f"the unquantized residual holds {held} tokens, not residual={R}"
+        if not R and not self.fused_store(key_states, None):
             return "the fused pack kernel does not cover this layer"
         if self.m.prerope and self._pos_buf is None:
             return "positions are not in a capacity buffer"
@@ -130,6 +138,14 @@ class StaticRotateKVLayer(KernelRotateKVLayer):
         self.lens = torch.tensor([tq], dtype=torch.int32, device=dev)
         self._stage_k = self._staging(B, H, D, self.key_group, dev)
         self._stage_v = self._staging(B, H, D, self.value_group, dev)
+        R = self.m.residual
+        if R:  # the residual as rings of R + 1 rows (token t at row t % (R + 1)): flushing moves nothing
+            rows = (tq + torch.arange(R, device=dev)) % (R + 1)
+            for name in ("k_res", "v_res"):
+                held = getattr(self, name)
+                ring = held.new_zeros(B, H, R + 1, D)
+                ring[:, :, rows] = held
+                setattr(self, name, ring)
         R = H // self.G
         self.splits = min(MAX_SPLITS, _splits(B * R, dev, waves=self.waves, tokens=cap, block=LAUNCH["block_n"]))
         self._ws = None
@@ -176,21 +192,45 @@ class StaticRotateKVLayer(KernelRotateKVLayer):
             raise ValueError("StaticRotateKVLayer: the decode step needs the model's position ids and RoPE tables, "
                              "captured by the hooks make_static_cache installs; pass position_ids to the model")
         idx = self.lens.long()
-        with device_guard(k.device):
-            rotatekv_quantize_keys(self, k, cap.cos, cap.sin, out=self._stage_k)
-            rotatekv_quantize_values(self, v, out=self._stage_v)
-        for stream, stage in ((self._k, self._stage_k), (self._v, self._stage_v)):
-            for buf, row in zip(stream.bufs, stage):
+        R = self.m.residual
+        if R:  # the oldest residual token (index lens[0]) is quantized into row lens[0]; the new one takes its ring row
+            ring = R + 1
+            old = idx % ring
+            stage = (self.quantize_keys(self.k_res.index_select(2, old)).tensors(),
+                     quantize_clipped(self.v_res.index_select(2, old), self.bits, "channel", self.value_group,
+                                      self.clip, self.scale_dtype).tensors())
+            kr, vr = self._stored_domain(k, v, cap.cos, cap.sin)
+            new_row = (idx + R) % ring
+            self.k_res.index_copy_(2, new_row, kr)
+            self.v_res.index_copy_(2, new_row, vr)
+        else:  # every token is quantized on arrival: the fused rotate+quantize+pack kernel
+            with device_guard(k.device):
+                rotatekv_quantize_keys(self, k, cap.cos, cap.sin, out=self._stage_k)
+                rotatekv_quantize_values(self, v, out=self._stage_v)
+            stage = (self._stage_k, self._stage_v)
+        for stream, rows in zip((self._k, self._v), stage):
+            for buf, row in zip(stream.bufs, rows):
                 buf.index_copy_(2, idx, row)
+        held = self.lens + R  # the new token's index
         if self.m.prerope:
             pid = cap.position_ids.to(device=k.device, dtype=torch.int32).expand(B, 1)
-            self._pos_buf.index_copy_(1, idx, pid)
+            self._pos_buf.index_copy_(1, held.long(), pid)
         if self.m.sinks and cap.hidden is not None:
-            self._add_sink_on_device(self.token_is_sink(cap.hidden), k, v)
-        self._state = self._attention_state(k, v)
+            self._add_sink_on_device(self.token_is_sink(cap.hidden), k, v, held)
+        self._state = self._attention_state(k, v, held)
 
-    def _add_sink_on_device(self, is_sink: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Rows where the new token is a sink: write it exact into their next free sink slot (index lens[0])."""
+    def _stored_domain(self, k: torch.Tensor, v: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """A new token as the residual holds it (the base layer's ``_store``): pre-RoPE, rotated, centred, 16-bit."""
+        kk = invert_rope(k.float(), cos.float(), sin.float()) if self.m.prerope else k
+        kr = self.rotate_keys(kk)
+        if self.m.center:
+            kr = kr - self._key_center(kr)
+        store = self.stored_dtype(k.dtype)
+        return kr.to(store), self.rotate_values(v).to(store)
+
+    def _add_sink_on_device(self, is_sink: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            held: torch.Tensor) -> None:
+        """Rows where the new token (index ``held``) is a sink: write it exact into their next free sink slot."""
         B, H, _, D = k.shape
         S = self.sink_idx.shape[-1]
         room = self._sink_next < S
@@ -202,30 +242,51 @@ class StaticRotateKVLayer(KernelRotateKVLayer):
         for buf, x in ((self.sink_k, k), (self.sink_v, v)):
             buf.scatter_(2, g, torch.where(t4, x.to(buf.dtype), buf.gather(2, g)))
         s2 = slot[:, None]
-        self.sink_idx.scatter_(1, s2, torch.where(take[:, None], self.lens.expand(B, 1), self.sink_idx.gather(1, s2)))
+        self.sink_idx.scatter_(1, s2, torch.where(take[:, None], held.expand(B, 1), self.sink_idx.gather(1, s2)))
         self._sink_next += take.to(torch.int32)
 
-    def _attention_state(self, k: torch.Tensor, v: torch.Tensor) -> RotateKVState:
-        """The kernel's view: the quantized past (``lens[0]`` of the capacity rows), sinks before this token and
-        the new token as the dense segment (sinks not yet seen, and this token's own sink copy, masked by -1)."""
+    def _attention_state(self, k: torch.Tensor, v: torch.Tensor, held: torch.Tensor) -> RotateKVState:
+        """The kernel's view: the quantized past (``lens[0]`` of the capacity rows), and as the dense segment the
+        sinks before this token, the residual ring's tokens ``[lens[0], held)`` (a sink among them is read from its
+        exact copy only) and the new token (index ``held``); entries that are none of these carry index -1."""
         B = k.shape[0]
         hdn = self._hdn
-        new_idx = self.lens.long().expand(B, 1)
+
+        def vrot(x: torch.Tensor) -> torch.Tensor:  # into the stored value domain
+            return x.float() @ hdn if hdn is not None else x.float()
+
+        ks, vs, idx = [], [], []
         if self.sink_idx is not None:
-            sidx = torch.where(self.sink_idx < self.lens, self.sink_idx, -1).long()
-            dense_k = torch.cat([self.sink_k.float(), k.float()], 2)
-            dense_v = torch.cat([self.sink_v.float(), v.float()], 2)
-            dense_idx = torch.cat([sidx, new_idx], 1)
-        else:
-            dense_k, dense_v, dense_idx = k.float(), v.float(), new_idx
+            ks.append(self.sink_k.float())
+            vs.append(vrot(self.sink_v))
+            idx.append(torch.where(self.sink_idx < held, self.sink_idx, -1).long())
+        if self.m.residual:
+            ring = self.m.residual + 1
+            tok = self.lens + (torch.arange(ring, device=k.device) - self.lens) % ring  # token held in each row
+            ridx = torch.where(tok < held, tok, -1).long()[None].expand(B, ring)
+            if self.sink_idx is not None:  # a sink in the residual is read from its exact copy only
+                ridx = torch.where((ridx[:, :, None] == self.sink_idx[:, None, :].long()).any(-1), -1, ridx)
+            K = self.k_res.float()
+            if self.k_mu is not None:
+                K = K + self.k_mu.float()
+            K = self.unrotate_keys(K)
+            if self.m.prerope:
+                cos, sin = self._rope_at(self._pos_buf.gather(1, tok.long()[None].expand(B, ring)))
+                K = apply_rope(K, cos.float(), sin.float())
+            ks.append(K)
+            vs.append(self.v_res.float())
+            idx.append(ridx)
+        ks.append(k.float())
+        vs.append(vrot(v))
+        idx.append(held.long().expand(B, 1))
+        dense_k, dense_v, dense_idx = torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(idx, 1)
         rope = self._rope_params() if self.m.prerope else None
         return RotateKVState(
             kq=self.kq, vq=self.vq, k_mu=self.k_mu,
             key_slots=self._key_slots_on(self.kq.slots),
             pos=self.pos if self.m.prerope else None, inv_freq=self._inv_freq_on(rope[0], k.device) if rope else None,
             rope_scale=rope[1] if rope else 1.0, head_group=self.G, rotate_values=hdn is not None,
-            sink_idx=self.sink_idx, dense_k=dense_k, dense_v=dense_v @ hdn if hdn is not None else dense_v,
-            dense_idx=dense_idx, tokens=self.capacity)
+            sink_idx=self.sink_idx, dense_k=dense_k, dense_v=dense_v, dense_idx=dense_idx, tokens=self.capacity)
 
     def attend(self, q: torch.Tensor, scale: float | None) -> torch.Tensor:
         """Attention of this step's query over the state :meth:`_step` built, then the length advances."""
@@ -244,33 +305,42 @@ class StaticRotateKVLayer(KernelRotateKVLayer):
         tokens held, and a warning names sink tokens that found no free slot (kept quantized only). Returns the
         tokens held. Syncs with the device."""
         if not self.frozen:
-            return self.kq.tokens if self.kq is not None else 0
-        tq = int(self.lens[0])
+            return self._held()
+        held = int(self.lens[0]) + self.m.residual
         dropped = int(self._sinks_dropped.sum())
         if dropped:
             warnings.warn(f"rotatekv graph layer {self.layer_idx}: {dropped} sink token(s) found no free sink slot "
                           f"and were kept quantized only; build the cache with more sink_slots "
                           f"(now {self.sink_slots})", stacklevel=2)
-        return tq
+        return held
 
-    def held_state(self) -> tuple[QuantizedTensor, QuantizedTensor, torch.Tensor | None]:
-        """``(kq, vq, pos)`` covering exactly the tokens held (views; syncs)."""
-        tq = self.settle()
+    def held_state(self) -> tuple[QuantizedTensor, QuantizedTensor, torch.Tensor | None,
+                                  torch.Tensor | None, torch.Tensor | None]:
+        """``(kq, vq, pos, k_res, v_res)`` covering exactly the tokens held, residual in token order (syncs)."""
+        R = self.m.residual
+        tq = self.settle() - R
         kq = QuantizedTensor(*(t[:, :, :tq] for t in self.kq.tensors()), self.bits, "channel", self.key_group, tq,
                              self.D, self.kq.dtype, self.kq.slots)
         vq = QuantizedTensor(*(t[:, :, :tq] for t in self.vq.tensors()), self.bits, "channel", self.value_group, tq,
                              self.D, self.vq.dtype)
-        return kq, vq, (self.pos[:, :tq] if self.m.prerope else None)
+        res = (None, None)
+        if R:
+            rows = (tq + torch.arange(R, device=self.k_res.device)) % (R + 1)
+            res = (self.k_res.index_select(2, rows), self.v_res.index_select(2, rows))
+        return kq, vq, (self.pos[:, :tq + R] if self.m.prerope else None), *res
 
     def dense(self):
         if not self.frozen:
             return super().dense()
-        full = (self.kq, self.vq, self.pos)
-        self.kq, self.vq, self.pos = self.held_state()
+        names = ("kq", "vq", "pos", "k_res", "v_res")
+        full = tuple(getattr(self, n) for n in names)
+        for n, x in zip(names, self.held_state()):
+            setattr(self, n, x)
         try:
             return super().dense()
         finally:
-            self.kq, self.vq, self.pos = full
+            for n, x in zip(names, full):
+                setattr(self, n, x)
 
 
 def make_static_rotatekv_cache(model: torch.nn.Module, spec="rotatekv:bits=2", capacity: int = 0,
@@ -286,8 +356,8 @@ def make_static_rotatekv_cache(model: torch.nn.Module, spec="rotatekv:bits=2", c
     n = 0
     for i, layer in enumerate(cache.layers):
         if type(layer) is RotateKVLayer:
-            if layer.key_axis != "channel" or layer.m.residual:
-                raise ValueError("graph-mode rotatekv needs key_axis=channel and residual=0 (the paper's defaults)")
+            if layer.key_axis != "channel":
+                raise ValueError("graph-mode rotatekv needs key_axis=channel (the paper's layout)")
             cache.layers[i] = StaticRotateKVLayer.from_layer(layer, capacity, sink_slots, waves)
             n += 1
     if not n:
