@@ -106,7 +106,7 @@ class StaticRotateKVLayer(KernelRotateKVLayer):
         dev = k.device
         self.batch = B  # what GraphDecode.shape reads
         tq = self.kq.tokens
-        cap = max(self.capacity, tq + 1)
+        cap = max(self.capacity, tq + self.m.residual + 1)  # room for the next token and its position
         self.capacity = cap
         for stream, q in ((self._k, self.kq), (self._v, self.vq)):
             self._sync(stream, q)
