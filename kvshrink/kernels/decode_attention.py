@@ -515,7 +515,7 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor | None = 
     for name, tns in (("k_res", kv.k_res), ("v_res", kv.v_res)):
         if tns is not None and tns.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dim")
-    # graph mode: T counts the capacity and the residual rings (more than any token index the mask is read at)
+    # graph mode: the mask covers the capacity (kv.tkq: the whole quantized buffer), every index a step can read
     maskt, sm_b = mask_arg(mask, B, kv.tkq if lens is not None else T, lens is not None, dev)
     if lens is not None:
         if num_splits is None or main_splits is None or not 0 < main_splits < num_splits:
