@@ -36,12 +36,11 @@ import warnings
 import torch
 
 from ..methods.rotatekv import quantize_clipped
-from ..rope import apply_rope, invert_rope
 from ..storage import QuantizedTensor, packed_size
 from ._triton import device_guard, kernels_usable
 from .decode_attention import partials_workspace
 from .graph import GraphDecode, _splits, padding_buffer
-from .rotatekv_decode import LAUNCH, MAX_SPLITS, RotateKVState, decode_attention_rotatekv, hadamard_normalized
+from .rotatekv_decode import LAUNCH, MAX_SPLITS, RotateKVState, decode_attention_rotatekv
 from .rotatekv_layer import KernelRotateKVLayer
 from .rotatekv_pack import rotatekv_quantize_keys, rotatekv_quantize_values
 
@@ -149,7 +148,6 @@ class StaticRotateKVLayer(KernelRotateKVLayer):
         R = H // self.G
         self.splits = min(MAX_SPLITS, _splits(B * R, dev, waves=self.waves, tokens=cap, block=LAUNCH["block_n"]))
         self._ws = None
-        self._hdn = hadamard_normalized(D, dev) if (self.m.fwht and self.m.rotate_values) else None
         if self.pad_mask is not None and self.pad_mask.shape[1] < cap:  # every token after the prompt is real
             self.pad_mask = torch.cat([self.pad_mask, self.pad_mask.new_ones(B, cap - self.pad_mask.shape[1])], 1)
         self.frozen = True
@@ -199,7 +197,7 @@ class StaticRotateKVLayer(KernelRotateKVLayer):
             stage = (self.quantize_keys(self.k_res.index_select(2, old)).tensors(),
                      quantize_clipped(self.v_res.index_select(2, old), self.bits, "channel", self.value_group,
                                       self.clip, self.scale_dtype).tensors())
-            kr, vr = self._stored_domain(k, v, cap.cos, cap.sin)
+            kr, vr = self.stored_domain(k, v, cap.cos, cap.sin)
             new_row = (idx + R) % ring
             self.k_res.index_copy_(2, new_row, kr)
             self.v_res.index_copy_(2, new_row, vr)
@@ -218,15 +216,6 @@ class StaticRotateKVLayer(KernelRotateKVLayer):
         if self.m.sinks and cap.hidden is not None:
             self._add_sink_on_device(self.token_is_sink(cap.hidden), k, v, held)
         self._state = self._attention_state(k, v, held)
-
-    def _stored_domain(self, k: torch.Tensor, v: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-        """A new token as the residual holds it (the base layer's ``_store``): pre-RoPE, rotated, centred, 16-bit."""
-        kk = invert_rope(k.float(), cos.float(), sin.float()) if self.m.prerope else k
-        kr = self.rotate_keys(kk)
-        if self.m.center:
-            kr = kr - self._key_center(kr)
-        store = self.stored_dtype(k.dtype)
-        return kr.to(store), self.rotate_values(v).to(store)
 
     def _add_sink_on_device(self, is_sink: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             held: torch.Tensor) -> None:
@@ -250,34 +239,21 @@ class StaticRotateKVLayer(KernelRotateKVLayer):
         sinks before this token, the residual ring's tokens ``[lens[0], held)`` (a sink among them is read from its
         exact copy only) and the new token (index ``held``); entries that are none of these carry index -1."""
         B = k.shape[0]
-        hdn = self._hdn
-
-        def vrot(x: torch.Tensor) -> torch.Tensor:  # into the stored value domain
-            return x.float() @ hdn if hdn is not None else x.float()
-
         ks, vs, idx = [], [], []
         if self.sink_idx is not None:
             ks.append(self.sink_k.float())
-            vs.append(vrot(self.sink_v))
+            vs.append(self._value_domain(self.sink_v))
             idx.append(torch.where(self.sink_idx < held, self.sink_idx, -1).long())
         if self.m.residual:
             ring = self.m.residual + 1
-            tok = self.lens + (torch.arange(ring, device=k.device) - self.lens) % ring  # token held in each row
-            ridx = torch.where(tok < held, tok, -1).long()[None].expand(B, ring)
-            if self.sink_idx is not None:  # a sink in the residual is read from its exact copy only
-                ridx = torch.where((ridx[:, :, None] == self.sink_idx[:, None, :].long()).any(-1), -1, ridx)
-            K = self.k_res.float()
-            if self.k_mu is not None:
-                K = K + self.k_mu.float()
-            K = self.unrotate_keys(K)
-            if self.m.prerope:
-                cos, sin = self._rope_at(self._pos_buf.gather(1, tok.long()[None].expand(B, ring)))
-                K = apply_rope(K, cos.float(), sin.float())
-            ks.append(K)
+            tok = (self.lens + (torch.arange(ring, device=k.device) - self.lens) % ring).long()  # token in each row
+            ridx = torch.where(tok < held, tok, -1)[None].expand(B, ring)
+            pos = self._pos_buf.gather(1, tok[None].expand(B, ring)) if self.m.prerope else None
+            ks.append(self._attended_keys(self.k_res, pos))
             vs.append(self.v_res.float())
-            idx.append(ridx)
+            idx.append(self._without_sinks(ridx, self.sink_idx))
         ks.append(k.float())
-        vs.append(vrot(v))
+        vs.append(self._value_domain(v))
         idx.append(held.long().expand(B, 1))
         dense_k, dense_v, dense_idx = torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(idx, 1)
         rope = self._rope_params() if self.m.prerope else None
@@ -285,7 +261,8 @@ class StaticRotateKVLayer(KernelRotateKVLayer):
             kq=self.kq, vq=self.vq, k_mu=self.k_mu,
             key_slots=self._key_slots_on(self.kq.slots),
             pos=self.pos if self.m.prerope else None, inv_freq=self._inv_freq_on(rope[0], k.device) if rope else None,
-            rope_scale=rope[1] if rope else 1.0, head_group=self.G, rotate_values=hdn is not None,
+            rope_scale=rope[1] if rope else 1.0, head_group=self.G,
+            rotate_values=bool(self.m.fwht and self.m.rotate_values),
             sink_idx=self.sink_idx, dense_k=dense_k, dense_v=dense_v, dense_idx=dense_idx, tokens=self.capacity)
 
     def attend(self, q: torch.Tensor, scale: float | None) -> torch.Tensor:

@@ -294,16 +294,33 @@ class KernelRotateKVLayer(RotateKVLayer):
             self._device_copies[key] = inv_freq.to(device)
         return self._device_copies[key]
 
-    def _residual_keys(self, tq: int) -> torch.Tensor:
-        """Post-RoPE float32 keys of the unquantized residual, as :meth:`dense` computes them."""
-        K = self.k_res.float()
+    def _attended_keys(self, stored: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        """Post-RoPE float32 keys of unquantized stored-domain keys at positions ``pos (B, n)`` (prerope), as
+        :meth:`dense` computes them for the residual."""
+        K = stored.float()
         if self.k_mu is not None:
             K = K + self.k_mu.float()
         K = self.unrotate_keys(K)
         if self.m.prerope:
-            cos, sin = self._rope_at(self.pos[:, tq:tq + K.shape[-2]])
+            cos, sin = self._rope_at(pos)
             K = apply_rope(K, cos.float(), sin.float())
         return K
+
+    def _value_domain(self, v: torch.Tensor) -> torch.Tensor:
+        """Float32 values in the stored value domain (``v @ H_D`` when values are rotated); ``H_D`` cached per device."""
+        if not (self.m.fwht and self.m.rotate_values):
+            return v.float()
+        key = f"hdn:{v.device}"
+        if key not in self._device_copies:
+            self._device_copies[key] = hadamard_normalized(self.D, v.device)
+        return v.float() @ self._device_copies[key]
+
+    @staticmethod
+    def _without_sinks(idx: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+        """Residual token indices ``idx (B, n)`` with sinks set to -1: a sink is read from its exact copy only."""
+        if sinks is None:
+            return idx
+        return torch.where((idx[:, :, None] == sinks.long()[:, None, :]).any(-1), -1, idx)
 
     def decode_state(self, k_new: torch.Tensor, v_new: torch.Tensor) -> RotateKVState:
         """The held past (before ``k_new, v_new`` are stored) plus the new token, as the kernel reads it."""
@@ -312,26 +329,18 @@ class KernelRotateKVLayer(RotateKVLayer):
         nres = self.k_res.shape[-2] if self.k_res is not None else 0
         T = tq + nres + 1
         rotv = bool(self.m.fwht and self.m.rotate_values)
-        hdn = hadamard_normalized(self.D, dev)
-
-        def vrot(v: torch.Tensor) -> torch.Tensor:  # into the stored value domain (v @ H_D)
-            return v.float() @ hdn if rotv else v.float()
-
         ks, vs, idx = [], [], []
         sinks = self.sink_idx.long() if self.sink_idx is not None else None
         if sinks is not None:  # exact post-RoPE copies; their codes are skipped by the kernel
             ks.append(self.sink_k.float())
-            vs.append(vrot(self.sink_v))
+            vs.append(self._value_domain(self.sink_v))
             idx.append(sinks)
         if nres:
-            ks.append(self._residual_keys(tq))
+            ks.append(self._attended_keys(self.k_res, self.pos[:, tq:tq + nres] if self.m.prerope else None))
             vs.append(self.v_res.float())
-            ridx = torch.arange(tq, tq + nres, device=dev).expand(B, nres)
-            if sinks is not None:  # a sink in the residual is read from its exact copy only
-                ridx = torch.where((ridx[:, :, None] == sinks[:, None, :]).any(-1), -1, ridx)
-            idx.append(ridx)
+            idx.append(self._without_sinks(torch.arange(tq, tq + nres, device=dev).expand(B, nres), sinks))
         ks.append(k_new.float())
-        vs.append(vrot(v_new))
+        vs.append(self._value_domain(v_new))
         idx.append(torch.full((B, 1), T - 1, device=dev, dtype=torch.long))
         rope = self._rope_params() if self.m.prerope else None
         return RotateKVState(

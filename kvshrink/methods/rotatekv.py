@@ -355,20 +355,24 @@ class RotateKVLayer(CompressedLayer):
         start = self._held()
         if slots is not None:
             self._add_sink_slots(k, v, slots, start)
-        kk = k
         if self.m.prerope:
             if cos is None:
                 cos, sin = self._rope_at(pos)
-            kk = invert_rope(k.float(), cos.float(), sin.float())
             self._add_pos(pos)
+        kr, vr = self.stored_domain(k, v, cos, sin)
+        self._push_keys(kr)
+        self._push_values(vr)
+
+    def stored_domain(self, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor | None,
+                      sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Post-RoPE ``k``, ``v`` as the layer quantizes (or holds in its residual) them: keys pre-RoPE (with their
+        ``cos, sin``), rotated and centred, values rotated, both rounded to :meth:`stored_dtype`."""
+        kk = invert_rope(k.float(), cos.float(), sin.float()) if self.m.prerope else k
         kr = self.rotate_keys(kk)
         if self.m.center:
             kr = kr - self._key_center(kr)
         store = self.stored_dtype(k.dtype)
-        kr = kr.to(store)
-        vr = self.rotate_values(v).to(store)
-        self._push_keys(kr)
-        self._push_values(vr)
+        return kr.to(store), self.rotate_values(v).to(store)
 
     def stored_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """What rotated keys/values are rounded to before quantizing, and what the residual holds: 16 bits,
