@@ -269,6 +269,21 @@ if HAS_TRITON:
         return _dot(y, hs_lo, DOT_F32), _dot(y, hs_hi, DOT_F32)
 
     @triton.jit
+    def _lane_query(qbase, FREQ, m2, rows_ok, qk_scale, E: tl.constexpr, KPPB: tl.constexpr, D2: tl.constexpr):
+        """Output lane ``E``: the inverse frequencies of channels ``KPPB*m + E`` (lower half) and the query's
+        channels there and at their RoPE partners ``+ D/2``, ``(QROWS, D/(2 KPPB))`` float32 each."""
+        ch = m2 * KPPB + E
+        ql = tl.load(qbase + ch[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32) * qk_scale
+        qu = tl.load(qbase + D2 + ch[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32) * qk_scale
+        return tl.load(FREQ + ch), ql, qu
+
+    @triton.jit
+    def _lane_rope(pt, fr, rope_mult):
+        """cos/sin of one output lane's channels at positions ``pt (N, 1)``, times ``rope_mult``."""
+        ang = pt * fr[None, :]
+        return tl.cos(ang) * rope_mult, tl.sin(ang) * rope_mult
+
+    @triton.jit
     def _rope_score(ql, qu, zl, zh, cs, sn, DOT_F32: tl.constexpr):
         """Scores of one output lane: RoPE (rotate-half pairs ``zl``/``zh``) then the query's matching channels."""
         return _dot(ql, tl.trans(zl * cs - zh * sn), DOT_F32) + _dot(qu, tl.trans(zh * cs + zl * sn), DOT_F32)
@@ -328,33 +343,16 @@ if HAS_TRITON:
             il = tl.arange(0, NL)
             hs_lo = tl.load(HD + il[:, None] * D + m2[None, :])
             hs_hi = tl.load(HD + il[:, None] * D + N2 + m2[None, :])
-            fr0 = tl.load(FREQ + m2 * KPPB)
-            ql0 = tl.load(qbase + (m2 * KPPB)[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32) * qk_scale
-            qu0 = tl.load(qbase + D2 + (m2 * KPPB)[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32) * qk_scale
-            fr1 = fr0
-            ql1 = ql0
-            qu1 = qu0
-            fr2 = fr0
-            ql2 = ql0
-            qu2 = qu0
-            fr3 = fr0
-            ql3 = ql0
-            qu3 = qu0
+            fr0, ql0, qu0 = _lane_query(qbase, FREQ, m2, rows_ok, qk_scale, 0, KPPB, D2)
+            fr1, ql1, qu1 = fr0, ql0, qu0  # lanes past KPPB: placeholders, never read
+            fr2, ql2, qu2 = fr0, ql0, qu0
+            fr3, ql3, qu3 = fr0, ql0, qu0
             if KPPB > 1:
-                fr1 = tl.load(FREQ + m2 * KPPB + 1)
-                ql1 = tl.load(qbase + (m2 * KPPB + 1)[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32) * qk_scale
-                qu1 = tl.load(qbase + D2 + (m2 * KPPB + 1)[None, :], mask=rows_ok[:, None],
-                              other=0.0).to(tl.float32) * qk_scale
+                fr1, ql1, qu1 = _lane_query(qbase, FREQ, m2, rows_ok, qk_scale, 1, KPPB, D2)
             if KPPB > 2:
-                fr2 = tl.load(FREQ + m2 * KPPB + 2)
-                ql2 = tl.load(qbase + (m2 * KPPB + 2)[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32) * qk_scale
-                qu2 = tl.load(qbase + D2 + (m2 * KPPB + 2)[None, :], mask=rows_ok[:, None],
-                              other=0.0).to(tl.float32) * qk_scale
-                fr3 = tl.load(FREQ + m2 * KPPB + 3)
-                ql3 = tl.load(qbase + (m2 * KPPB + 3)[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32) * qk_scale
-                qu3 = tl.load(qbase + D2 + (m2 * KPPB + 3)[None, :], mask=rows_ok[:, None],
-                              other=0.0).to(tl.float32) * qk_scale
-        if PREROPE:
+                fr2, ql2, qu2 = _lane_query(qbase, FREQ, m2, rows_ok, qk_scale, 2, KPPB, D2)
+                fr3, ql3, qu3 = _lane_query(qbase, FREQ, m2, rows_ok, qk_scale, 3, KPPB, D2)
+        elif PREROPE:
             q_lo = tl.load(qbase + dh[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32) * qk_scale
             q_hi = tl.load(qbase + D2 + dh[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32) * qk_scale
             freq = tl.load(FREQ + dh)
@@ -407,22 +405,15 @@ if HAS_TRITON:
                 ok = ok & (hit == 0)
             if KRON:  # cos/sin per output lane (channels KPPB*m + e), rope_mult = attention_scaling / sqrt(G D)
                 pt = tl.load(POS + b * spos_b + t, mask=live, other=0).to(tl.float32)[:, None]
-                cs0 = tl.cos(pt * fr0[None, :]) * rope_mult
-                sn0 = tl.sin(pt * fr0[None, :]) * rope_mult
-                cs1 = cs0
-                sn1 = sn0
-                cs2 = cs0
-                sn2 = sn0
-                cs3 = cs0
-                sn3 = sn0
+                cs0, sn0 = _lane_rope(pt, fr0, rope_mult)
+                cs1, sn1 = cs0, sn0
+                cs2, sn2 = cs0, sn0
+                cs3, sn3 = cs0, sn0
                 if KPPB > 1:
-                    cs1 = tl.cos(pt * fr1[None, :]) * rope_mult
-                    sn1 = tl.sin(pt * fr1[None, :]) * rope_mult
+                    cs1, sn1 = _lane_rope(pt, fr1, rope_mult)
                 if KPPB > 2:
-                    cs2 = tl.cos(pt * fr2[None, :]) * rope_mult
-                    sn2 = tl.sin(pt * fr2[None, :]) * rope_mult
-                    cs3 = tl.cos(pt * fr3[None, :]) * rope_mult
-                    sn3 = tl.sin(pt * fr3[None, :]) * rope_mult
+                    cs2, sn2 = _lane_rope(pt, fr2, rope_mult)
+                    cs3, sn3 = _lane_rope(pt, fr3, rope_mult)
             elif PREROPE:
                 ang = tl.load(POS + b * spos_b + t, mask=live, other=0).to(tl.float32)[:, None] * freq[None, :]
                 cs = tl.cos(ang) * rope_mult  # rope_mult = attention_scaling / sqrt(G D)
