@@ -50,6 +50,36 @@ def tiny_model(family: str = "llama", seed: int = 0, attn: str = "sdpa", dtype: 
     return model.eval()
 
 
+@torch.no_grad()
+def greedy_steps(model, cache, ids: torch.Tensor, steps: int, attention_mask: torch.Tensor | None = None,
+                 padding: str = "every") -> torch.Tensor:
+    """Prefill ``ids (B, n0)`` into ``cache``, then ``steps`` greedy one-token steps with explicit positions (each
+    row's own, from ``attention_mask``, when the prompt is left-padded); returns the steps' logits
+    ``(steps, B, vocab)``. With a mask, ``padding`` says how the steps see it: ``"every"`` step gets the growing
+    mask, ``"once"``: the cache's layers get the prompt's mask once (``set_padding``: how graph mode takes it),
+    ``"none"``: not at all (the padded slots are attended: to show that the mask matters)."""
+    if padding not in ("every", "once", "none"):
+        raise ValueError(f"padding must be 'every', 'once' or 'none', got {padding!r}")
+    B, n0 = ids.shape
+    am, dev = attention_mask, ids.device
+    extra = {} if am is None else {"attention_mask": am, "position_ids": (am.cumsum(-1) - 1).clamp(min=0)}
+    tok = model(input_ids=ids, past_key_values=cache, use_cache=True, **extra).logits[:, -1:].argmax(-1)
+    if am is not None and padding == "once":
+        for layer in cache.layers:
+            layer.set_padding(am)
+    start = torch.full((B, 1), n0, device=dev) if am is None else am.sum(1, keepdim=True)
+    outs = []
+    for i in range(steps):
+        extra = {}
+        if am is not None and padding == "every":
+            extra["attention_mask"] = torch.cat([am, torch.ones_like(am[:, :i + 1])], 1)
+        logits = model(input_ids=tok, position_ids=start + i, cache_position=torch.tensor([n0 + i], device=dev),
+                       past_key_values=cache, use_cache=True, **extra).logits[:, -1]
+        outs.append(logits)
+        tok = logits[:, None].argmax(-1)
+    return torch.stack(outs)
+
+
 def tiny_tokenizer():
     """A character-level fast tokenizer (ids < 128) that pairs with :func:`tiny_model` for CLI tests."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers

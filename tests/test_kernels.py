@@ -27,7 +27,7 @@ from kvshrink.kernels.strided import (StridedQuantizedTensor, pack_strided, quan
                                       quantize_strided_ref, strided_supported, unpack_strided)
 from kvshrink.layer import UniformLayer  # noqa: E402
 from kvshrink.storage import quantize  # noqa: E402
-from kvshrink.testing import tiny_model  # noqa: E402
+from kvshrink.testing import greedy_steps, tiny_model  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FULL = os.environ.get("KVSHRINK_FULL_GRID") == "1" and DEV == "cuda"
@@ -419,34 +419,15 @@ def test_static_cache_with_left_padding_decodes_like_the_reference_path(tiny, ki
     ids = torch.randint(3, 200, (B, n0), generator=GEN).to(DEV)
     am = torch.ones(B, n0, dtype=torch.long, device=DEV)
     am[1, :7] = 0
-    pos0 = (am.cumsum(-1) - 1).clamp(min=0)
     spec = "kivi:bits=2,group=16,residual=16"
     kw = {"group": 16, "residual": 16, "layout": layout} if kind == "kivi" else {}
-
-    def run(cache, static, padded=True):
-        outs = []
-        with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=am, position_ids=pos0, past_key_values=cache, use_cache=True)
-            if static:
-                for layer in cache.layers:
-                    layer.set_padding(am if padded else None)
-            tok = out.logits[:, -1:].argmax(-1)
-            for i in range(steps):
-                pos = am.sum(1, keepdim=True) + i
-                full = torch.cat([am, torch.ones(B, i + 1, dtype=am.dtype, device=DEV)], 1)
-                extra = {} if static else {"attention_mask": full}
-                logits = model(input_ids=tok, position_ids=pos, cache_position=torch.tensor([n0 + i], device=DEV),
-                               past_key_values=cache, use_cache=True, **extra).logits[:, -1]
-                outs.append(logits)
-                tok = logits[:, None].argmax(-1)
-        return torch.stack(outs)
-
     try:
         from transformers import DynamicCache
 
-        want = run(make_cache(model, spec) if kind == "kivi" else DynamicCache(), static=False)
-        got = run(make_static_cache(model, n0 + steps + 4, kind=kind, **kw), static=True)
-        unmasked = run(make_static_cache(model, n0 + steps + 4, kind=kind, **kw), static=True, padded=False)
+        want = greedy_steps(model, make_cache(model, spec) if kind == "kivi" else DynamicCache(), ids, steps, am)
+        got = greedy_steps(model, make_static_cache(model, n0 + steps + 4, kind=kind, **kw), ids, steps, am, "once")
+        unmasked = greedy_steps(model, make_static_cache(model, n0 + steps + 4, kind=kind, **kw), ids, steps, am,
+                                "none")
     finally:
         disable(model)
     assert float((got - want).norm() / want.norm()) < 2e-2

@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from kvshrink.kernels import disable, make_kernel_cache, make_static_cache  # noqa: E402
 from kvshrink.kernels.rotatekv_graph import StaticRotateKVLayer  # noqa: E402
-from kvshrink.testing import tiny_model  # noqa: E402
+from kvshrink.testing import greedy_steps, tiny_model  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 GEN = torch.Generator().manual_seed(99)
@@ -30,20 +30,11 @@ def _model(tiny):
     return tiny("llama", head_dim=64) if DEV == "cpu" else tiny_model("llama", head_dim=64).to(DEV)
 
 
-def _decode(model, cache, ids, steps):
-    """Prefill ``ids`` then ``steps`` greedy single-token steps with explicit positions; logits per step."""
-    B, n0 = ids.shape
-    outs = []
-    with torch.no_grad(), warnings.catch_warnings():
+def _decode(model, cache, ids, steps, am=None, padding="every"):
+    """Greedy steps with explicit positions (:func:`kvshrink.testing.greedy_steps`); logits per step."""
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="rotatekv: no calib file")
-        tok = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-        for i in range(steps):
-            pos = torch.full((B, 1), n0 + i, device=DEV)
-            logits = model(input_ids=tok, position_ids=pos, cache_position=pos[0], past_key_values=cache,
-                           use_cache=True).logits[:, -1]
-            outs.append(logits)
-            tok = logits[:, None].argmax(-1)
-    return torch.stack(outs)
+        return greedy_steps(model, cache, ids, steps, am, padding)
 
 
 @pytest.mark.parametrize("spec", ["rotatekv:bits=2", ALL_SINKS, "rotatekv:bits=2,prerope=false",
@@ -85,29 +76,6 @@ def test_static_layer_decodes_like_the_eager_kernel_layer(tiny, spec):
             assert bool((new[:, steps:] == -1).all())
 
 
-def _decode_padded(model, cache, ids, am, steps, static):
-    """Left-padded prompt, per-row positions; the eager cache gets the growing mask every step, the static one
-    the prompt's mask once (``set_padding``, what ``GraphDecoder(attention_mask=...)`` does)."""
-    B, n0 = ids.shape
-    outs = []
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="rotatekv: no calib file")
-        pos0 = (am.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=am, position_ids=pos0, past_key_values=cache, use_cache=True)
-        if static:
-            for layer in cache.layers:
-                layer.set_padding(am)
-        tok = out.logits[:, -1:].argmax(-1)
-        for i in range(steps):
-            pos = am.sum(1, keepdim=True) + i
-            extra = {} if static else {"attention_mask": torch.cat([am, torch.ones_like(am[:, :i + 1])], 1)}
-            logits = model(input_ids=tok, position_ids=pos, cache_position=torch.tensor([n0 + i], device=DEV),
-                           past_key_values=cache, use_cache=True, **extra).logits[:, -1]
-            outs.append(logits)
-            tok = logits[:, None].argmax(-1)
-    return torch.stack(outs)
-
-
 def test_static_layer_with_left_padding_decodes_like_the_eager_kernel_layer(tiny):
     model = _model(tiny)
     ids = torch.randint(3, 200, (2, 19), generator=GEN).to(DEV)
@@ -116,8 +84,8 @@ def test_static_layer_with_left_padding_decodes_like_the_eager_kernel_layer(tiny
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="rotatekv: no calib file")
-            want = _decode_padded(model, make_kernel_cache(model, "rotatekv:bits=2", reserve=32), ids, am, 4, False)
-            got = _decode_padded(model, make_static_cache(model, 32, kind="rotatekv"), ids, am, 4, True)
+            want = _decode(model, make_kernel_cache(model, "rotatekv:bits=2", reserve=32), ids, 4, am)
+            got = _decode(model, make_static_cache(model, 32, kind="rotatekv"), ids, 4, am, padding="once")
             plain = _decode(model, make_static_cache(model, 32, kind="rotatekv"), ids, 4)  # padding attended
     finally:
         disable(model)
@@ -209,8 +177,8 @@ def test_graph_decoder_with_left_padding_replays_the_static_step_exactly(kind):
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="rotatekv: no calib file")
-            want = _decode_padded(model, make_static_cache(model, 64, kind=kind, **kw), ids, am, steps + 2,
-                                  True).argmax(-1).T
+            want = _decode(model, make_static_cache(model, 64, kind=kind, **kw), ids, steps + 2, am,
+                           padding="once").argmax(-1).T
             static = make_static_cache(model, 64, kind=kind, **kw)
         with torch.no_grad():
             first = model(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0),
