@@ -834,6 +834,19 @@ def time_graph(model, cache, B: int, T: int, steps: int) -> dict:
             "capture_s": capture_s, "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
 
 
+def record_graph_run(runs: list, meta: dict, measure) -> None:
+    """Append ``measure()`` (a run's dict) to ``runs``, or, when it fails, ``meta`` with the error (OOM or the
+    traceback): one graph run that fails is recorded and the section goes on."""
+    try:
+        runs.append(measure())
+    except torch.cuda.OutOfMemoryError as e:
+        runs.append({**meta, "error": f"OOM: {e}"[:300]})
+        log(f"graph e2e {meta}: OOM")
+    except Exception:  # noqa: BLE001
+        runs.append({**meta, "error": traceback.format_exc()[-1500:]})
+        log(f"graph e2e {meta} failed:\n{traceback.format_exc()}")
+
+
 def fill_static_dense(cache, B: int, T: int) -> None:
     """Random 16-bit K/V of ``T`` tokens into StaticDenseLayer/StaticKiviLayer layers, 1 GiB of K (and V) at a time."""
     chunk = max(1, 2**30 // (HKV * T * D * 2))
@@ -883,34 +896,30 @@ def sec_graph_rotatekv(res: dict, model, T: int, steps: int) -> None:
     log(f"graph e2e rotatekv: per seq fp16 {per_dense / 2**20:.0f} MiB, rotatekv {per_rkv / 2**20:.0f} MiB; max batch "
         f"fp16 {out['max_batch_fp16']} rotatekv {out['max_batch_rotatekv']} ({out['max_batch_ratio']:.2f}x)")
 
-    def attempt(kind, B):
+    def measure(kind, B):
+        if kind == "fp16":
+            cache = make_static_cache(model, cap, kind="dense")
+            fill_static_dense(cache, B, T)
+        elif kind == "rotatekv_postrope":
+            cache = make_rkv(B, rotatekv_calib_spec(model, prerope=False))
+        elif kind == "rotatekv_residual64":  # the setting that halves KIVI-2's ΔPPL on the demo model
+            cache = make_rkv(B, spec + ",residual=64")
+        else:
+            cache = make_rkv(B)
         try:
-            if kind == "fp16":
-                cache = make_static_cache(model, cap, kind="dense")
-                fill_static_dense(cache, B, T)
-            elif kind == "rotatekv_postrope":
-                cache = make_rkv(B, rotatekv_calib_spec(model, prerope=False))
-            elif kind == "rotatekv_residual64":  # the setting that halves KIVI-2's ΔPPL on the demo model
-                cache = make_rkv(B, spec + ",residual=64")
-            else:
-                cache = make_rkv(B)
-            try:
-                r = {"cache": kind, "B": B, **time_graph(model, cache, B, T, steps)}
-                r["len_after"] = int(cache.layers[0].lens[0])
-                if kind != "fp16":
-                    cache.layers[0].settle()  # warns if a sink found no slot
-                out["runs"].append(r)
-                log(f"graph e2e {kind} B={B} T={T}: {r['tokens_per_s']:.0f} tok/s, {r['ms_per_step']:.2f} ms/step "
-                    f"(len after {r['len_after']}, capture {r['capture_s']:.1f} s)")
-            finally:
-                disable(model)
-                del cache
-        except torch.cuda.OutOfMemoryError as e:
-            out["runs"].append({"cache": kind, "B": B, "error": f"OOM: {e}"[:300]})
-            log(f"graph e2e {kind} B={B}: OOM")
-        except Exception:  # noqa: BLE001
-            out["runs"].append({"cache": kind, "B": B, "error": traceback.format_exc()[-1500:]})
-            log(f"graph e2e {kind} B={B} failed:\n{traceback.format_exc()}")
+            r = {"cache": kind, "B": B, **time_graph(model, cache, B, T, steps)}
+            r["len_after"] = int(cache.layers[0].lens[0])
+            if kind != "fp16":
+                cache.layers[0].settle()  # warns if a sink found no slot
+            log(f"graph e2e {kind} B={B} T={T}: {r['tokens_per_s']:.0f} tok/s, {r['ms_per_step']:.2f} ms/step "
+                f"(len after {r['len_after']}, capture {r['capture_s']:.1f} s)")
+            return r
+        finally:
+            disable(model)
+            del cache
+
+    def attempt(kind, B):
+        record_graph_run(out["runs"], {"cache": kind, "B": B}, lambda: measure(kind, B))
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
@@ -971,14 +980,7 @@ def sec_graph(res: dict, model, T: int, steps: int, group: int) -> None:
     Bf = out["max_batch_fp16"]
 
     def attempt(kind, B, layout="strided", waves=4):
-        try:
-            out["runs"].append(run(kind, B, layout, waves))
-        except torch.cuda.OutOfMemoryError as e:
-            out["runs"].append({"cache": kind, "layout": layout, "B": B, "error": f"OOM: {e}"[:300]})
-            log(f"graph e2e {kind} B={B}: OOM")
-        except Exception:  # noqa: BLE001
-            out["runs"].append({"cache": kind, "layout": layout, "B": B, "error": traceback.format_exc()[-1500:]})
-            log(f"graph e2e {kind} B={B} failed:\n{traceback.format_exc()}")
+        record_graph_run(out["runs"], {"cache": kind, "layout": layout, "B": B}, lambda: run(kind, B, layout, waves))
 
     attempt("fp16", Bf)
     for layout, waves in (("kivi", 16), ("kivi", 32), ("strided", 16)):
