@@ -13,6 +13,8 @@ Sections (``--only`` picks some):
 * ``e2e``     the same in eager mode (host-bound: HF eager Llama needs ~33 ms CPU per step), fp16 cache vs
               ``kivi:bits=2`` served by the kernels, and the largest batch whose cache fits a fixed budget.
 
+* ``chunk``   chunked prefill over a packed past (``chunk_attention``) vs dequantize-then-SDPA and vs SDPA over an
+              uncompressed fp16 cache: time and extra memory per call (B x past x chunk in CHUNK_CONFIGS).
 * ``rdecode`` only the RotateKV decode kernel rows (``rkv_*`` keys, with SDPA beside them); the ``decode`` section
               carries the same rows after KIVI's. RotateKV layout: key_axis=channel, G=4 heads per Hadamard
               group, a random channel permutation, key centre, 4 sink tokens, pre-RoPE keys (RoPE in the kernel).
@@ -224,6 +226,102 @@ def sec_decode(res: dict, copy_bw: float, variants: list[dict], svariants: list[
             torch.cuda.empty_cache()
         finish_row(rows, row, "decode", copy_bw, rvariants or None)
     res["decode"] = rows
+
+
+CHUNK_CONFIGS = [(1, 8192, 512), (1, 32768, 512), (1, 32768, 2048), (8, 8192, 512), (4, 32768, 1024)]
+
+
+def chunk_kv(B, T, C, seed=0):
+    """A packed 2-bit group-128 past of ``T - C`` tokens (as decoding leaves it) with a 16-bit chunk of ``C`` tokens
+    appended to its residual: what a prefill chunk's handle holds."""
+    from kvshrink.kernels import PackedKV
+
+    kv = make_packed(B, T - C, 2, 128, seed=seed)
+    g = torch.Generator(device="cuda").manual_seed(seed + 1000)
+    k = torch.randn(B, HKV, C, D, device="cuda", dtype=torch.float16, generator=g)
+    v = torch.randn(B, HKV, C, D, device="cuda", dtype=torch.float16, generator=g)
+    return PackedKV(kv.kq, torch.cat([kv.k_res, k], 2), kv.vq, torch.cat([kv.v_res, v], 2))
+
+
+def sdpa_chunk(q, k, v):
+    """SDPA for a chunk that ends the sequence (causal, aligned to the lower right), GQA by expanding K/V if the
+    backend refuses ``enable_gqa`` with a causal bias."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    bias = causal_lower_right(q.shape[2], k.shape[2])
+    try:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+    except (RuntimeError, TypeError):
+        rep = q.shape[1] // k.shape[1]
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                              attn_mask=bias)
+
+
+def peak_extra(fn) -> int:
+    """Bytes ``fn`` allocates beyond what is held before it runs (peak)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def sec_chunk(res: dict, cvariants: list[dict]) -> None:
+    """Chunked prefill over a packed past (``chunk_attention``) beside the path without it (dequantize the past to
+    fp16, then SDPA) and beside an uncompressed fp16 cache (SDPA over 16-bit K/V): time and the extra memory of one
+    call, per layer, Llama-3-8B attention shape, 2-bit group 128."""
+    from kvshrink.kernels import chunk_attention, chunk_attention_ref
+
+    rows = []
+    for B, T, C in CHUNK_CONFIGS:
+        torch.cuda.empty_cache()
+        row = {"B": B, "T": T, "chunk": C, "Hq": HQ, "Hkv": HKV, "D": D}
+        try:
+            kvs = [chunk_kv(B, T, C, seed=i) for i in range(copies_for(make_packed_bytes(B, T, 128)))]
+            qs = [torch.randn(B, HQ, C, D, device="cuda", dtype=torch.float16) for _ in kvs]
+            rot = Rotator(len(kvs))
+            kf, vf = (torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16) for _ in range(2))
+            row["fp16_sdpa_ms"] = bench(lambda: sdpa_chunk(qs[rot()], kf, vf))
+            row["fp16_sdpa_extra_bytes"] = peak_extra(lambda: sdpa_chunk(qs[0], kf, vf))
+            del kf, vf
+
+            def deq(j):
+                k, v = kvs[j].dense(torch.float16)
+                return sdpa_chunk(qs[j], k, v)
+            row["dequant_sdpa_ms"] = bench(lambda: deq(rot()), warmup=5, rep=30)
+            row["dequant_sdpa_extra_bytes"] = peak_extra(lambda: deq(0))
+            best = None
+            for var in cvariants:
+                try:
+                    chunk_attention(qs[0], kvs[0], **var)
+                    ms = bench(lambda: chunk_attention(qs[(j := rot())], kvs[j], **var))
+                except Exception as e:  # noqa: BLE001 - record and go on
+                    log(f"chunk variant {var} failed at B={B} T={T} C={C}: {type(e).__name__}: {e}")
+                    continue
+                row.setdefault("kernel_variants", []).append({**var, "ms": ms})
+                if best is None or ms < best[0]:
+                    best = (ms, var)
+            if best is not None:
+                row["kernel_ms"], row["kernel_variant"] = best
+                row["kernel_extra_bytes"] = peak_extra(lambda: chunk_attention(qs[0], kvs[0], **best[1]))
+                row["kernel_speedup_vs_dequant"] = row["dequant_sdpa_ms"] / best[0]
+                row["kernel_vs_fp16"] = row["fp16_sdpa_ms"] / best[0]
+                if B * T * C <= 8192 * 512:  # float32 reference: (B, Hq, C, T) scores
+                    ref = chunk_attention_ref(qs[0], kvs[0])
+                    row["kernel_rel_err"] = float((chunk_attention(qs[0], kvs[0], **best[1]).float() - ref).norm()
+                                                  / ref.norm())
+                    del ref
+            log(f"chunk B={B} T={T} C={C}: fp16 sdpa {row['fp16_sdpa_ms']:.3f} ms, dequant+sdpa "
+                f"{row['dequant_sdpa_ms']:.3f} ms ({row['dequant_sdpa_extra_bytes'] / 2**20:.0f} MiB extra), kernel "
+                f"{row.get('kernel_ms', float('nan')):.3f} ms ({row.get('kernel_extra_bytes', 0) / 2**20:.0f} MiB), "
+                f"variant {row.get('kernel_variant')}, rel err {row.get('kernel_rel_err', float('nan')):.1e}")
+            del kvs, qs
+        except Exception as e:  # noqa: BLE001
+            log(f"chunk row B={B} T={T} C={C} failed: {type(e).__name__}: {e}")
+            row["error"] = f"{type(e).__name__}: {e}"
+        rows.append(row)
+    res["chunk"] = rows
 
 
 def make_rotatekv_state(B, T, bits=2, G=4, sinks=4, seed=0, dtype=torch.float16, prerope=True):
@@ -1021,7 +1119,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/kernels.json")
     ap.add_argument("--only", default="roof,decode,quant,graph,e2e",
-                    help="sections: roof, decode (KIVI + RotateKV rows), rdecode (RotateKV rows only), quant, graph, "
+                    help="sections: roof, chunk (chunked prefill over a packed past), decode (KIVI + RotateKV rows), rdecode (RotateKV rows only), quant, graph, "
                          "e2e (fp16, kivi and rotatekv:bits=2), e2e_rkv (rotatekv:bits=2 beside fp16 only), graph_rkv "
                          "(rotatekv:bits=2 static layers beside fp16 ones, CUDA graphs), rpack (RotateKV's "
                          "fused rotate+quantize+pack vs its torch path; after quant for the prefill share)")
@@ -1029,6 +1127,8 @@ def main() -> int:
                     help="RotateKV decode kernel variants block_n:num_warps:num_stages:waves[:scale_lookup dot|gather"
                          "[:maxnreg[:kron 0|1]]] "
                          "(fastest reported); empty: no RotateKV rows in the decode section")
+    ap.add_argument("--cvariants", default="64:64:4:2:4,64:128:8:2:4,128:64:8:2:4,32:64:4:2:4,64:64:8:3:4",
+                    help="chunk_attention variants rows:block_n:num_warps:num_stages:waves (chunk section)")
     ap.add_argument("--e2e-T", type=int, default=8192)
     ap.add_argument("--e2e-steps", type=int, default=16)
     ap.add_argument("--graph-steps", type=int, default=32)
@@ -1069,7 +1169,10 @@ def main() -> int:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
 
+    cvariants = [dict(zip(("rows", "block_n", "num_warps", "num_stages", "waves"), map(int, v.split(":"))))
+                 for v in args.cvariants.split(",") if v]
     sections = [("roof", lambda: sec_roof(res)),
+                ("chunk", lambda: sec_chunk(res, cvariants)),
                 ("decode", lambda: sec_decode(res, copy_bw, variants, svariants, rvariants)),
                 ("rdecode", lambda: sec_rdecode(res, copy_bw, rvariants))]
     for name, fn in sections:
@@ -1146,6 +1249,10 @@ def summary(res: dict) -> None:
             print(f"B={r['B']:>2} T={r['T']:>6}  sdpa {r['sdpa_ms']:.3f}  rotatekv {r['rkv_ms']:.3f} "
                   f"({r.get('rkv_speedup_vs_sdpa', float('nan')):.2f}x, {r['rkv_GBps']:.0f} GB/s, "
                   f"roof {r['rkv_roof_frac']:.0%}, rel err {r.get('rkv_rel_err', float('nan')):.1e})")
+    for r in res.get("chunk", []):
+        if "kernel_ms" in r:
+            print(f"chunk B={r['B']} T={r['T']} C={r['chunk']}: kernel {r['kernel_ms']:.3f} ms, dequant+sdpa "
+                  f"{r['dequant_sdpa_ms']:.3f} ({r['kernel_speedup_vs_dequant']:.2f}x), fp16 sdpa {r['fp16_sdpa_ms']:.3f}")
     if "quant" in res:
         q = res["quant"]
         print(f"== quant+pack at 8K: prefill {q['prefill_fp16_ms']:.1f} ms; "

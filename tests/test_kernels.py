@@ -18,8 +18,8 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from kvshrink.cache import make_cache  # noqa: E402
-from kvshrink.kernels import (KernelUniformLayer, PackedKV, decode_attention, decode_attention_ref,  # noqa: E402
-                              disable, make_kernel_cache, quantize_pack)
+from kvshrink.kernels import (KernelUniformLayer, PackedKV, chunk_attention, chunk_attention_ref,  # noqa: E402
+                              decode_attention, decode_attention_ref, disable, make_kernel_cache, quantize_pack)
 from kvshrink.kernels import attention as kattn  # noqa: E402
 from kvshrink.kernels import layer as klayer  # noqa: E402
 from kvshrink.kernels.decode_strided import decode_attention_strided  # noqa: E402
@@ -175,6 +175,110 @@ def test_decode_attention_fully_masked_row_is_zero_and_scale_is_used():
     ref = decode_attention_ref(q, kv, mask, scale=0.3)
     torch.testing.assert_close(out[0], ref[0], atol=1e-5, rtol=1e-4)
     assert float((decode_attention(q, kv, mask=mask)[0] - out[0]).abs().max()) > 1e-3  # the scale matters
+
+
+# ---------------------------------------------------------------- chunked prefill over the packed past
+def build_chunk(B, H, T, C, D, bits, group, residual, dtype):
+    """A KIVI cache of the first ``T - C`` tokens, seen as the chunk kernel sees it: the chunk's ``C`` tokens
+    appended to the full-precision residual (what the kernel layer's handle holds)."""
+    layer, _ = build_cache(B, H, T - C, D, bits, group, residual, dtype)
+    k, v = rand(B, H, C, D, dtype=dtype), rand(B, H, C, D, dtype=dtype, outliers=False)
+    kr = k if layer.k_res is None else torch.cat([layer.k_res, k], 2)
+    vr = v if layer.v_res is None else torch.cat([layer.v_res, v], 2)
+    return PackedKV(layer.kq, kr, layer.vq, vr)
+
+
+CA_GRID = [  # (B, Hq, Hkv, T, C, D, bits, group, residual, dtype, masked, rows, splits)
+    (2, 4, 2, 150, 7, 64, 2, 32, 16, torch.float32, True, 16, 2),
+    (1, 4, 1, 300, 9, 64, 4, 32, 32, torch.float16, False, 16, None),  # 36 rows: 3 row tiles; main loop runs
+    (1, 2, 2, 80, 5, 64, 2, 16, 0, torch.float32, True, 64, 3),
+    (2, 3, 1, 40, 40, 64, 2, 16, 16, torch.bfloat16, False, 32, None),  # nothing packed yet: all causal
+]
+if FULL:
+    CA_GRID = [(B, Hkv * r, Hkv, T, C, D, bits, g, 128, dt, masked, rows, None)
+               for (Hkv, r), D, dt, (bits, g) in itertools.product(
+                   ((8, 4), (1, 7)), (64, 128), (torch.float16, torch.bfloat16), ((2, 32), (2, 128), (4, 64)))
+               if g <= D for B, T, C, masked, rows in ((1, 700, 33, True, 64), (2, 4133, 256, False, 64),
+                                                         (3, 300, 17, True, 16))]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,T,C,D,bits,group,residual,dtype,masked,rows,splits", CA_GRID)
+def test_chunk_attention_matches_reference(B, Hq, Hkv, T, C, D, bits, group, residual, dtype, masked, rows, splits):
+    kv = build_chunk(B, Hkv, T, C, D, bits, group, residual, dtype)
+    q = rand(B, Hq, C, D, dtype=dtype, outliers=False)
+    mask = None
+    if masked:  # left padding of a different length per row
+        mask = torch.ones(B, T, dtype=torch.bool, device=DEV)
+        for b in range(B):
+            mask[b, : (5 * b + 2) % (T - C)] = False
+    got = chunk_attention(q, kv, mask=mask, rows=rows, num_splits=splits)
+    ref = chunk_attention_ref(q, kv, mask)
+    assert got.shape == (B, Hq, C, D) and not bool(got.isnan().any())
+    err = float((got.float() - ref).norm() / ref.norm())
+    assert err < tolerance(dtype), err
+
+
+def test_chunk_attention_is_causal_and_its_last_row_is_decode():
+    """Query c sees tokens up to T - C + c: the chunk's last query is a decode step over the whole cache, and
+    its first query does not see the rest of the chunk (changing those tokens leaves it unchanged)."""
+    B, H, T, C, D = 1, 2, 120, 6, 64
+    kv = build_chunk(B, H, T, C, D, 2, 32, 32, torch.float32)
+    q = rand(B, 4, C, D, dtype=torch.float32)
+    got = chunk_attention(q, kv, num_splits=2)
+    torch.testing.assert_close(got[:, :, -1], decode_attention(q[:, :, -1], kv, num_splits=2), atol=1e-5, rtol=1e-5)
+    later = kv.k_res.clone()
+    later[:, :, -(C - 1):] += 3.0  # the chunk's tokens after its first
+    moved = chunk_attention(q, replace(kv, k_res=later), num_splits=2)
+    torch.testing.assert_close(moved[:, :, 0], got[:, :, 0], atol=1e-6, rtol=1e-6)
+    assert float((moved[:, :, -1] - got[:, :, -1]).abs().max()) > 1e-3
+    k_all, v_all = kv.dense(torch.float32)
+    kq = quantize(k_all[:, :, :T - 2], 2, "token", 2)  # keys packed into the chunk: a state it must refuse
+    with pytest.raises(ValueError, match="not quantized"):
+        chunk_attention(q, PackedKV(kq, k_all[:, :, T - 2:], None, v_all))
+
+
+def test_chunked_prefill_through_the_model_matches_reference_path(tiny):
+    """A left-padded prompt prefilled in four chunks: every chunk after the first attends over the packed past
+    through chunk_attention (both layers), with the logits of the dequantize-then-SDPA path."""
+    model = tiny("llama", head_dim=32) if DEV == "cpu" else tiny_model("llama", head_dim=32).to(DEV)
+    ids = torch.randint(3, 200, (2, 56), generator=GEN).to(DEV)
+    am = torch.ones_like(ids)
+    am[1, :5] = 0
+    spec = "kivi:bits=2,group=16,residual=16"
+
+    @torch.no_grad()
+    def prefill(cache):
+        outs = []
+        for lo, hi in ((0, 24), (24, 40), (40, 47), (47, 56)):
+            pos = (am[:, :hi].cumsum(-1) - 1).clamp(min=0)[:, lo:hi]
+            outs.append(model(input_ids=ids[:, lo:hi], attention_mask=am[:, :hi], position_ids=pos,
+                              past_key_values=cache, use_cache=True).logits)
+        return torch.cat(outs, 1)
+
+    ref = prefill(make_cache(model, spec))
+    calls = []
+    real = kattn.chunk_attention
+    try:
+        kattn.chunk_attention = lambda *a, **kw: calls.append(a[0].shape[2]) or real(*a, **kw)
+        got = prefill(make_kernel_cache(model, spec))
+    finally:
+        kattn.chunk_attention = real
+        disable(model)
+    assert calls == [16, 16, 7, 7, 9, 9]  # chunks 2-4, two layers each; the first chunk had no packed past
+    keep = am.bool()
+    assert float((got - ref)[keep].norm() / ref[keep].norm()) < 1e-5
+
+
+def test_chunk_mask_rows_accepts_only_causal_plus_padding():
+    B, C, T = 2, 4, 10
+    pad = torch.ones(B, T, dtype=torch.bool)
+    pad[1, :3] = False
+    causal = torch.arange(T)[None, :] <= (T - C + torch.arange(C))[:, None]
+    m = pad[:, None, None, :] & causal[None, None]
+    assert torch.equal(kattn._chunk_mask_rows(m, B, C, T), pad)
+    assert kattn._chunk_mask_rows(m[:1], 1, C, T) is None  # no padding: no mask for the kernel
+    assert kattn._chunk_mask_rows(pad[:, None, None, :].expand(B, 1, C, T), B, C, T) is False  # bidirectional
+    assert kattn._chunk_mask_rows(None, B, C, T) is False
 
 
 # ---------------------------------------------------------------- the channel-strided layout

@@ -3,7 +3,8 @@
 ``AttentionInterface.register("kvshrink", fn)`` adds an attention implementation; a model switched to it
 (``model.set_attn_implementation("kvshrink")``) calls ``fn`` with whatever its cache's ``update``
 returned. :class:`~.layer.KernelUniformLayer` returns a :class:`~.layer.PackedDecode` handle for
-one-token decode steps on CUDA, which ``fn`` serves with :func:`~.decode_attention.decode_attention`;
+one-token decode steps on CUDA, which ``fn`` serves with :func:`~.decode_attention.decode_attention`, and for
+prefill chunks over a packed past (:func:`~.decode_attention.chunk_attention`);
 everything else (prefill, CPU, layers that are not kernel layers, sliding-window layers) arrives as
 dense tensors and goes to transformers' own SDPA function, unchanged. The mask side is registered
 as ``sdpa_mask`` so padding masks are built exactly as for ``"sdpa"`` (a name without a mask
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from ._triton import device_guard
-from .decode_attention import decode_attention, packed_decode_supported
+from .decode_attention import chunk_attention, decode_attention, packed_decode_supported
 from .decode_strided import decode_attention_strided, strided_decode_supported
 from .graph import GraphDecode
 from .layer import KernelUniformLayer, PackedDecode
@@ -64,11 +65,26 @@ def packed_supported(kv, head_dim: int) -> bool:
     return strided_decode_supported(kv, head_dim) or packed_decode_supported(kv, head_dim)
 
 
-def _call_refused(module: torch.nn.Module, query: torch.Tensor, dropout: float, kwargs: dict) -> bool:
-    """What no packed decode kernel serves: more than one query token, soft-capping, the model's own attention
-    sinks (``s_aux``), a sliding window, or dropout in training."""
-    return (query.shape[2] != 1 or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
-            or kwargs.get("sliding_window") is not None or bool(dropout and module.training))
+def _call_refused(module: torch.nn.Module, query: torch.Tensor, dropout: float, kwargs: dict,
+                  chunks: bool = False) -> bool:
+    """What no packed decode kernel serves: more than one query token (unless ``chunks``), soft-capping, the
+    model's own attention sinks (``s_aux``), a sliding window, or dropout in training."""
+    return ((query.shape[2] != 1 and not chunks) or kwargs.get("softcap") is not None
+            or kwargs.get("s_aux") is not None or kwargs.get("sliding_window") is not None
+            or bool(dropout and module.training))
+
+
+def _chunk_mask_rows(attention_mask: torch.Tensor | None, batch: int, chunk: int, tokens: int):
+    """For a prefill chunk (the last ``chunk`` of ``tokens``): the key-padding rows ``(B, T)`` (or None) when
+    ``attention_mask`` is causal over the chunk plus key padding -- the one mask ``chunk_attention`` applies --
+    else ``False``. Its first and last query rows are checked (a bidirectional or windowed mask differs there)."""
+    if attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[-1] < tokens:
+        return False  # no mask with a past means SDPA's own causal rule: leave it to SDPA
+    first, last = (_mask_rows(m, batch, tokens) for m in (attention_mask[:, :, :1], attention_mask[:, :, -1:]))
+    early = torch.arange(tokens, device=attention_mask.device) <= tokens - chunk
+    if not (torch.equal(first, last & early) and attention_mask.shape[2] == chunk):
+        return False
+    return None if bool(last.all()) else last
 
 
 def kvshrink_attention(module: torch.nn.Module, query: torch.Tensor, key: Any, value: Any,
@@ -82,12 +98,20 @@ def kvshrink_attention(module: torch.nn.Module, query: torch.Tensor, key: Any, v
     if not isinstance(key, PackedDecode):
         return _dense_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     B, Hq, q_len, D = query.shape
-    if _call_refused(module, query, dropout, kwargs) or not packed_supported(key.kv, D):
-        # correctness first: dequantize this step and use SDPA
+    T = key.kv.tokens
+    if q_len > 1:  # a prefill chunk over a packed past: KIVI's layout, causal + padding masks only
+        mask = _chunk_mask_rows(attention_mask, B, q_len, T)
+        served = (mask is not False and not _call_refused(module, query, dropout, kwargs, chunks=True)
+                  and packed_decode_supported(key.kv, D) and not strided_decode_supported(key.kv, D))
+    else:
+        mask = _mask_rows(attention_mask, B, T)
+        served = not _call_refused(module, query, dropout, kwargs) and packed_supported(key.kv, D)
+    if not served:  # correctness first: dequantize this step and use SDPA
         k, v = key.kv.dense(query.dtype)
         return _dense_sdpa(module, query, k, v, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    mask = _mask_rows(attention_mask, B, key.kv.tokens)
     with device_guard(query.device):
+        if q_len > 1:
+            return chunk_attention(query, key.kv, mask=mask, scale=scaling).transpose(1, 2), None
         out = decode_packed(query[:, :, 0, :], key.kv, mask=mask, scale=scaling)
     return out.unsqueeze(1), None  # (B, 1, Hq, D), as transformers' attention functions return
 

@@ -10,8 +10,9 @@ layouts, same KIVI flush rule, same bytes per token), with two differences:
   so :meth:`nbytes` counts it (``tensor_nbytes`` counts whole storages).
 * for a one-token decode step on CUDA, :meth:`update` returns a :class:`PackedDecode` handle (the packed
   past plus the new token in full precision) instead of dense tensors; the ``"kvshrink"`` attention
-  function (``kvshrink.kernels.attention``) hands it to the packed decode kernel. Prefill and every
-  other case return dense K/V exactly as the base layer does.
+  function (``kvshrink.kernels.attention``) hands it to the packed decode kernel. So does a prefill chunk
+  that arrives over a packed past (served by ``chunk_attention``: the past is never dequantized to
+  16 bits). A first prefill chunk and every other case return dense K/V exactly as the base layer does.
 
 Storage order: where both streams allow it (``strided.strided_supported``: 2/4/8 bits, value groups at
 least ``head_dim * bits / 8`` channels), codes are kept in the *channel-strided* layout of ``strided.py``
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layer import UniformLayer, _cat
-from ..storage import QuantizedTensor, packed_size, quantize
+from ..storage import QuantizedTensor, check_finite, packed_size, quantize
 from ._triton import device_guard, kernels_usable
 from .quant_pack import kernel_supports, quantize_pack
 from .reference import PackedKV
@@ -234,19 +235,26 @@ class KernelUniformLayer(UniformLayer):
 
     # -- the decode seam ---------------------------------------------------------------------------
     def kernel_step(self, key_states: torch.Tensor) -> bool:
-        """Whether this update is served by the packed decode kernel."""
-        return (self.use_kernels and not self.simulated and key_states.shape[-2] == 1
-                and kernels_usable(key_states.device)
-                and (self._layout(key_states.shape[-1])
-                     or (kernel_supports(self.key_bits, self.key_group, key_states.shape[-1])
-                         and kernel_supports(self.value_bits, self.value_group, key_states.shape[-1]))))
+        """Whether this update returns a handle for the packed kernels: a decode step (one token), or a prefill
+        chunk over a packed past (KIVI's layout: ``chunk_attention``). A first chunk, with nothing packed yet,
+        stays dense: SDPA over its own 16-bit tokens is what a kernel would compute."""
+        D = key_states.shape[-1]
+        if not (self.use_kernels and not self.simulated and kernels_usable(key_states.device)):
+            return False
+        kivi = (kernel_supports(self.key_bits, self.key_group, D)
+                and kernel_supports(self.value_bits, self.value_group, D))
+        if key_states.shape[-2] == 1:
+            return self._layout(D) or kivi
+        return kivi and not self._layout(D) and (self.kq is not None or self.vq is not None)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.kernel_step(key_states):
             return super().update(key_states, value_states, *args, **kwargs)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        # no finiteness check here: it would sync the host every step (the base layer skips it on GPU too)
+        if self.check_finite and key_states.shape[-2] > 1:  # as the base layer: chunks yes, decode steps no (a sync)
+            check_finite(key_states, "keys given to the cache")
+            check_finite(value_states, "values given to the cache")
         dt, half = key_states.dtype, _half_dtype(key_states.dtype)
         k_res, v_res = _cat(self.k_res, key_states.to(half)), _cat(self.v_res, value_states.to(half))
         if half == dt:  # 16-bit models: what is stored is what attention reads
@@ -256,7 +264,7 @@ class KernelUniformLayer(UniformLayer):
             v_att = _cat(None if self.v_res is None else self.v_res.to(dt), value_states)
         handle = PackedDecode(PackedKV(self.kq, k_att, self.vq, v_att), self)
         self._append_res(k_res, v_res)  # in place past the handle's views, or into new residual tensors
-        self.seen += 1
+        self.seen += key_states.shape[-2]
         return handle, handle
 
     # -- state ops that replace tensors wholesale ----------------------------------------------------

@@ -96,3 +96,19 @@ def decode_attention_ref(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor | Non
         s = s.masked_fill(~mask.bool()[:, None, :], float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
     return torch.einsum("bht,bhtd->bhd", p, v)
+
+
+def chunk_attention_ref(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor | None = None,
+                        scale: float | None = None) -> torch.Tensor:
+    """Reference chunked prefill in float32: ``q (B, Hq, C, D)`` are the queries of the last ``C`` of the ``T``
+    cached tokens; query ``c`` attends to tokens ``[0, T - C + c]`` where ``mask (B, T)`` allows. Returns float32
+    ``(B, Hq, C, D)``; a row with no token to attend gives zeros."""
+    B, Hq, C, D = q.shape
+    k, v = kv.dense(torch.float32)
+    T, rep = k.shape[2], Hq // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    s = torch.einsum("bhcd,bhtd->bhct", q.float(), k) * (D ** -0.5 if scale is None else scale)
+    causal = torch.arange(T, device=q.device)[None, :] <= (T - C + torch.arange(C, device=q.device))[:, None]
+    allowed = causal[None, None] if mask is None else causal[None, None] & mask.bool()[:, None, None, :]
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhct,bhtd->bhcd", p, v)
