@@ -187,8 +187,6 @@ def sec_decode(res: dict, copy_bw: float, variants: list[dict], svariants: list[
             key = f"g{group}" if strided else f"g{group}_kivi"
             fn_ = decode_attention_strided if strided else decode_attention
             vlist = svariants if strided else [v for v in variants if v["block_n"] == (128 if group == 128 else 64)][:1]
-            if not strided:  # the value product per key slot (decode's default) and in token order (pv_natural)
-                vlist = vlist + [{**v, "pv_natural": True} for v in vlist]
             row[f"{key}_bytes"] = read
             row[f"{key}_roof_ms"] = read / copy_bw * 1e3  # HBM moves copy_bw bytes/s in all, reads alone too
             best = None
@@ -1129,10 +1127,8 @@ def main() -> int:
                     help="RotateKV decode kernel variants block_n:num_warps:num_stages:waves[:scale_lookup dot|gather"
                          "[:maxnreg[:kron 0|1]]] "
                          "(fastest reported); empty: no RotateKV rows in the decode section")
-    ap.add_argument("--cvariants", default="64:64:4:2:4:1:64,64:64:4:2:4:0:64,128:64:8:2:4:1:64,64:128:8:2:4:1:64,"
-                                          "32:64:4:2:4:1:32",
-                    help="chunk_attention variants rows:block_n:num_warps:num_stages:waves:pv_natural:tail_n "
-                         "(chunk section)")
+    ap.add_argument("--cvariants", default="128:64:8:2,128:64:8:3,64:64:4:2,128:128:8:2,64:32:4:2",
+                    help="chunk_attention variants rows:block_n:num_warps:num_stages (chunk section)")
     ap.add_argument("--e2e-T", type=int, default=8192)
     ap.add_argument("--e2e-steps", type=int, default=16)
     ap.add_argument("--graph-steps", type=int, default=32)
@@ -1173,8 +1169,8 @@ def main() -> int:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
 
-    cvariants = [dict(zip(("rows", "block_n", "num_warps", "num_stages", "waves", "pv_natural", "tail_n"),
-                          map(int, v.split(":")))) for v in args.cvariants.split(",") if v]
+    cvariants = [dict(zip(("rows", "block_n", "num_warps", "num_stages"), map(int, v.split(":"))))
+                 for v in args.cvariants.split(",") if v]
     sections = [("roof", lambda: sec_roof(res)),
                 ("chunk", lambda: sec_chunk(res, cvariants)),
                 ("decode", lambda: sec_decode(res, copy_bw, variants, svariants, rvariants)),

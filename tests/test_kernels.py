@@ -165,18 +165,6 @@ def test_decode_attention_main_loop_equals_general_loop():
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("bits,group", [(2, 32), (4, 64), (8, 32)])
-def test_decode_attention_value_product_orders_agree(bits, group):
-    """Values per key slot (decode's default) and in token order after re-interleaving the weights (``pv_natural``,
-    chunked prefill's default) give the same result, and both the reference's."""
-    _, kv = build_cache(2, 2, 333, 64, bits, group, 32, torch.float32)
-    q = rand(2, 8, 64, dtype=torch.float32)
-    a = decode_attention(q, kv, num_splits=2, pv_natural=False)
-    b = decode_attention(q, kv, num_splits=2, pv_natural=True)
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(b, decode_attention_ref(q, kv), atol=1e-5, rtol=1e-4)
-
-
 def test_decode_attention_fully_masked_row_is_zero_and_scale_is_used():
     _, kv = build_cache(2, 1, 40, 64, 2, 16, 16, torch.float32)
     q = rand(2, 2, 64, dtype=torch.float32)
@@ -205,6 +193,8 @@ CA_GRID = [  # (B, Hq, Hkv, T, C, D, bits, group, residual, dtype, masked, rows,
     (1, 4, 1, 300, 9, 64, 4, 32, 32, torch.float16, False, 16, None),  # 36 rows: 3 row tiles; main loop runs
     (1, 2, 2, 80, 5, 64, 2, 16, 0, torch.float32, True, 64, 3),
     (2, 3, 1, 40, 40, 64, 2, 16, 16, torch.bfloat16, False, 32, None),  # nothing packed yet: all causal
+    (1, 4, 2, 420, 12, 128, 2, 128, 128, torch.float16, True, 32, None),  # key groups span blocks: scale vectors
+    (1, 2, 1, 200, 6, 64, 8, 32, 32, torch.float32, False, 16, 2),
 ]
 if FULL:
     CA_GRID = [(B, Hkv * r, Hkv, T, C, D, bits, g, 128, dt, masked, rows, None)

@@ -19,7 +19,8 @@ imported), the layers fall back to the reference path and the attention function
 """
 from ._triton import HAS_TRITON, kernels_usable
 from .attention import convert_cache, disable, enable, kvshrink_attention, make_kernel_cache, register
-from .decode_attention import chunk_attention, decode_attention, packed_decode_supported
+from .chunk_attention import chunk_attention
+from .decode_attention import decode_attention, packed_decode_supported
 from .decode_strided import decode_attention_strided, strided_decode_supported
 from .graph import GraphDecoder, StaticDenseLayer, StaticKiviLayer, decode_attention_dense, make_static_cache
 from .layer import KernelUniformLayer, PackedDecode

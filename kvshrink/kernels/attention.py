@@ -4,7 +4,7 @@
 (``model.set_attn_implementation("kvshrink")``) calls ``fn`` with whatever its cache's ``update``
 returned. :class:`~.layer.KernelUniformLayer` returns a :class:`~.layer.PackedDecode` handle for
 one-token decode steps on CUDA, which ``fn`` serves with :func:`~.decode_attention.decode_attention`, and for
-prefill chunks over a packed past (:func:`~.decode_attention.chunk_attention`);
+prefill chunks over a packed past (:func:`~.chunk_attention.chunk_attention`);
 everything else (prefill, CPU, layers that are not kernel layers, sliding-window layers) arrives as
 dense tensors and goes to transformers' own SDPA function, unchanged. The mask side is registered
 as ``sdpa_mask`` so padding masks are built exactly as for ``"sdpa"`` (a name without a mask
@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from ._triton import device_guard
-from .decode_attention import chunk_attention, decode_attention, packed_decode_supported
+from .chunk_attention import chunk_attention, chunk_supported
+from .decode_attention import decode_attention, packed_decode_supported
 from .decode_strided import decode_attention_strided, strided_decode_supported
 from .graph import GraphDecode
 from .layer import KernelUniformLayer, PackedDecode
@@ -102,7 +103,7 @@ def kvshrink_attention(module: torch.nn.Module, query: torch.Tensor, key: Any, v
     if q_len > 1:  # a prefill chunk over a packed past: KIVI's layout, causal + padding masks only
         mask = _chunk_mask_rows(attention_mask, B, q_len, T)
         served = (mask is not False and not _call_refused(module, query, dropout, kwargs, chunks=True)
-                  and packed_decode_supported(key.kv, D) and not strided_decode_supported(key.kv, D))
+                  and chunk_supported(key.kv, D) and not strided_decode_supported(key.kv, D))
     else:
         mask = _mask_rows(attention_mask, B, T)
         served = not _call_refused(module, query, dropout, kwargs) and packed_supported(key.kv, D)

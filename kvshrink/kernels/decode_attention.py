@@ -173,7 +173,7 @@ if HAS_TRITON:
             HG: tl.constexpr, HG_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
             TAIL_N: tl.constexpr, KBITS: tl.constexpr, KG: tl.constexpr, VBITS: tl.constexpr, VG: tl.constexpr,
             HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, FAST: tl.constexpr, HAS_LENS: tl.constexpr = False,
-            RING: tl.constexpr = 0, CHUNK: tl.constexpr = 0, PV_NATURAL: tl.constexpr = False):
+            RING: tl.constexpr = 0):
         KPPB: tl.constexpr = 8 // KBITS  # codes per byte
         KGB: tl.constexpr = KG // KPPB  # key bytes per channel per group
         KMASK: tl.constexpr = (1 << KBITS) - 1
@@ -187,9 +187,7 @@ if HAS_TRITON:
         b = pid_bh // H
         h = pid_bh % H
         d = tl.arange(0, D)
-        # query rows of this KV head served here: HG_PAD of them from row tile program_id(2) (decode: one tile
-        # holds every query head; a prefill chunk has HG heads x CHUNK tokens, row = head * CHUNK + token)
-        hh = tl.program_id(2) * HG_PAD + tl.arange(0, HG_PAD)
+        hh = tl.arange(0, HG_PAD)
         hmask = hh < HG
         qrow = h * HG + hh
         q = tl.load(Q + b * sqb + qrow[:, None] * sqh + d[None, :], mask=hmask[:, None], other=0.0)
@@ -271,37 +269,24 @@ if HAS_TRITON:
             acc1 = acc1 * alpha
             acc2 = acc2 * alpha
             acc3 = acc3 * alpha
-            if PV_NATURAL:  # weights back in token order (4i + j), then one value product per code slot over
-                # all BLOCK_N tokens, read as contiguous rows: fewer, larger products (prefill chunks' many rows)
-                p = tl.exp2(s0 - m_safe[:, None])
-                if KPPB == 2:
-                    p = tl.reshape(tl.join(p, tl.exp2(s1 - m_safe[:, None])), [HG_PAD, BLOCK_N])
-                elif KPPB == 4:
-                    p = tl.reshape(tl.join(tl.join(p, tl.exp2(s2 - m_safe[:, None])),
-                                           tl.join(tl.exp2(s1 - m_safe[:, None]), tl.exp2(s3 - m_safe[:, None]))),
-                                   [HG_PAD, BLOCK_N])
-                psum = p
-                acc0, acc1, acc2, acc3 = _pv_slot(p, vp_base, svp_t, VS, VZ, vs_off, svs_t, start + tl.arange(0, BLOCK_N),
-                                                  cb, acc0, acc1, acc2, acc3, D, VBITS, VG, DOT_F32)
-            else:  # decode: each key slot's weights against its own tokens' values (no reshuffle of the weights)
-                p = tl.exp2(s0 - m_safe[:, None])
-                psum = p
-                acc0, acc1, acc2, acc3 = _pv_slot(p, vp_base, svp_t, VS, VZ, vs_off, svs_t, tok0, cb, acc0, acc1, acc2,
-                                                  acc3, D, VBITS, VG, DOT_F32)
-                if KPPB > 1:
-                    p = tl.exp2(s1 - m_safe[:, None])
-                    psum += p
-                    acc0, acc1, acc2, acc3 = _pv_slot(p, vp_base, svp_t, VS, VZ, vs_off, svs_t, tok0 + 1, cb, acc0, acc1,
-                                                      acc2, acc3, D, VBITS, VG, DOT_F32)
-                if KPPB > 2:
-                    p = tl.exp2(s2 - m_safe[:, None])
-                    psum += p
-                    acc0, acc1, acc2, acc3 = _pv_slot(p, vp_base, svp_t, VS, VZ, vs_off, svs_t, tok0 + 2, cb, acc0, acc1,
-                                                      acc2, acc3, D, VBITS, VG, DOT_F32)
-                    p = tl.exp2(s3 - m_safe[:, None])
-                    psum += p
-                    acc0, acc1, acc2, acc3 = _pv_slot(p, vp_base, svp_t, VS, VZ, vs_off, svs_t, tok0 + 3, cb, acc0, acc1,
-                                                      acc2, acc3, D, VBITS, VG, DOT_F32)
+            p = tl.exp2(s0 - m_safe[:, None])
+            psum = p
+            acc0, acc1, acc2, acc3 = _pv_slot(p, vp_base, svp_t, VS, VZ, vs_off, svs_t, tok0, cb, acc0, acc1, acc2,
+                                              acc3, D, VBITS, VG, DOT_F32)
+            if KPPB > 1:
+                p = tl.exp2(s1 - m_safe[:, None])
+                psum += p
+                acc0, acc1, acc2, acc3 = _pv_slot(p, vp_base, svp_t, VS, VZ, vs_off, svs_t, tok0 + 1, cb, acc0, acc1,
+                                                  acc2, acc3, D, VBITS, VG, DOT_F32)
+            if KPPB > 2:
+                p = tl.exp2(s2 - m_safe[:, None])
+                psum += p
+                acc0, acc1, acc2, acc3 = _pv_slot(p, vp_base, svp_t, VS, VZ, vs_off, svs_t, tok0 + 2, cb, acc0, acc1,
+                                                  acc2, acc3, D, VBITS, VG, DOT_F32)
+                p = tl.exp2(s3 - m_safe[:, None])
+                psum += p
+                acc0, acc1, acc2, acc3 = _pv_slot(p, vp_base, svp_t, VS, VZ, vs_off, svs_t, tok0 + 3, cb, acc0, acc1,
+                                                  acc2, acc3, D, VBITS, VG, DOT_F32)
             l_i = l_i * tl.reshape(alpha, [HG_PAD]) + tl.sum(psum, axis=1)
 
         # ---- tail: blocks that touch a residual or the end of the split (or everything, FAST off);
@@ -332,8 +317,6 @@ if HAS_TRITON:
                 s = tl.dot(qd, k, input_precision="ieee")
             else:
                 s = tl.dot(qd, k.to(tl.float16))
-            if CHUNK > 1:  # a prefill chunk: its CHUNK tokens end the sequence and see each other causally
-                s = tl.where(t[None, :] <= (T - CHUNK + hh % CHUNK)[:, None], s, float("-inf"))
             ok = live
             if HAS_MASK:
                 ok = ok & (tl.load(MASK + b * smask_b + t, mask=live, other=0) != 0)
@@ -422,7 +405,7 @@ def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 #: launch settings used when a call does not name them (benchmarks/bench_kernels.py picks them on the GPU)
 #: (block_n None: 128 tokens when a key group holds >= 128 tokens, else 64 -- fastest in runs 4 and 6 on the H100)
-LAUNCH: dict = {"block_n": None, "num_warps": 2, "num_stages": 2, "maxnreg": 168, "waves": 8, "pv_natural": False}
+LAUNCH: dict = {"block_n": None, "num_warps": 2, "num_stages": 2, "maxnreg": 168, "waves": 8}
 
 
 def partials_workspace(B: int, Hq: int, slots: int, D: int, device) -> tuple[torch.Tensor, ...]:
@@ -455,7 +438,8 @@ def plan_splits(programs: int, T: int, tkq: int, tvq: int, block_n: int, tail_n:
                 max_tail_splits: int = 16) -> tuple[int, int, int, int, int]:
     """How a split-K decode divides ``T`` tokens (host mode): whole ``block_n`` blocks where both streams are
     quantized go to ``main_splits`` programs per head (``per_split`` tokens each, ``num_splits`` chosen to fill
-    the SMs unless given), the rest (residuals, ragged end) to tail programs of ``tail_chunk`` tokens.
+    the SMs unless given), the rest (residuals, ragged end) to at most ``max_tail_splits`` tail programs of
+    ``tail_chunk`` tokens.
     Returns ``(fast_end, per_split, main_splits, tail_chunk, num_splits)``; shared by both decode kernels."""
     fast_end = (min(tkq, tvq) // block_n) * block_n if fast else 0
     if fast_end:
@@ -482,8 +466,7 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor | None = 
                      fast: bool = True, tail_n: int = 32, maxnreg: int | None = None,
                      waves: int | None = None, lens: torch.Tensor | None = None, ring: int = 0,
                      main_splits: int | None = None,
-                     workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                     pv_natural: bool | None = None) -> torch.Tensor:
+                     workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Attention of ``q (B, Hq, D)`` (one token per sequence) over the packed cache ``kv``.
 
     ``mask (B, T)`` bool/int, nonzero where a token may be attended. Returns ``(B, Hq, D)`` in
@@ -491,48 +474,6 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor | None = 
     Graph mode (``lens``, ``ring``, fixed ``num_splits``/``main_splits``, ``workspace``): as
     :func:`~.decode_strided.decode_attention_strided`; ``mask`` then covers the capacity (:func:`mask_arg`).
     """
-    return _attend(q, kv, mask, scale, out, num_splits, block_n, num_warps, num_stages, fast, tail_n, maxnreg, waves,
-                   lens, ring, main_splits, workspace,
-                   pv_natural=LAUNCH["pv_natural"] if pv_natural is None else pv_natural)
-
-
-#: launch settings of :func:`chunk_attention` (query rows per program; the rest as in ``LAUNCH``)
-CHUNK_LAUNCH: dict = {"rows": 64, "block_n": 64, "num_warps": 4, "num_stages": 2, "maxnreg": 0, "waves": 4,
-                      "tail_n": 64, "pv_natural": True}
-
-
-def chunk_attention(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor | None = None, scale: float | None = None,
-                    rows: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                    num_stages: int | None = None, maxnreg: int | None = None, waves: int | None = None,
-                    num_splits: int | None = None, fast: bool = True, tail_n: int | None = None,
-                    pv_natural: bool | None = None) -> torch.Tensor:
-    """Chunked prefill over the packed cache: ``q (B, Hq, C, D)``, the queries of the last ``C`` of the ``T``
-    tokens in ``kv`` (the chunk itself sits in ``kv``'s full-precision residual), attends causally: query ``c``
-    sees tokens ``[0, T - C + c]``, and ``mask (B, T)`` (key padding) on top. Returns ``(B, Hq, C, D)``.
-
-    The decode kernel serves it unchanged but for two things: a program takes ``rows`` query rows (heads x chunk
-    tokens of one KV head) instead of one token's heads, so each packed block is unpacked once per ``rows``
-    rows, and the causal limit is applied in its general loop (the packed past is visible to every row)."""
-    B, Hq, C, D = q.shape
-    if C > kv.tokens or max(kv.tkq, kv.tvq) > kv.tokens - C:
-        raise ValueError(f"the chunk's {C} tokens must be the last of the {kv.tokens} in kv and not quantized "
-                         f"(keys quantized up to {kv.tkq}, values up to {kv.tvq}): pass the cache as it was before "
-                         f"the chunk was stored, with the chunk appended to its residual")
-    ref = kv.k_res if kv.k_res is not None else kv.kq.packed  # type: ignore[union-attr]
-    if Hq % ref.shape[1]:
-        raise ValueError(f"{Hq} query heads is not a multiple of {ref.shape[1]} KV heads")
-    L = CHUNK_LAUNCH
-    out = _attend(q.reshape(B, Hq * C, D), kv, mask, scale, None, num_splits, block_n or L["block_n"],
-                  num_warps or L["num_warps"], num_stages or L["num_stages"], fast, tail_n or L["tail_n"],
-                  L["maxnreg"] if maxnreg is None else maxnreg, waves or L["waves"], None, 0, None, None,
-                  chunk=C, rows=rows or L["rows"], pv_natural=L["pv_natural"] if pv_natural is None else pv_natural)
-    return out.view(B, Hq, C, D)
-
-
-def _attend(q, kv, mask, scale, out, num_splits, block_n, num_warps, num_stages, fast, tail_n, maxnreg, waves, lens,
-            ring, main_splits, workspace, chunk: int = 1, rows: int = 0, pv_natural: bool = False) -> torch.Tensor:
-    """:func:`decode_attention`'s launch; ``chunk > 1``: ``q``'s rows are ``Hq x chunk`` (see :func:`chunk_attention`),
-    served ``rows`` per program."""
     if not HAS_TRITON:
         raise RuntimeError("decode_attention needs Triton; use reference.decode_attention_ref on this machine")
     kg_auto = kv.kq.group if kv.kq is not None else 32
@@ -549,11 +490,7 @@ def _attend(q, kv, mask, scale, out, num_splits, block_n, num_warps, num_stages,
         raise ValueError(f"{Hq} query heads is not a multiple of {Hkv} KV heads")
     if not packed_decode_supported(kv, D):
         raise ValueError("this cache layout is not handled by the packed decode kernel")
-    HG = Hq // Hkv  # query rows per KV head
-    hg_pad = max(16, next_pow2(HG))
-    if chunk > 1:
-        hg_pad = min(hg_pad, max(16, next_pow2(rows)))
-    tiles = -(-HG // hg_pad)
+    HG = Hq // Hkv
     dev = q.device
     # the matrix units need >= 16 along every dot dimension: a main-loop block must hold 16 key bytes per channel
     block_n = max(block_n, 16 * (8 // (kv.kq.bits if kv.kq is not None else 2)))
@@ -588,21 +525,19 @@ def _attend(q, kv, mask, scale, out, num_splits, block_n, num_warps, num_stages,
         fast_end = per_split = tail_chunk = 0
     else:
         fast_end, per_split, main_splits, tail_chunk, num_splits = plan_splits(
-            B * Hkv * tiles, T, kv.tkq, kv.tvq, block_n, tail_n, fast, num_splits, waves, dev,
-            max_tail_splits=16 if chunk == 1 else 2)
+            B * Hkv, T, kv.tkq, kv.tvq, block_n, tail_n, fast, num_splits, waves, dev)
     m_ws, l_ws, acc_ws = workspace if workspace is not None else partials_workspace(B, Hq, num_splits, D, dev)
     sc = D ** -0.5 if scale is None else scale
     dot_f32 = dot_in_f32(q.dtype)
-    _decode_split_kernel[(B * Hkv, num_splits, tiles)](
+    _decode_split_kernel[(B * Hkv, num_splits)](
         q, q.stride(0), q.stride(1),
         kp, *kp_st, ks, kz, *ks_st, kr, *kr_st,
         vp, *vp_st, vs, vz, *vs_st, vr, *vr_st,
         maskt, sm_b, lens if lens is not None else _dummy(dev, torch.int32), m_ws, l_ws, acc_ws,
         Hkv, T if lens is None else 0, kv.tkq if lens is None else 0, kv.tvq if lens is None else 0, per_split,
         num_splits, sc * math.log2(math.e), fast_end, main_splits, tail_chunk,
-        HG=HG, HG_PAD=hg_pad, D=D, BLOCK_N=block_n, TAIL_N=tail_n, KBITS=kbits, KG=kg, VBITS=vbits, VG=vg,
+        HG=HG, HG_PAD=max(16, next_pow2(HG)), D=D, BLOCK_N=block_n, TAIL_N=tail_n, KBITS=kbits, KG=kg, VBITS=vbits, VG=vg,
         HAS_MASK=mask is not None, DOT_F32=dot_f32, FAST=fast, HAS_LENS=lens is not None, RING=ring,
-        CHUNK=chunk if chunk > 1 else 0, PV_NATURAL=pv_natural,
         num_warps=num_warps, num_stages=num_stages,
         # register cap only on the fp16 path, where it was tuned and measured
         **({"maxnreg": maxnreg} if maxnreg and dev.type == "cuda" and not dot_f32 else {}))
@@ -615,4 +550,4 @@ def _attend(q, kv, mask, scale, out, num_splits, block_n, num_warps, num_stages,
     return out
 
 
-__all__ = ["decode_attention", "chunk_attention", "packed_decode_supported", "choose_splits", "PackedKV", "QuantizedTensor"]
+__all__ = ["decode_attention", "packed_decode_supported", "choose_splits", "PackedKV", "QuantizedTensor"]
