@@ -1127,8 +1127,9 @@ def main() -> int:
                     help="RotateKV decode kernel variants block_n:num_warps:num_stages:waves[:scale_lookup dot|gather"
                          "[:maxnreg[:kron 0|1]]] "
                          "(fastest reported); empty: no RotateKV rows in the decode section")
-    ap.add_argument("--cvariants", default="128:64:8:2,128:64:8:3,64:64:4:2,128:128:8:2,64:32:4:2",
-                    help="chunk_attention variants rows:block_n:num_warps:num_stages (chunk section)")
+    ap.add_argument("--cvariants", default="128:64:8:2:1,128:64:8:3:1,64:64:4:2:1,128:128:8:2:1,128:64:4:2:1,"
+                                          "128:64:8:3:0",
+                    help="chunk_attention variants rows:block_n:num_warps:num_stages:join (chunk section)")
     ap.add_argument("--e2e-T", type=int, default=8192)
     ap.add_argument("--e2e-steps", type=int, default=16)
     ap.add_argument("--graph-steps", type=int, default=32)
@@ -1169,7 +1170,7 @@ def main() -> int:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
 
-    cvariants = [dict(zip(("rows", "block_n", "num_warps", "num_stages"), map(int, v.split(":"))))
+    cvariants = [dict(zip(("rows", "block_n", "num_warps", "num_stages", "join"), map(int, v.split(":"))))
                  for v in args.cvariants.split(",") if v]
     sections = [("roof", lambda: sec_roof(res)),
                 ("chunk", lambda: sec_chunk(res, cvariants)),

@@ -220,6 +220,19 @@ def test_chunk_attention_matches_reference(B, Hq, Hkv, T, C, D, bits, group, res
     assert err < tolerance(dtype), err
 
 
+@pytest.mark.parametrize("bits,group,D", [(2, 32, 64), (4, 64, 64), (8, 32, 64), (2, 128, 128)])
+def test_chunk_attention_byte_orders_agree(bits, group, D):
+    """Packed blocks read per element (each lane loads its byte) and per byte (lanes interleaved back into token
+    and channel order: ``join``) give the same result, the reference's."""
+    kv = build_chunk(1, 2, 400, 10, D, bits, group, max(group, 32), torch.float32)
+    q = rand(1, 4, 10, D, dtype=torch.float32)
+    a = chunk_attention(q, kv, join=False, rows=16)
+    b = chunk_attention(q, kv, join=True, rows=16)
+    ref = chunk_attention_ref(q, kv)
+    for got in (a, b):
+        assert float((got - ref).norm() / ref.norm()) < 1e-5
+
+
 def test_chunk_attention_is_causal_and_its_last_row_is_decode():
     """Query c sees tokens up to T - C + c: the chunk's last query is a decode step over the whole cache, and
     its first query does not see the rest of the chunk (changing those tokens leaves it unchanged)."""

@@ -33,17 +33,33 @@ if HAS_TRITON:
     def _unpack(bytes_, shift, MASK: tl.constexpr, DOT_F32: tl.constexpr):
         """Codes ``(bytes >> shift) & MASK`` as exact floats: fp16 by the exponent trick (``0x6400`` is 1024), or
         fp32 for fp32 models."""
+        codes = (bytes_.to(tl.int32) >> shift) & MASK
         if DOT_F32:
-            return _codes_to_float((bytes_.to(tl.int32) >> shift) & MASK)
+            return _codes_to_float(codes)
         else:
-            b16 = bytes_.to(tl.int16)
-            return (((b16 >> shift.to(tl.int16)) & MASK) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+            return (codes.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+
+    @triton.jit
+    def _natural(b, BITS: tl.constexpr, DOT_F32: tl.constexpr, R: tl.constexpr, NB: tl.constexpr):
+        """Bytes ``(R, NB)`` -> codes ``(R, NB * 8 // BITS)`` as floats, column ``PPB * i + j`` = code ``j`` of byte
+        ``i``: each byte read once (vectorized), its code lanes interleaved back into order."""
+        PPB: tl.constexpr = 8 // BITS
+        MASK: tl.constexpr = (1 << BITS) - 1
+        c0 = _unpack(b, 0, MASK, DOT_F32)
+        if PPB == 1:
+            return c0
+        elif PPB == 2:
+            return tl.reshape(tl.join(c0, _unpack(b, BITS, MASK, DOT_F32)), [R, NB * 2])
+        else:
+            return tl.reshape(tl.join(tl.join(c0, _unpack(b, 2 * BITS, MASK, DOT_F32)),
+                                      tl.join(_unpack(b, BITS, MASK, DOT_F32), _unpack(b, 3 * BITS, MASK, DOT_F32))),
+                              [R, NB * 4])
 
     @triton.jit
     def _block(q, m_i, l_i, acc, t, ok, PACKED: tl.constexpr, d, kp_base, skp_g, KS, KZ, ks_off, sks_g, kr_base,
                skr_t, vp_base, svp_t, VS, VZ, vs_off, svs_t, vr_base, svr_t, TKQ, TVQ, D: tl.constexpr,
                KBITS: tl.constexpr, KG: tl.constexpr, VBITS: tl.constexpr, VG: tl.constexpr, BLOCK_N: tl.constexpr,
-               DOT_F32: tl.constexpr):
+               DOT_F32: tl.constexpr, JOIN: tl.constexpr):
         """One block of tokens ``t`` (``ok (ROWS, BLOCK_N)``: which row sees which token). ``PACKED``: every token
         is quantized in both streams (no residual selects)."""
         KPPB: tl.constexpr = 8 // KBITS
@@ -59,7 +75,13 @@ if HAS_TRITON:
             soff = ks_off + tl.min(grp, axis=0) * sks_g + d[:, None]
         else:
             soff = ks_off + grp[None, :] * sks_g + d[:, None]
-        if PACKED:
+        if PACKED and JOIN:  # each key byte loaded once: bytes (D, BLOCK_N / KPPB), lanes interleaved
+            i = tl.arange(0, BLOCK_N // KPPB)
+            ti = tl.min(t, axis=0) + i * KPPB  # first token of byte column i
+            kb = tl.load(kp_base + (ti // KG)[None, :] * skp_g + d[:, None] * KGB + ((ti % KG) // KPPB)[None, :])
+            k = _natural(kb, KBITS, DOT_F32, D, BLOCK_N // KPPB) * tl.load(KS + soff).to(fdt) \
+                + tl.load(KZ + soff).to(fdt)
+        elif PACKED:
             k = _unpack(tl.load(kaddr), kshift, (1 << KBITS) - 1, DOT_F32) * tl.load(KS + soff).to(fdt) \
                 + tl.load(KZ + soff).to(fdt)
         else:
@@ -85,7 +107,11 @@ if HAS_TRITON:
             voff = vs_off + t[:, None] * svs_t
         else:
             voff = vs_off + t[:, None] * svs_t + (d // VG)[None, :]
-        if PACKED:
+        if PACKED and JOIN:  # each value byte loaded once: rows of D / VPPB bytes, lanes interleaved
+            vb = tl.load(vp_base + t[:, None] * svp_t + tl.arange(0, D // VPPB)[None, :])
+            v = _natural(vb, VBITS, DOT_F32, BLOCK_N, D // VPPB) * tl.load(VS + voff).to(fdt) \
+                + tl.load(VZ + voff).to(fdt)
+        elif PACKED:
             v = _unpack(tl.load(vaddr), vshift, (1 << VBITS) - 1, DOT_F32) * tl.load(VS + voff).to(fdt) \
                 + tl.load(VZ + voff).to(fdt)
         else:
@@ -108,7 +134,8 @@ if HAS_TRITON:
             MASK, smask_b, M_OUT, L_OUT, ACC_OUT,
             H, T, TKQ, TVQ, C, tokens_per_split, num_splits, qk_scale, FAST_END, MAIN_SPLITS, TAIL_CHUNK,
             HG: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, KBITS: tl.constexpr,
-            KG: tl.constexpr, VBITS: tl.constexpr, VG: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr):
+            KG: tl.constexpr, VBITS: tl.constexpr, VG: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr,
+            JOIN: tl.constexpr):
         pid_bh = tl.program_id(0)
         split = tl.program_id(1)
         b = pid_bh // H
@@ -145,7 +172,7 @@ if HAS_TRITON:
                 ok = ok & (tl.load(MASK + b * smask_b + t) != 0)[None, :]
             m_i, l_i, acc = _block(q, m_i, l_i, acc, t, ok, True, d, kp_base, skp_g, KS, KZ, ks_off, sks_g, kr_base,
                                    skr_t, vp_base, svp_t, VS, VZ, vs_off, svs_t, vr_base, svr_t, TKQ, TVQ, D,
-                                   KBITS, KG, VBITS, VG, BLOCK_N, DOT_F32)
+                                   KBITS, KG, VBITS, VG, BLOCK_N, DOT_F32, JOIN)
         # the rest: residuals, the chunk itself (causal), ragged ends
         for start in range(tl.maximum(lo, packed_hi), hi, BLOCK_N):
             t = start + n
@@ -156,7 +183,7 @@ if HAS_TRITON:
             tt = tl.where(live, t, 0)  # out-of-range lanes read token 0 (masked out of the softmax)
             m_i, l_i, acc = _block(q, m_i, l_i, acc, tt, ok, False, d, kp_base, skp_g, KS, KZ, ks_off, sks_g,
                                    kr_base, skr_t, vp_base, svp_t, VS, VZ, vs_off, svs_t, vr_base, svr_t, TKQ, TVQ,
-                                   D, KBITS, KG, VBITS, VG, BLOCK_N, DOT_F32)
+                                   D, KBITS, KG, VBITS, VG, BLOCK_N, DOT_F32, JOIN)
         o = (b * H * rows_h + qrow) * num_splits + split
         tl.store(M_OUT + o, m_i, mask=rmask)
         tl.store(L_OUT + o, l_i, mask=rmask)
@@ -164,7 +191,7 @@ if HAS_TRITON:
 
 
 #: launch settings when a call does not name them (benchmarks/bench_kernels.py's chunk section compares others)
-CHUNK_LAUNCH: dict = {"rows": 128, "block_n": 64, "num_warps": 8, "num_stages": 2}
+CHUNK_LAUNCH: dict = {"rows": 128, "block_n": 64, "num_warps": 8, "num_stages": 2, "join": True}
 
 
 def chunk_supported(kv: PackedKV, head_dim: int) -> bool:
@@ -174,7 +201,7 @@ def chunk_supported(kv: PackedKV, head_dim: int) -> bool:
 
 def chunk_attention(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor | None = None, scale: float | None = None,
                     rows: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                    num_stages: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+                    num_stages: int | None = None, num_splits: int | None = None, join: bool | None = None) -> torch.Tensor:
     """Causal attention of the chunk ``q (B, Hq, C, D)`` (the last ``C`` of ``kv``'s ``T`` tokens, held in its
     full-precision residual) over ``kv``; ``mask (B, T)`` nonzero where a token may be attended (key padding).
     Returns ``(B, Hq, C, D)`` in ``q.dtype``; a row that sees no token gives zeros."""
@@ -235,7 +262,7 @@ def chunk_attention(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor | None = N
         maskt, sm_b, m_ws, l_ws, acc_ws,
         Hkv, T, kv.tkq, kv.tvq, C, per_split, num_splits, sc * math.log2(math.e), fast_end, main_splits, tail_chunk,
         HG=HG, ROWS=rows_pad, D=D, BLOCK_N=block_n, KBITS=kbits, KG=kg, VBITS=vbits, VG=vg,
-        HAS_MASK=mask is not None, DOT_F32=dot_f32,
+        HAS_MASK=mask is not None, DOT_F32=dot_f32, JOIN=L["join"] if join is None else join,
         num_warps=num_warps or L["num_warps"], num_stages=num_stages or L["num_stages"])
     out = torch.empty(B, Hq * C, D, dtype=q.dtype, device=dev)
     _decode_reduce_kernel[(B * Hq * C,)](m_ws, l_ws, acc_ws, out, out.stride(0), out.stride(1), Hq * C, num_splits,
