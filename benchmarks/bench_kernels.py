@@ -15,6 +15,8 @@ Sections (``--only`` picks some):
 
 * ``chunk``   chunked prefill over a packed past (``chunk_attention``) vs dequantize-then-SDPA and vs SDPA over an
               uncompressed fp16 cache: time and extra memory per call (B x past x chunk in CHUNK_CONFIGS).
+* ``chunk_e2e`` a 32K prompt prefilled in 2K chunks through ``kivi:bits=2`` kernel layers, with and without
+              ``chunk_attention`` (random-weight Llama-3-8B shape): wall time and peak memory.
 * ``rdecode`` only the RotateKV decode kernel rows (``rkv_*`` keys, with SDPA beside them); the ``decode`` section
               carries the same rows after KIVI's. RotateKV layout: key_axis=channel, G=4 heads per Hadamard
               group, a random channel permutation, key centre, 4 sink tokens, pre-RoPE keys (RoPE in the kernel).
@@ -611,6 +613,40 @@ def sec_quant(res: dict, model) -> None:
     log("quant " + json.dumps(out))
 
 
+def sec_chunk_e2e(res: dict, model, T: int = 32768, chunk: int = 2048) -> None:
+    """A ``T``-token prompt prefilled in ``chunk``-token chunks through ``kivi:bits=2`` kernel layers (random-weight
+    Llama-3-8B shape), with chunks over the packed past served by ``chunk_attention`` and, beside it, by the path
+    without it (dequantize the past, SDPA): wall time and peak memory of the whole prefill."""
+    from kvshrink.kernels import disable, make_kernel_cache
+    from kvshrink.kernels import layer as klayer
+
+    ids = torch.randint(0, model.config.vocab_size, (1, T), device="cuda")
+    out: dict = {"T": T, "chunk": chunk, "B": 1, "spec": "kivi:bits=2,group=128,residual=128"}
+    for name, on in (("kernel", True), ("dequant", False), ("kernel_again", True)):
+        klayer.CHUNK_KERNEL = on
+        try:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            cache = make_kernel_cache(model, out["spec"], reserve=T)
+            t0 = time.time()
+            with torch.no_grad():
+                for lo in range(0, T, chunk):
+                    model(input_ids=ids[:, lo:lo + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            torch.cuda.synchronize()
+            out[f"{name}_s"] = time.time() - t0
+            out[f"{name}_peak_extra_MiB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            out[f"{name}_cache_MiB"] = sum(layer.nbytes() for layer in cache.layers) / 2**20
+            del cache
+        finally:
+            klayer.CHUNK_KERNEL = True
+            disable(model)
+    out["speedup"] = out["dequant_s"] / min(out["kernel_s"], out["kernel_again_s"])
+    res["chunk_e2e"] = out
+    log("chunk_e2e " + json.dumps(out))
+
+
 # ----------------------------------------------------------------------------------------- e2e
 def sec_e2e(res: dict, model, T: int, steps: int, group: int) -> None:
     from kvshrink.kernels import disable, make_kernel_cache
@@ -1119,7 +1155,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/kernels.json")
     ap.add_argument("--only", default="roof,decode,quant,graph,e2e",
-                    help="sections: roof, chunk (chunked prefill over a packed past), decode (KIVI + RotateKV rows), rdecode (RotateKV rows only), quant, graph, "
+                    help="sections: roof, chunk (chunked prefill over a packed past), chunk_e2e, decode (KIVI + RotateKV rows), rdecode (RotateKV rows only), quant, graph, "
                          "e2e (fp16, kivi and rotatekv:bits=2), e2e_rkv (rotatekv:bits=2 beside fp16 only), graph_rkv "
                          "(rotatekv:bits=2 static layers beside fp16 ones, CUDA graphs), rpack (RotateKV's "
                          "fused rotate+quantize+pack vs its torch path; after quant for the prefill share)")
@@ -1189,9 +1225,15 @@ def main() -> int:
             except Exception:  # noqa: BLE001
                 log(f"section {name} failed:\n{traceback.format_exc()}")
             dump()
-    if only & {"quant", "e2e", "graph", "graph_rkv", "e2e_rkv", "rpack"}:
+    if only & {"quant", "e2e", "graph", "graph_rkv", "e2e_rkv", "rpack", "chunk_e2e"}:
         try:
             model = build_model()
+            if "chunk_e2e" in only:
+                try:
+                    sec_chunk_e2e(res, model)
+                    dump()
+                except Exception:  # noqa: BLE001
+                    log(f"section chunk_e2e failed:\n{traceback.format_exc()}")
             if "quant" in only:
                 try:
                     sec_quant(res, model)

@@ -276,12 +276,18 @@ def test_chunked_prefill_through_the_model_matches_reference_path(tiny):
     try:
         kattn.chunk_attention = lambda *a, **kw: calls.append(a[0].shape[2]) or real(*a, **kw)
         got = prefill(make_kernel_cache(model, spec))
+        assert calls == [16, 16, 7, 7, 9, 9]  # chunks 2-4, two layers each; the first chunk had no packed past
+        off = make_kernel_cache(model, spec)
+        for layer in off.layers:
+            layer.chunk_kernel = False  # chunks dequantize the past instead
+        same = prefill(off)
+        assert len(calls) == 6
     finally:
         kattn.chunk_attention = real
         disable(model)
-    assert calls == [16, 16, 7, 7, 9, 9]  # chunks 2-4, two layers each; the first chunk had no packed past
     keep = am.bool()
     assert float((got - ref)[keep].norm() / ref[keep].norm()) < 1e-5
+    assert float((same - ref)[keep].norm() / ref[keep].norm()) < 1e-6
 
 
 def test_chunk_mask_rows_accepts_only_causal_plus_padding():

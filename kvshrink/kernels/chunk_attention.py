@@ -56,12 +56,13 @@ if HAS_TRITON:
                               [R, NB * 4])
 
     @triton.jit
-    def _block(q, m_i, l_i, acc, t, ok, PACKED: tl.constexpr, d, kp_base, skp_g, KS, KZ, ks_off, sks_g, kr_base,
+    def _block(q, m_i, l_i, acc, t, ok, MODE: tl.constexpr, d, kp_base, skp_g, KS, KZ, ks_off, sks_g, kr_base,
                skr_t, vp_base, svp_t, VS, VZ, vs_off, svs_t, vr_base, svr_t, TKQ, TVQ, D: tl.constexpr,
                KBITS: tl.constexpr, KG: tl.constexpr, VBITS: tl.constexpr, VG: tl.constexpr, BLOCK_N: tl.constexpr,
                DOT_F32: tl.constexpr, JOIN: tl.constexpr):
-        """One block of tokens ``t`` (``ok (ROWS, BLOCK_N)``: which row sees which token). ``PACKED``: every token
-        is quantized in both streams (no residual selects)."""
+        """One block of tokens ``t`` (``ok (ROWS, BLOCK_N)``: which row sees which token). ``MODE`` 0: every token
+        is quantized in both streams; 1: either (residual selects per element); 2: none (16-bit residual rows)."""
+        PACKED: tl.constexpr = MODE == 0
         KPPB: tl.constexpr = 8 // KBITS
         KGB: tl.constexpr = KG // KPPB
         VPPB: tl.constexpr = 8 // VBITS
@@ -75,7 +76,9 @@ if HAS_TRITON:
             soff = ks_off + tl.min(grp, axis=0) * sks_g + d[:, None]
         else:
             soff = ks_off + grp[None, :] * sks_g + d[:, None]
-        if PACKED and JOIN:  # each key byte loaded once: bytes (D, BLOCK_N / KPPB), lanes interleaved
+        if MODE == 2:
+            k = tl.load(kr_base + (t - TKQ)[None, :] * skr_t + d[:, None]).to(fdt)
+        elif PACKED and JOIN:  # each key byte loaded once: bytes (D, BLOCK_N / KPPB), lanes interleaved
             i = tl.arange(0, BLOCK_N // KPPB)
             ti = tl.min(t, axis=0) + i * KPPB  # first token of byte column i
             kb = tl.load(kp_base + (ti // KG)[None, :] * skp_g + d[:, None] * KGB + ((ti % KG) // KPPB)[None, :])
@@ -107,7 +110,9 @@ if HAS_TRITON:
             voff = vs_off + t[:, None] * svs_t
         else:
             voff = vs_off + t[:, None] * svs_t + (d // VG)[None, :]
-        if PACKED and JOIN:  # each value byte loaded once: rows of D / VPPB bytes, lanes interleaved
+        if MODE == 2:
+            v = tl.load(vr_base + (t - TVQ)[:, None] * svr_t + d[None, :]).to(fdt)
+        elif PACKED and JOIN:  # each value byte loaded once: rows of D / VPPB bytes, lanes interleaved
             vb = tl.load(vp_base + t[:, None] * svp_t + tl.arange(0, D // VPPB)[None, :])
             v = _natural(vb, VBITS, DOT_F32, BLOCK_N, D // VPPB) * tl.load(VS + voff).to(fdt) \
                 + tl.load(VZ + voff).to(fdt)
@@ -170,18 +175,32 @@ if HAS_TRITON:
             ok = rmask[:, None] & (t < packed_hi)[None, :]
             if HAS_MASK:
                 ok = ok & (tl.load(MASK + b * smask_b + t) != 0)[None, :]
-            m_i, l_i, acc = _block(q, m_i, l_i, acc, t, ok, True, d, kp_base, skp_g, KS, KZ, ks_off, sks_g, kr_base,
+            m_i, l_i, acc = _block(q, m_i, l_i, acc, t, ok, 0, d, kp_base, skp_g, KS, KZ, ks_off, sks_g, kr_base,
                                    skr_t, vp_base, svp_t, VS, VZ, vs_off, svs_t, vr_base, svr_t, TKQ, TVQ, D,
                                    KBITS, KG, VBITS, VG, BLOCK_N, DOT_F32, JOIN)
-        # the rest: residuals, the chunk itself (causal), ragged ends
-        for start in range(tl.maximum(lo, packed_hi), hi, BLOCK_N):
+        # tokens quantized in one stream only (KIVI's keys and values flush at different times), ragged ends
+        dense_lo = tl.maximum(TKQ, TVQ)
+        mixed_lo = tl.maximum(lo, packed_hi)
+        mixed_hi = tl.maximum(mixed_lo, tl.minimum(hi, dense_lo))
+        for start in range(mixed_lo, mixed_hi, BLOCK_N):
+            t = start + n
+            live = t < mixed_hi
+            ok = rmask[:, None] & live[None, :]
+            if HAS_MASK:
+                ok = ok & (tl.load(MASK + b * smask_b + t, mask=live, other=0) != 0)[None, :]
+            tt = tl.where(live, t, 0)  # out-of-range lanes read token 0 (masked out of the softmax)
+            m_i, l_i, acc = _block(q, m_i, l_i, acc, tt, ok, 1, d, kp_base, skp_g, KS, KZ, ks_off, sks_g,
+                                   kr_base, skr_t, vp_base, svp_t, VS, VZ, vs_off, svs_t, vr_base, svr_t, TKQ, TVQ,
+                                   D, KBITS, KG, VBITS, VG, BLOCK_N, DOT_F32, JOIN)
+        # 16-bit tokens only: the rest of the residuals and the chunk itself (causal)
+        for start in range(mixed_hi, hi, BLOCK_N):
             t = start + n
             live = t < hi
             ok = rmask[:, None] & live[None, :] & (t[None, :] <= lim[:, None])
             if HAS_MASK:
                 ok = ok & (tl.load(MASK + b * smask_b + t, mask=live, other=0) != 0)[None, :]
-            tt = tl.where(live, t, 0)  # out-of-range lanes read token 0 (masked out of the softmax)
-            m_i, l_i, acc = _block(q, m_i, l_i, acc, tt, ok, False, d, kp_base, skp_g, KS, KZ, ks_off, sks_g,
+            tt = tl.where(live, t, mixed_hi)  # out-of-range lanes read a 16-bit row (masked out of the softmax)
+            m_i, l_i, acc = _block(q, m_i, l_i, acc, tt, ok, 2, d, kp_base, skp_g, KS, KZ, ks_off, sks_g,
                                    kr_base, skr_t, vp_base, svp_t, VS, VZ, vs_off, svs_t, vr_base, svr_t, TKQ, TVQ,
                                    D, KBITS, KG, VBITS, VG, BLOCK_N, DOT_F32, JOIN)
         o = (b * H * rows_h + qrow) * num_splits + split
@@ -191,7 +210,7 @@ if HAS_TRITON:
 
 
 #: launch settings when a call does not name them (benchmarks/bench_kernels.py's chunk section compares others)
-CHUNK_LAUNCH: dict = {"rows": 128, "block_n": 64, "num_warps": 8, "num_stages": 2, "join": True}
+CHUNK_LAUNCH: dict = {"rows": 128, "block_n": 128, "num_warps": 8, "num_stages": 2, "join": True}
 
 
 def chunk_supported(kv: PackedKV, head_dim: int) -> bool:

@@ -44,6 +44,10 @@ def grow_capacity(reserved: int, need: int, cur: int) -> int:
     return reserved if reserved >= need else max(need, cur + max(cur // 8, GROW_MIN_TOKENS))
 
 
+#: serve prefill chunks over a packed past with ``chunk_attention`` (no 16-bit copy of the past); False: they
+#: dequantize the past and use SDPA, as the base layer does (each layer also has its own ``chunk_kernel``)
+CHUNK_KERNEL = True
+
 #: store the channel-strided layout (strided.py) where it applies. Off by default: on the H100 its kernel was
 #: faster only at small batch x length (1x32K) and slower at 8x32K / 16x32K / 1x128K and end to end than the
 #: kernel over KIVI's layout (benchmarks/results/kernels_h100_v2_final.json, docs/KERNELS.md)
@@ -114,6 +118,7 @@ class KernelUniformLayer(UniformLayer):
         self._reserved = 0
         self.use_kernels = True
         self.strided: bool | None = None  # storage order, decided once head_dim is known (see _layout)
+        self.chunk_kernel: bool | None = None  # None: the module's CHUNK_KERNEL
 
     @classmethod
     def from_uniform(cls, layer: UniformLayer) -> "KernelUniformLayer":
@@ -245,7 +250,8 @@ class KernelUniformLayer(UniformLayer):
                 and kernel_supports(self.value_bits, self.value_group, D))
         if key_states.shape[-2] == 1:
             return self._layout(D) or kivi
-        return kivi and not self._layout(D) and (self.kq is not None or self.vq is not None)
+        chunks = CHUNK_KERNEL if self.chunk_kernel is None else self.chunk_kernel
+        return chunks and kivi and not self._layout(D) and (self.kq is not None or self.vq is not None)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.kernel_step(key_states):
