@@ -27,6 +27,8 @@ from .decode_attention import (_decode_reduce_kernel, _dummy, _sm_count, mask_ar
 from .reference import PackedKV
 
 if HAS_TRITON:
+    from triton.runtime.errors import OutOfResources
+
     from .decode_attention import _codes_to_float, _split_range
 
     @triton.jit
@@ -239,11 +241,30 @@ def chunk_attention(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor | None = N
     if not chunk_supported(kv, D):
         raise ValueError("this cache layout is not handled by chunk_attention (KIVI's layout, 2/4/8 bits)")
     L = CHUNK_LAUNCH
-    block_n = block_n or L["block_n"]
-    block_n = max(block_n, 16 * (8 // (kv.kq.bits if kv.kq is not None else 2)))  # main blocks: >= 16 key bytes
+    min_block = 16 * (8 // (kv.kq.bits if kv.kq is not None else 2))  # packed blocks hold >= 16 key bytes
+    block_n = max(block_n or L["block_n"], min_block)
+    rows = min(rows or L["rows"], max(16, next_pow2(Hq // Hkv * C)))
+    launch = dict(num_warps=num_warps or L["num_warps"], num_stages=num_stages or L["num_stages"],
+                  join=L["join"] if join is None else join)
+    while True:  # a launch the GPU cannot hold (float32 models, head_dim > 128) retries with smaller tiles
+        try:
+            return _launch(q, kv, mask, scale, rows, block_n, num_splits, **launch)
+        except OutOfResources:
+            if block_n <= min_block and rows <= 16:
+                raise
+            if block_n > min_block:
+                block_n //= 2
+            else:
+                rows //= 2
+
+
+def _launch(q, kv, mask, scale, rows, block_n, num_splits, num_warps, num_stages, join) -> torch.Tensor:
+    B, Hq, C, D = q.shape
+    T = kv.tokens
+    ref = kv.k_res if kv.k_res is not None else kv.kq.packed  # type: ignore[union-attr]
+    Hkv = ref.shape[1]
     HG = Hq // Hkv
-    rows_pad = min(rows or L["rows"], max(16, next_pow2(HG * C)))
-    tiles = -(-HG * C // rows_pad)
+    tiles = -(-HG * C // rows)
     dev = q.device
     qr = q.reshape(B, Hq * C, D)  # head-major rows (a copy when q is a transposed view)
     if qr.stride(-1) != 1:
@@ -273,16 +294,15 @@ def chunk_attention(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor | None = N
         programs, T, kv.tkq, kv.tvq, block_n, block_n, True, num_splits, 1, dev, max_tail_splits=2)
     m_ws, l_ws, acc_ws = partials_workspace(B, Hq * C, num_splits, D, dev)
     sc = D ** -0.5 if scale is None else scale
-    dot_f32 = dot_in_f32(q.dtype)
     _chunk_split_kernel[(B * Hkv, num_splits, tiles)](
         qr, qr.stride(0), qr.stride(1),
         kp, *kp_st, ks, kz, *ks_st, kr, *kr_st,
         vp, *vp_st, vs, vz, *vs_st, vr, *vr_st,
         maskt, sm_b, m_ws, l_ws, acc_ws,
         Hkv, T, kv.tkq, kv.tvq, C, per_split, num_splits, sc * math.log2(math.e), fast_end, main_splits, tail_chunk,
-        HG=HG, ROWS=rows_pad, D=D, BLOCK_N=block_n, KBITS=kbits, KG=kg, VBITS=vbits, VG=vg,
-        HAS_MASK=mask is not None, DOT_F32=dot_f32, JOIN=L["join"] if join is None else join,
-        num_warps=num_warps or L["num_warps"], num_stages=num_stages or L["num_stages"])
+        HG=HG, ROWS=rows, D=D, BLOCK_N=block_n, KBITS=kbits, KG=kg, VBITS=vbits, VG=vg,
+        HAS_MASK=mask is not None, DOT_F32=dot_in_f32(q.dtype), JOIN=join, num_warps=num_warps,
+        num_stages=num_stages)
     out = torch.empty(B, Hq * C, D, dtype=q.dtype, device=dev)
     _decode_reduce_kernel[(B * Hq * C,)](m_ws, l_ws, acc_ws, out, out.stride(0), out.stride(1), Hq * C, num_splits,
                                          D=D, S_PAD=next_pow2(num_splits), num_warps=4)
