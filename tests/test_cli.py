@@ -50,6 +50,11 @@ def test_bad_method_is_a_clear_error_before_loading(capsys):
     assert rc == 2 and "bits=7 is not supported" in err
 
 
+def test_kernels_on_without_a_gpu_is_a_clear_error_before_loading(capsys):
+    rc = main(["generate", "--model", "/nonexistent", "--device", "cpu", "--kernels", "on", "hi"])
+    assert rc == 2 and "--kernels on needs a CUDA device" in capsys.readouterr().err
+
+
 def test_unknown_model_is_a_clear_error(capsys):
     rc = main(["generate", "--model", "some-org/some-hub-model", "hi"])
     assert rc == 2

@@ -249,6 +249,20 @@ def test_cli_flags_override_preset_and_methods_file(tmp_path):
     assert cfg.ordered_methods() == ["none", "int8", "kivi:bits=2,group=16", "int4"]
     with pytest.raises(KVShrinkError, match="unknown task"):
         EvalConfig(tasks=["ppl", "bleu"]).check()
+    assert build_config(parser.parse_args(["eval", "--kernels", "off"]))[0].kernels == "off"
+    with pytest.raises(KVShrinkError, match="unknown --kernels"):
+        EvalConfig(kernels="maybe").check()
+
+
+def test_kernels_resolve_per_device():
+    """auto: the GPU kernels on CUDA only; on: an error that says what is missing where they cannot run; off: never."""
+    from kvshrink.eval.runner import use_kernels
+
+    cpu = torch.device("cpu")
+    assert use_kernels(EvalConfig(kernels="auto"), cpu) is False
+    assert use_kernels(EvalConfig(kernels="off"), cpu) is False
+    with pytest.raises(KVShrinkError, match="--kernels on needs a CUDA device"):
+        use_kernels(EvalConfig(kernels="on"), cpu)
 
 
 def test_cli_smoke_on_tiny_model(tmp_path, capsys):
@@ -277,6 +291,7 @@ def test_cli_smoke_on_tiny_model(tmp_path, capsys):
             assert isinstance(r[k], (int, float)), (r["method"], k)
         assert r["passkey_grid"] == {"260": {"0": r["passkey_grid"]["260"]["0"], "1": r["passkey_grid"]["260"]["1"]}}
         assert r["ppl_tokens"] == 2 * (80 - 16) and r["mode"] == "decode" and r["seed"] == 0
+        assert r["kernels"] == "auto" and r["kernels_used"] is False  # CPU: the torch path
     none, int8, kivi = rows
     assert none["delta_ppl"] == 0 and none["kl"] == 0 and none["decode_tok_s_ratio"] == 1
     assert int8["bytes_per_token"] < none["bytes_per_token"] and kivi["kl"] > 0

@@ -320,6 +320,36 @@ def test_chunked_prefill_through_the_model_matches_reference_path(tiny):
     assert float((same - ref)[keep].norm() / ref[keep].norm()) < 1e-6
 
 
+@pytest.mark.parametrize("mode", ["decode", "chunked"])
+def test_eval_window_through_the_kernels_matches_the_torch_path(tiny, mode):
+    """The evaluation harness with kernels on (``--kernels``): the same logits as the torch path, decode steps served
+    by the decode kernel and chunks after the first by chunk_attention."""
+    from kvshrink.eval.ppl import run_window
+
+    model = tiny("llama", head_dim=32) if DEV == "cpu" else tiny_model("llama", head_dim=32).to(DEV)
+    ids = torch.randint(3, 200, (1, 57), generator=GEN).to(DEV)
+    spec = "kivi:bits=2,group=16,residual=16"
+    calls = {"decode": 0, "chunk": 0}
+    real_d, real_c = kattn.decode_packed, kattn.chunk_attention
+    outs = {}
+    try:
+        kattn.decode_packed = lambda *a, **kw: calls.__setitem__("decode", calls["decode"] + 1) or real_d(*a, **kw)
+        kattn.chunk_attention = lambda *a, **kw: calls.__setitem__("chunk", calls["chunk"] + 1) or real_c(*a, **kw)
+        for kernels in (False, True):
+            got = []
+            run_window(model, ids, spec, lambda pos, lg: got.append(lg.float()), mode=mode, chunk_size=8,
+                       prompt_tokens=24, kernels=kernels)
+            outs[kernels] = torch.cat(got)
+    finally:
+        kattn.decode_packed, kattn.chunk_attention = real_d, real_c
+        disable(model)
+    assert float((outs[True] - outs[False]).norm() / outs[False].norm()) < 1e-5
+    if mode == "decode":
+        assert calls == {"decode": 2 * 32, "chunk": 0}  # 32 decode steps after the prompt, two layers
+    else:
+        assert calls == {"decode": 0, "chunk": 2 * 4}  # 4 chunks of 8 after the prompt, two layers
+
+
 def test_chunk_mask_rows_accepts_only_causal_plus_padding():
     B, C, T = 2, 4, 10
     pad = torch.ones(B, T, dtype=torch.bool)

@@ -47,6 +47,10 @@ def add_parser(sub):
     p.add_argument("--no-out", dest="out", action="store_const", const=None, help="print the table only, write no files")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--kernels", default="auto", choices=["auto", "on", "off"],
+                   help="GPU kernels: auto (default) serves the caches with kvshrink's Triton kernels on CUDA (decode "
+                        "and chunked prefill over the packed cache), on insists (error off CUDA), off keeps the torch "
+                        "path (dequantize, then SDPA)"),
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; the demo preset: 1). On a CPU shared with other jobs, 1 can be "
@@ -107,7 +111,7 @@ def build_config(args):
                  speed_tokens=args.speed_tokens, decode_tokens=args.decode_tokens, texts=args.text,
                  haystack=args.haystack, threads=args.threads)
     values.update({k: v for k, v in flags.items() if v is not None})
-    cfg = EvalConfig(**values, model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
+    cfg = EvalConfig(**values, model=args.model, dtype=args.dtype, device=args.device, seed=args.seed, kernels=args.kernels,
                      prefill_chunk=args.prefill_chunk, verify=args.verify, progress=args.progress)
     return cfg, name
 

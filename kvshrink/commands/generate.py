@@ -13,6 +13,10 @@ def add_parser(sub):
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:1, ...")
+    p.add_argument("--kernels", default="auto", choices=["auto", "on", "off"],
+                   help="on CUDA, attend over the packed cache with kvshrink's Triton kernels (auto: when the device "
+                        "is CUDA; on: insist; off: dequantize, then SDPA)")
     return p
 
 
@@ -20,19 +24,23 @@ def run(args) -> int:
     import torch
 
     from ..cache import make_cache, resolve_methods
+    from ..eval.runner import _pick_device
+    from ..kernels._triton import kernels_for
     from ..models import load_model
 
     specs = args.method or ["none"]
     for spec in specs:  # fail on a bad spec before spending time loading the model
         resolve_methods(spec)
-    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
+    device = _pick_device(args.device)
+    kernels = kernels_for(args.kernels, device)
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
     text = args.prompt
     if args.chat and getattr(tok, "chat_template", None):
         text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-    inputs = tok(text, return_tensors="pt")
+    inputs = tok(text, return_tensors="pt").to(device)
     rows = []
     for spec in specs:
-        cache = make_cache(model, spec)
+        cache = make_cache(model, spec, kernels=kernels)
         t0 = time.perf_counter()
         with torch.no_grad():
             out = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False,
@@ -44,7 +52,7 @@ def run(args) -> int:
         print(f"=== {cache.spec}")
         print(text + completion)
         print(f"--- KV bytes held: {held:,} ({held / fp16:.3f}x of a 16-bit cache's {fp16:,}) "
-              f"for {cache.get_seq_length()} tokens; {dt:.1f} s")
+              f"for {cache.get_seq_length()} tokens; {dt:.1f} s" + ("; GPU kernels" if kernels else ""))
     if len(rows) > 1:
         print("\nmethod                                   KV bytes   x fp16")
         for spec, held, fp16 in rows:

@@ -123,19 +123,19 @@ class SpeedResult:
 
 
 def measure(model: Any, spec: str, ids: torch.Tensor, *, prefill_chunk: int, decode_tokens: int,
-            warmup: bool = True) -> SpeedResult:
+            warmup: bool = True, kernels: bool = False) -> SpeedResult:
     """Prefill ``ids (1, n)`` into a fresh cache of ``spec`` then greedy-decode ``decode_tokens``; time,
     peak memory and the bytes the cache holds at the end."""
     device = ids.device
     with torch.no_grad():
         if warmup:  # first calls pay one-off costs (allocator growth, kernel selection)
-            c = make_cache(model, spec)
+            c = make_cache(model, spec, kernels=kernels)
             try:
                 prefill(model, c, ids[:, :16], prefill_chunk)
             finally:
                 c.close()
             del c
-        cache = make_cache(model, spec)
+        cache = make_cache(model, spec, kernels=kernels)
         try:
             with PeakMemory(device) as mem:
                 _sync(device)

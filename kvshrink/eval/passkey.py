@@ -142,11 +142,11 @@ def prefill(model: Any, cache: Any, ids: torch.Tensor, chunk: int, start: int = 
 
 
 def greedy_answer(model: Any, tokenizer: Any, spec: str, input_ids: list[int], *, prefill_chunk: int,
-                  max_new_tokens: int) -> str:
+                  max_new_tokens: int, kernels: bool = False) -> str:
     """Prefill ``input_ids`` into a fresh cache of ``spec`` (chunked), then greedy-decode from it."""
     device = model.device
     ids = torch.tensor([input_ids], device=device)
-    cache = make_cache(model, spec)
+    cache = make_cache(model, spec, kernels=kernels)
     try:
         with torch.no_grad():
             logits = prefill(model, cache, ids, prefill_chunk)

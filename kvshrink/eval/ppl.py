@@ -87,14 +87,15 @@ class WindowResult:
 
 
 def run_window(model: Any, window_ids: torch.Tensor, spec: str, on_logits: LogitsCallback, *, mode: str = "chunked",
-               chunk_size: int = 32, prompt_tokens: int = 0) -> WindowResult:
+               chunk_size: int = 32, prompt_tokens: int = 0, kernels: bool = False) -> WindowResult:
     """Run one window (``(1, W)`` token ids) through a fresh cache of ``spec`` and hand the scored
-    positions' logits to ``on_logits``. Tokens ``0..W-2`` are fed (the last one is only a target)."""
+    positions' logits to ``on_logits``. Tokens ``0..W-2`` are fed (the last one is only a target).
+    ``kernels``: the cache's layers served by kvshrink's GPU kernels (``make_cache(..., kernels=True)``)."""
     W = window_ids.shape[1]
     check_window(W, prompt_tokens, chunk_size, mode)
     first = first_scored_position(prompt_tokens)
     feed = W - 1
-    cache = make_cache(model, spec, simulated=(mode == "simulated"))
+    cache = make_cache(model, spec, simulated=(mode == "simulated"), kernels=kernels and mode != "simulated")
     try:
         with torch.no_grad():
             if mode == "simulated":

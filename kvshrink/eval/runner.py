@@ -67,6 +67,9 @@ class EvalConfig:
     decode_tokens: int = 32
     verify: bool = True
     progress: bool = True
+    # GPU kernels: "auto" serves the caches with kvshrink's Triton kernels on CUDA (decode over the packed cache,
+    # chunked prefill over it), "on" insists (an error off CUDA), "off" keeps the torch path everywhere
+    kernels: str = "auto"
     threads: int | None = None  # torch CPU threads; None: torch's default
 
     def check(self) -> None:
@@ -89,6 +92,10 @@ class EvalConfig:
             raise KVShrinkError(f"--threads must be at least 1, got {self.threads}")
         if self.decode_tokens < 1:
             raise KVShrinkError(f"--decode-tokens must be at least 1, got {self.decode_tokens}")
+        from ..kernels._triton import KERNEL_CHOICES
+
+        if self.kernels not in KERNEL_CHOICES:
+            raise KVShrinkError(f"unknown --kernels {self.kernels!r}; choose one of {', '.join(KERNEL_CHOICES)}")
 
     def ordered_methods(self) -> list[str]:
         """The specs to run, ``none`` first (the reference every ratio and KL is taken against), no duplicates."""
@@ -141,6 +148,13 @@ def _pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def use_kernels(cfg: EvalConfig, device: torch.device) -> bool:
+    """Whether caches are served by the GPU kernels: ``cfg.kernels`` resolved for ``device``."""
+    from ..kernels._triton import kernels_for
+
+    return kernels_for(cfg.kernels, device)
+
+
 def _seed(seed: int) -> None:
     torch.manual_seed(seed)  # methods that draw random numbers (random rotations) get the same draws
 
@@ -149,7 +163,8 @@ def _seed(seed: int) -> None:
 # Tasks
 # ---------------------------------------------------------------------------------------------------
 
-def eval_ppl(model: Any, ids: torch.Tensor, specs: list[str], cfg: EvalConfig) -> dict[str, dict[str, Any]]:
+def eval_ppl(model: Any, ids: torch.Tensor, specs: list[str], cfg: EvalConfig,
+             kernels: bool = False) -> dict[str, dict[str, Any]]:
     """Perplexity, KL and top-1 of every spec over the same windows; ``specs[0]`` is the reference."""
     windows = split_windows(ids, cfg.window, cfg.max_tokens)
     first = first_scored_position(cfg.prompt_tokens)
@@ -182,7 +197,7 @@ def eval_ppl(model: Any, ids: torch.Tensor, specs: list[str], cfg: EvalConfig) -
             _seed(cfg.seed)
             t0 = time.perf_counter()
             res = run_window(model, w, spec, on_logits, mode=cfg.mode, chunk_size=cfg.chunk_size,
-                             prompt_tokens=cfg.prompt_tokens)
+                             prompt_tokens=cfg.prompt_tokens, kernels=kernels)
             times[spec] += time.perf_counter() - t0
             if cfg.verify:
                 mem.verify(spec, seen=res.seq_length, fed=res.tokens_fed, nbytes=res.nbytes,
@@ -210,7 +225,7 @@ def eval_ppl(model: Any, ids: torch.Tensor, specs: list[str], cfg: EvalConfig) -
 
 
 def eval_retrieval(model: Any, tokenizer: Any, hay: pk.Haystack, specs: list[str], cfg: EvalConfig,
-                   kind: str) -> dict[str, dict[str, Any]]:
+                   kind: str, kernels: bool = False) -> dict[str, dict[str, Any]]:
     samples = pk.build_grid(tokenizer, hay, kind, cfg.passkey_lengths, cfg.passkey_depths, cfg.passkey_trials, cfg.seed)
     digits = pk.TEMPLATES[kind].digits
     bar = _tqdm(len(samples) * len(specs), kind, cfg.progress)
@@ -221,7 +236,8 @@ def eval_retrieval(model: Any, tokenizer: Any, hay: pk.Haystack, specs: list[str
         for s in samples:
             _seed(cfg.seed)
             answers.append(pk.greedy_answer(model, tokenizer, spec, s.input_ids, prefill_chunk=cfg.prefill_chunk,
-                                            max_new_tokens=digits + 12))  # room for a few words before the number
+                                            max_new_tokens=digits + 12,  # room for a few words before the number
+                                            kernels=kernels))
             bar.update(1)
         sc = pk.score(samples, answers)
         out[spec] = {f"{kind}_acc": sc["acc"], f"{kind}_grid": sc["grid"], f"{kind}_time_s": time.perf_counter() - t0,
@@ -231,7 +247,8 @@ def eval_retrieval(model: Any, tokenizer: Any, hay: pk.Haystack, specs: list[str
     return out
 
 
-def eval_memory_speed(model: Any, ids: torch.Tensor, specs: list[str], cfg: EvalConfig) -> dict[str, dict[str, Any]]:
+def eval_memory_speed(model: Any, ids: torch.Tensor, specs: list[str], cfg: EvalConfig,
+                      kernels: bool = False) -> dict[str, dict[str, Any]]:
     n = min(cfg.speed_tokens, ids.shape[1])
     context = ids[:, :n]
     bar = _tqdm(len(specs), "memory/speed", cfg.progress)
@@ -239,7 +256,8 @@ def eval_memory_speed(model: Any, ids: torch.Tensor, specs: list[str], cfg: Eval
     ref = None
     for spec in specs:
         _seed(cfg.seed)
-        r = mem.measure(model, spec, context, prefill_chunk=cfg.prefill_chunk, decode_tokens=cfg.decode_tokens)
+        r = mem.measure(model, spec, context, prefill_chunk=cfg.prefill_chunk, decode_tokens=cfg.decode_tokens,
+                        kernels=kernels)
         if cfg.verify:
             mem.verify(spec, seen=r.kv_tokens, fed=n + cfg.decode_tokens, nbytes=r.kv_bytes,
                        ref_nbytes=None if ref is None else ref.kv_bytes, tokens_held=r.tokens_held, where="memory/speed run")
@@ -275,12 +293,28 @@ def evaluate(model: Any, tokenizer: Any, text: str, cfg: EvalConfig, haystack_te
                        needle_acc=None, bytes_per_token=None, fp16_bytes_per_token=None, bytes_vs_fp16=None,
                        peak_mem_bytes=None, peak_mem_mb=None, peak_mem_ratio=None, prefill_tok_s=None,
                        decode_tok_s=None, prefill_tok_s_ratio=None, decode_tok_s_ratio=None)
+    kernels = use_kernels(cfg, device)
+    try:
+        _evaluate(model, tokenizer, text, cfg, haystack_text, specs, tasks, device, rows, kernels)
+    finally:
+        if kernels:  # make_cache(..., kernels=True) switched the model's attention: switch it back
+            from ..kernels import disable
+
+            disable(model)
+    for r in rows.values():
+        r["kernels_used"] = kernels
+        if r["bytes_per_token"] is not None:
+            r["bytes_vs_fp16"] = r["bytes_per_token"] / r["fp16_bytes_per_token"]
+    return list(rows.values())
+
+
+def _evaluate(model, tokenizer, text, cfg, haystack_text, specs, tasks, device, rows, kernels) -> None:
     needs_text = bool(tasks & {"ppl", "kl", "memory", "speed"})
     ids = None
     if needs_text:
         ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=device)
     if tasks & {"ppl", "kl"}:
-        res = eval_ppl(model, ids, specs, cfg)
+        res = eval_ppl(model, ids, specs, cfg, kernels)
         ref_ppl = res[specs[0]]["ppl"]
         for s in specs:
             r = res[s]
@@ -296,10 +330,10 @@ def evaluate(model: Any, tokenizer: Any, text: str, cfg: EvalConfig, haystack_te
     for kind in ("passkey", "needle"):
         if kind in tasks:
             hay = pk.Haystack(tokenizer, haystack_text if haystack_text is not None else text)
-            for s, r in eval_retrieval(model, tokenizer, hay, specs, cfg, kind).items():
+            for s, r in eval_retrieval(model, tokenizer, hay, specs, cfg, kind, kernels).items():
                 rows[s].update(r)
     if tasks & {"memory", "speed"}:
-        for s, r in eval_memory_speed(model, ids, specs, cfg).items():
+        for s, r in eval_memory_speed(model, ids, specs, cfg, kernels).items():
             if "memory" in tasks:
                 rows[s].update(bytes_per_token=r["bytes_per_token"], fp16_bytes_per_token=r["fp16_bytes_per_token"],
                                kv_bytes=r["kv_bytes"], kv_tokens=r["kv_tokens"], peak_mem_bytes=r["peak_mem_bytes"],
@@ -311,10 +345,6 @@ def evaluate(model: Any, tokenizer: Any, text: str, cfg: EvalConfig, haystack_te
                 rows[s].update({k: r[k] for k in ("prefill_tok_s", "decode_tok_s", "prefill_tok_s_ratio",
                                                    "decode_tok_s_ratio", "prefill_s", "decode_s", "prefill_chunk",
                                                    "speed_context_tokens", "decode_tokens")})
-    for r in rows.values():
-        if r["bytes_per_token"] is not None:
-            r["bytes_vs_fp16"] = r["bytes_per_token"] / r["fp16_bytes_per_token"]
-    return list(rows.values())
 
 
 def settings(cfg: EvalConfig, model: Any, tokenizer: Any) -> dict[str, Any]:
@@ -362,7 +392,9 @@ def describe_settings(cfg: EvalConfig, rows: list[dict[str, Any]]) -> str:
     if r0.get("peak_mem_how"):
         lines.append(f"- peak memory: {r0['peak_mem_how']} (includes activations, not only the cache).")
     lines.append(f"- model {cfg.model} ({cfg.dtype}, {r0.get('device_used', cfg.device)}, "
-                 f"{torch.get_num_threads()} CPU threads), seed {cfg.seed}.")
+                 f"{torch.get_num_threads()} CPU threads), seed {cfg.seed}; "
+                 + ("attention over the packed caches by kvshrink's GPU kernels where they serve (--kernels)."
+                    if r0.get("kernels_used") else "attention over dequantized K/V (torch path)."))
     return "\n".join(lines)
 
 

@@ -30,6 +30,27 @@ def kernels_usable(device) -> bool:
     return dev.type == "cuda" or INTERPRET
 
 
+KERNEL_CHOICES = ("auto", "on", "off")
+
+
+def kernels_for(choice: str, device) -> bool:
+    """Whether to serve caches with the kernels, for a user's ``--kernels`` choice on ``device``: ``auto`` on CUDA
+    with Triton, ``on`` likewise but an error where they cannot run, ``off`` never (the torch path)."""
+    import torch
+
+    from ..errors import KVShrinkError
+
+    if choice not in KERNEL_CHOICES:
+        raise KVShrinkError(f"unknown --kernels {choice!r}; choose one of {', '.join(KERNEL_CHOICES)}")
+    if choice == "off":
+        return False
+    usable = torch.device(device).type == "cuda" and HAS_TRITON
+    if choice == "on" and not usable:
+        raise KVShrinkError(f"--kernels on needs a CUDA device and Triton (device {device}, Triton "
+                            f"{'installed' if HAS_TRITON else 'missing'}); use --device cuda, or --kernels auto/off")
+    return usable
+
+
 def device_guard(device):
     """Make ``device`` current while kernels launch: Triton launches on the *current* CUDA device, so tensors of a
     model split over GPUs (layers on cuda:1 while cuda:0 is current) need it; a no-op off CUDA."""
