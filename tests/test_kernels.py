@@ -513,6 +513,18 @@ def test_generate_with_kernels_matches_reference_path(tiny, monkeypatch, head_di
     assert float((s_got - s_ref).norm() / s_ref.norm()) < 1e-5
 
 
+def test_nothing_quantized_yet_goes_to_the_kivi_layout_kernel():
+    """Early decode steps (every token still in the 16-bit residual) have no stream to tell the layout by: the
+    KIVI-layout kernel serves them (the strided one cannot compile head_dim 32 at 2 bits: 8 bytes per token)."""
+    from kvshrink.kernels.decode_strided import strided_decode_supported
+
+    k, v = rand(1, 2, 5, 32, dtype=torch.float32), rand(1, 2, 5, 32, dtype=torch.float32)
+    kv = PackedKV(None, k, None, v)
+    assert not strided_decode_supported(kv, 32)
+    q = rand(1, 4, 32, dtype=torch.float32)
+    torch.testing.assert_close(kattn.decode_packed(q, kv), decode_attention_ref(q, kv), atol=1e-5, rtol=1e-4)
+
+
 def test_attention_function_mask_rows_and_dense_fallback():
     """transformers' 4-D masks (bool or additive) become the kernel's (B, T) rows; a call the kernel cannot
     serve (here: soft-capping) falls back to dequantize + SDPA and still matches the reference."""

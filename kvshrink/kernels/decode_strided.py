@@ -292,7 +292,10 @@ LAUNCH: dict = {"block_n": 128, "num_warps": 4, "num_stages": 3, "maxnreg": 0, "
 
 
 def strided_decode_supported(kv: PackedKV, head_dim: int) -> bool:
-    """Whether :func:`decode_attention_strided` serves this cache: strided streams it can read."""
+    """Whether :func:`decode_attention_strided` serves this cache: strided streams it can read (at least one; a cache
+    with nothing quantized yet goes to the KIVI-layout kernel, which also serves head dims the strided one cannot)."""
+    if kv.kq is None and kv.vq is None:
+        return False
     for q in (kv.kq, kv.vq):
         if q is None:
             continue
