@@ -292,10 +292,14 @@ LAUNCH: dict = {"block_n": 128, "num_warps": 4, "num_stages": 3, "maxnreg": 0, "
 
 
 def strided_decode_supported(kv: PackedKV, head_dim: int) -> bool:
-    """Whether :func:`decode_attention_strided` serves this cache: strided streams it can read (at least one; a cache
-    with nothing quantized yet goes to the KIVI-layout kernel, which also serves head dims the strided one cannot)."""
-    if kv.kq is None and kv.vq is None:
-        return False
+    """Whether a decode step goes to :func:`decode_attention_strided`: strided streams it can read, at least one (a
+    cache with nothing quantized yet goes to the KIVI-layout kernel, which also serves head dims the strided one
+    cannot compile, e.g. 32 at 2 bits)."""
+    return (kv.kq is not None or kv.vq is not None) and _strided_readable(kv, head_dim)
+
+
+def _strided_readable(kv: PackedKV, head_dim: int) -> bool:
+    """Every quantized stream of ``kv`` is strided and readable by the strided kernel (none at all is readable)."""
     for q in (kv.kq, kv.vq):
         if q is None:
             continue
@@ -333,7 +337,7 @@ def decode_attention_strided(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor |
     if not HAS_TRITON:
         raise RuntimeError("decode_attention_strided needs Triton; use reference.decode_attention_ref here")
     B, Hq, D = q.shape
-    if not strided_decode_supported(kv, D):
+    if not _strided_readable(kv, D):
         raise ValueError("this cache is not in the strided layout the strided decode kernel reads")
     block_n = block_n or LAUNCH["block_n"]
     num_warps = num_warps or LAUNCH["num_warps"]
