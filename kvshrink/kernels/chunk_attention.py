@@ -8,11 +8,12 @@ chunk itself sits in the full-precision residual, as :class:`~.layer.KernelUnifo
 Unlike decode, prefill does real matrix work per stored code (every code meets ``rows`` query rows), so the kernel
 is flash attention with dequantizing loads: a program takes ``ROWS`` query rows of one KV head (its ``HG`` query
 heads x ``C`` tokens, head-major, as ``q`` lies in memory), walks its slice of the tokens in blocks of
-``BLOCK_N``, builds each block's keys ``(D, BLOCK_N)`` and values ``(BLOCK_N, D)`` in token order -- codes
-unpacked per element (each byte read by the ``8 / bits`` lanes that share it), ``code * scale + zero`` in 16 bits
--- and runs the usual online softmax with one score and one value product per block. Blocks where both streams
-are packed skip the residual selects; the last blocks (residuals, the chunk) take them and the causal limit, and
-a row tile stops at the last token any of its rows sees. Splits and the merge are the decode kernel's
+``BLOCK_N``, builds each block's keys ``(D, BLOCK_N)`` and values ``(BLOCK_N, D)`` in token/channel order --
+each packed byte read once, its code lanes unpacked and interleaved back into order (``tl.join``; ``join=False``
+reads one byte per element instead), ``code * scale + zero`` in 16 bits -- and runs the usual online softmax with
+one score and one value product per block. Three loops: blocks packed in both streams, tokens packed in one
+stream only (per-element residual selects), and 16-bit tokens (the residuals' rest and the chunk itself, where the
+causal limit applies); a row tile stops at the last token any of its rows sees. Splits and the merge are the decode kernel's
 (:func:`~.decode_attention.plan_splits`, ``_decode_reduce_kernel``).
 """
 from __future__ import annotations
