@@ -525,6 +525,28 @@ def test_nothing_quantized_yet_goes_to_the_kivi_layout_kernel():
     torch.testing.assert_close(kattn.decode_packed(q, kv), decode_attention_ref(q, kv), atol=1e-5, rtol=1e-4)
 
 
+def test_soft_capped_model_keeps_its_eager_attention_for_dense_calls(tiny):
+    """Gemma2 (attention soft-capping, eager attention): the kernels cannot serve it and SDPA refuses soft-capping, so
+    the dense calls go to the model's own eager function, with the boolean mask turned back into an additive one:
+    generation equals the reference path exactly (found when the eval CLI began using the kernels on CUDA)."""
+    model = tiny("gemma2", head_dim=32) if DEV == "cpu" else tiny_model("gemma2", head_dim=32).to(DEV)
+    assert model.config._attn_implementation == "eager"
+    ids = torch.randint(3, 200, (2, 20), generator=GEN).to(DEV)
+    am = torch.ones_like(ids)
+    am[1, :3] = 0
+    spec = "kivi:bits=2,group=16,residual=16"
+    kw = dict(input_ids=ids, attention_mask=am, max_new_tokens=5, do_sample=False, output_scores=True,
+              return_dict_in_generate=True)
+    ref = model.generate(past_key_values=make_cache(model, spec), **kw)
+    try:
+        got = model.generate(past_key_values=make_kernel_cache(model, spec), **kw)
+    finally:
+        disable(model)
+    assert model.config._attn_implementation == "eager" and "_kvshrink_dense_attn" not in model.config.__dict__
+    assert torch.equal(got.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(got.scores), torch.stack(ref.scores), atol=1e-5, rtol=1e-5)
+
+
 def test_attention_function_mask_rows_and_dense_fallback():
     """transformers' 4-D masks (bool or additive) become the kernel's (B, T) rows; a call the kernel cannot
     serve (here: soft-capping) falls back to dequantize + SDPA and still matches the reference."""

@@ -35,9 +35,23 @@ _registered = False
 
 
 def _dense_sdpa(module, query, key, value, attention_mask, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    """Dense K/V through the attention the model used before :func:`enable` (SDPA, or the model's own eager function
+    where it needs one, e.g. Gemma2's soft-capping, which SDPA refuses)."""
+    import sys
 
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    prev = getattr(getattr(module, "config", None), "_kvshrink_dense_attn", None) or "sdpa"
+    if prev == "eager":  # transformers' modeling files each define their own eager function
+        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if fn is not None and attention_mask is not None and attention_mask.dtype == torch.bool:
+            # the "kvshrink" mask is SDPA's boolean one (True = attend); eager functions add theirs to the scores
+            attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~attention_mask, torch.finfo(query.dtype).min)
+    else:
+        fn = ALL_ATTENTION_FUNCTIONS.get(prev) if prev != NAME else None
+    return (fn or sdpa_attention_forward)(module, query, key, value, attention_mask, **kwargs)
 
 
 def _mask_rows(attention_mask: torch.Tensor | None, batch: int, tokens: int) -> torch.Tensor | None:
@@ -168,6 +182,8 @@ def enable(model: torch.nn.Module, cache=None) -> None:
     register()
     if getattr(model, "_kvshrink_prev_attn", None) is None:
         model._kvshrink_prev_attn = model.config._attn_implementation  # type: ignore[assignment]
+        for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            cfg._kvshrink_dense_attn = model._kvshrink_prev_attn  # what dense calls keep using (_dense_sdpa)
     model.set_attn_implementation(NAME)
     if cache is not None:
         convert_cache(cache)
@@ -179,6 +195,8 @@ def disable(model: torch.nn.Module) -> None:
     if prev is not None:
         model.set_attn_implementation(prev)
         model._kvshrink_prev_attn = None  # type: ignore[assignment]
+        for cfg in (model.config, model.config.get_text_config()):
+            cfg.__dict__.pop("_kvshrink_dense_attn", None)  # nothing of ours left on the config (save_pretrained)
 
 
 def make_kernel_cache(model: torch.nn.Module, spec: Any = "kivi", *, reserve: int | None = None, **params: Any):
