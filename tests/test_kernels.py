@@ -525,12 +525,14 @@ def test_nothing_quantized_yet_goes_to_the_kivi_layout_kernel():
     torch.testing.assert_close(kattn.decode_packed(q, kv), decode_attention_ref(q, kv), atol=1e-5, rtol=1e-4)
 
 
-def test_soft_capped_model_keeps_its_eager_attention_for_dense_calls(tiny):
-    """Gemma2 (attention soft-capping, eager attention): the kernels cannot serve it and SDPA refuses soft-capping, so
-    the dense calls go to the model's own eager function, with the boolean mask turned back into an additive one:
-    generation equals the reference path exactly (found when the eval CLI began using the kernels on CUDA)."""
-    model = tiny("gemma2", head_dim=32) if DEV == "cpu" else tiny_model("gemma2", head_dim=32).to(DEV)
-    assert model.config._attn_implementation == "eager"
+def test_kernel_cache_generates_like_the_reference_path_in_every_family(tiny, family):
+    """Every tested family through make_kernel_cache + generate (left padding): the reference path's tokens and
+    scores, and the model's attention restored after. Calls the kernels cannot serve keep the attention the model
+    used before: Gemma2's soft-capping needs its eager function (SDPA refuses it), fed an additive mask (found when
+    the eval CLI began using the kernels on CUDA)."""
+    kw = {} if family in ("qwen2", "phi3") else {"head_dim": 32}  # their configs derive head_dim
+    model = tiny(family, **kw) if DEV == "cpu" else tiny_model(family, **kw).to(DEV)
+    before = model.config._attn_implementation
     ids = torch.randint(3, 200, (2, 20), generator=GEN).to(DEV)
     am = torch.ones_like(ids)
     am[1, :3] = 0
@@ -542,7 +544,7 @@ def test_soft_capped_model_keeps_its_eager_attention_for_dense_calls(tiny):
         got = model.generate(past_key_values=make_kernel_cache(model, spec), **kw)
     finally:
         disable(model)
-    assert model.config._attn_implementation == "eager" and "_kvshrink_dense_attn" not in model.config.__dict__
+    assert model.config._attn_implementation == before and "_kvshrink_dense_attn" not in model.config.__dict__
     assert torch.equal(got.sequences, ref.sequences)
     torch.testing.assert_close(torch.stack(got.scores), torch.stack(ref.scores), atol=1e-5, rtol=1e-5)
 
