@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from .hf_compat import cache_kw
 from .cache import KVShrinkCache, make_cache
 from .policy import compression
 
@@ -60,7 +61,7 @@ class KVCompressionPipeline(Pipeline):
         ctx = inputs["context_ids"].to(model.device)
         cache = make_cache(model, spec, simulated=simulated)
         with torch.no_grad():
-            model(ctx, past_key_values=cache, use_cache=True)
+            model(ctx, **cache_kw(model, cache), use_cache=True)
         stats = {"context_tokens": int(ctx.shape[-1]), "cache_bytes": cache.nbytes(),
                  "fp16_bytes": cache.fp16_nbytes(), "tokens_held": cache.tokens_held()}
         saved = _copy_layers(cache)
@@ -70,7 +71,7 @@ class KVCompressionPipeline(Pipeline):
             cache.layers[:] = _copy_layers_from(saved, cache)
             full = torch.cat([ctx, q.to(model.device)], dim=-1)
             with compression(cache, False), torch.no_grad():
-                out = model.generate(full, attention_mask=torch.ones_like(full), past_key_values=cache,
+                out = model.generate(full, attention_mask=torch.ones_like(full), **cache_kw(model, cache),
                                      max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
                                      pad_token_id=eos if eos is not None else 0)
             answers.append(out[0, full.shape[-1]:])

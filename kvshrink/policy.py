@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import SpecError
+from .hf_compat import cache_in
 from .layer import CompressedLayer
 from .storage import check_finite
 
@@ -539,7 +540,8 @@ def install_policy_hooks(model: torch.nn.Module, cache: Any) -> list:
     * a pre-hook on each attention module recomputing the window queries its policy chain asks for,
       plus the module's ``scaling`` (and Gemma2's logit soft-cap).
 
-    Hooks act only when ``past_key_values`` is this cache (a weak reference: no cycle keeps it alive).
+    Hooks act only when the call's cache (``cache``, ``past_key_values`` before transformers 5.25) is this cache
+    (a weak reference: no cycle keeps it alive).
     """
     if getattr(cache, "_kvshrink_policy_hooks", False):
         return []
@@ -549,7 +551,7 @@ def install_policy_hooks(model: torch.nn.Module, cache: Any) -> list:
 
     def model_hook(module, args, kwargs):
         c = ref()
-        if c is None or kwargs.get("past_key_values") is not c:
+        if c is None or cache_in(kwargs) is not c:
             return
         mask = kwargs.get("attention_mask")
         mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
@@ -565,7 +567,7 @@ def install_policy_hooks(model: torch.nn.Module, cache: Any) -> list:
 
         def attn_hook(module, args, kwargs, idx=idx):
             c = ref()
-            if c is None or kwargs.get("past_key_values") is not c:
+            if c is None or cache_in(kwargs) is not c:
                 return
             chain = _chain(c.layers[idx])
             hidden = kwargs.get("hidden_states", args[0] if args else None)

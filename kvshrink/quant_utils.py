@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .hf_compat import cache_in
 from .layer import CompressedLayer
 from .layer import half_dtype  # noqa: F401  (re-exported)
 from .storage import QuantizedTensor
@@ -383,7 +384,7 @@ def install_query_probes(model: torch.nn.Module, cache: Any, want: type, rope: b
         target.probe = probe
 
         def hook(module, args, kwargs, probe=probe):
-            pkv = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+            pkv = cache_in(kwargs)
             if pkv is not None and pkv is not cache_ref():
                 return  # another cache on the same model: not ours to capture
             hidden = kwargs.get("hidden_states", args[0] if args else None)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from .hf_compat import cache_kw
+
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")
 
 
@@ -63,7 +65,7 @@ def greedy_steps(model, cache, ids: torch.Tensor, steps: int, attention_mask: to
     B, n0 = ids.shape
     am, dev = attention_mask, ids.device
     extra = {} if am is None else {"attention_mask": am, "position_ids": (am.cumsum(-1) - 1).clamp(min=0)}
-    tok = model(input_ids=ids, past_key_values=cache, use_cache=True, **extra).logits[:, -1:].argmax(-1)
+    tok = model(input_ids=ids, **cache_kw(model, cache), use_cache=True, **extra).logits[:, -1:].argmax(-1)
     if am is not None and padding == "once":
         for layer in cache.layers:
             layer.set_padding(am)
@@ -74,7 +76,7 @@ def greedy_steps(model, cache, ids: torch.Tensor, steps: int, attention_mask: to
         if am is not None and padding == "every":
             extra["attention_mask"] = torch.cat([am, torch.ones_like(am[:, :i + 1])], 1)
         logits = model(input_ids=tok, position_ids=start + i, cache_position=torch.tensor([n0 + i], device=dev),
-                       past_key_values=cache, use_cache=True, **extra).logits[:, -1]
+                       **cache_kw(model, cache), use_cache=True, **extra).logits[:, -1]
         outs.append(logits)
         tok = logits[:, None].argmax(-1)
     return torch.stack(outs)

@@ -25,6 +25,7 @@ def run(args) -> int:
 
     from ..cache import make_cache, resolve_methods
     from ..eval.runner import _pick_device
+    from ..hf_compat import cache_kw
     from ..kernels._triton import kernels_for
     from ..models import load_model
 
@@ -43,7 +44,7 @@ def run(args) -> int:
         cache = make_cache(model, spec, kernels=kernels)
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False,
+            out = model.generate(**inputs, **cache_kw(model, cache), max_new_tokens=args.max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
         dt = time.perf_counter() - t0
         completion = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

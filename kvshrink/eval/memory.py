@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..hf_compat import cache_kw
 from ..cache import make_cache
 from ..errors import KVShrinkError
 from .passkey import prefill
@@ -146,7 +147,7 @@ def measure(model: Any, spec: str, ids: torch.Tensor, *, prefill_chunk: int, dec
                 pos = ids.shape[1]
                 for _ in range(decode_tokens):
                     nxt = logits.argmax().view(1, 1)
-                    logits = model(input_ids=nxt, past_key_values=cache, position_ids=torch.tensor([[pos]], device=device),
+                    logits = model(input_ids=nxt, **cache_kw(model, cache), position_ids=torch.tensor([[pos]], device=device),
                                    use_cache=True).logits[0, -1]
                     pos += 1
                 _sync(device)

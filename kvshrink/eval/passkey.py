@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..hf_compat import cache_kw
 from ..cache import make_cache
 from ..errors import KVShrinkError
 
@@ -136,7 +137,7 @@ def prefill(model: Any, cache: Any, ids: torch.Tensor, chunk: int, start: int = 
     for s in range(0, ids.shape[1], chunk):
         x = ids[:, s:s + chunk]
         pos = torch.arange(start + s, start + s + x.shape[1], device=ids.device).unsqueeze(0)
-        out = model(input_ids=x, past_key_values=cache, position_ids=pos, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=x, **cache_kw(model, cache), position_ids=pos, use_cache=True, logits_to_keep=1)
         last = out.logits[0, -1]
     return last
 
@@ -160,7 +161,7 @@ def greedy_answer(model: Any, tokenizer: Any, spec: str, input_ids: list[int], *
                 out.append(nxt)
                 if _NUMBER_DONE.search(tokenizer.decode(out, skip_special_tokens=True)):
                     break  # a whole number has been written: the answer is decided, stop early
-                logits = model(input_ids=torch.tensor([[nxt]], device=device), past_key_values=cache,
+                logits = model(input_ids=torch.tensor([[nxt]], device=device), **cache_kw(model, cache),
                                position_ids=torch.tensor([[pos]], device=device), use_cache=True).logits[0, -1]
                 pos += 1
             if cache.get_seq_length() != pos:

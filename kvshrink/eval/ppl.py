@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..hf_compat import cache_kw
 from ..cache import KVShrinkCache, make_cache
 from ..errors import KVShrinkError
 
@@ -57,7 +58,7 @@ def _forward(model: Any, ids: torch.Tensor, cache: KVShrinkCache, start: int) ->
     model would otherwise derive positions from the cache (see docs: TRANSFORMERS_NOTES)."""
     n = ids.shape[1]
     pos = torch.arange(start, start + n, device=ids.device).unsqueeze(0)
-    out = model(input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True)
+    out = model(input_ids=ids, **cache_kw(model, cache), position_ids=pos, use_cache=True)
     return out.logits[0]
 
 

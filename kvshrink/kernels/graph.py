@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..hf_compat import cache_kw
 from ..layer import half_dtype
 from ..storage import QuantizedTensor, packed_size
 from ._triton import HAS_TRITON, dot_in_f32, next_pow2, tl, triton
@@ -521,7 +522,7 @@ class GraphDecoder:
 
     def _forward(self) -> None:
         out = self.model(input_ids=self.tokens, position_ids=self.pos, cache_position=self.cache_position,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                         **cache_kw(self.model, self.cache), use_cache=True, logits_to_keep=1)
         self.tokens.copy_(out.logits[:, -1].argmax(-1, keepdim=True))
         self.pos.add_(1)
         self.cache_position.add_(1)

@@ -45,6 +45,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..hf_compat import cache_kw
 from ..quant_utils import (StateLayer, gather_tokens, half_dtype, install_query_probes, merge_outliers, nearest_code, outlier_count,
                            split_outliers, weighted_kmeans_1d)
 from ..rope import append_positions, apply_rope, check_rope_style, invert_rope, rotate_half
@@ -228,7 +229,7 @@ def calibrate_model(model: Any, bits: int, outliers: float, qnorm: bool, prerope
             p.requires_grad_(False)
         with torch.enable_grad():
             emb = model.get_input_embeddings()(input_ids).detach().requires_grad_(fisher)
-            out = model(inputs_embeds=emb, past_key_values=cache, use_cache=True)
+            out = model(inputs_embeds=emb, **cache_kw(model, cache), use_cache=True)
             if fisher:
                 logits = out.logits[:, :-1].float()
                 loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),

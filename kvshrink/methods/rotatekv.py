@@ -91,6 +91,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import KVShrinkError, SpecError, UnsupportedModelError
+from ..hf_compat import cache_in, cache_kw
 from ..layer import CompressedLayer, half_dtype
 from ..registry import register
 from ..quant_utils import gather_tokens
@@ -767,7 +768,7 @@ def _find(layer) -> Any:
 def _make_hook(cache_ref: "weakref.ref", idx: int, source: RopeSource):
     def hook(module, args, kwargs):
         cache = cache_ref()
-        if cache is None or kwargs.get("past_key_values") is not cache:
+        if cache is None or cache_in(kwargs) is not cache:
             return None  # another cache (or none) is running through this model: not ours
         layer = _find(cache.layers[idx])
         if layer is None:
@@ -800,7 +801,7 @@ def channel_statistics(model, method: RotateKV, input_ids: torch.Tensor, window:
             break
         cache = make_cache(model, probe)
         try:
-            model(input_ids=chunk, past_key_values=cache, use_cache=True)
+            model(input_ids=chunk, **cache_kw(model, cache), use_cache=True)
             for i, layer in enumerate(cache.layers):
                 layer = _find(layer)
                 if not isinstance(layer, RotateKVLayer) or layer.k_res is None:
