@@ -30,7 +30,7 @@ from kvshrink.kernels import disable, make_kernel_cache  # noqa: E402
 from kvshrink.kernels.rotatekv_decode import (attention_ref, decode_attention_rotatekv,  # noqa: E402
                                               state_dense, unsupported_reason)
 from kvshrink.kernels.rotatekv_layer import KernelRotateKVLayer, RotateKVDecode  # noqa: E402
-from kvshrink.methods.rotatekv import RotateKV, RotateKVLayer  # noqa: E402
+from kvshrink.methods.rotatekv import SINK_BLOCK, RotateKV, RotateKVLayer  # noqa: E402
 from kvshrink.rope import RopeSource  # noqa: E402
 from kvshrink.testing import tiny_model  # noqa: E402
 
@@ -264,10 +264,12 @@ def _generate(model, cache, ids, am, steps):
                           output_scores=True, return_dict_in_generate=True, past_key_values=cache)
 
 
-@pytest.mark.parametrize("spec", ["rotatekv:bits=2", "rotatekv:bits=4,sink_ratio=0,sink_topk=3,residual=2"])
-def test_generate_with_kernel_matches_plain_rotatekv(tiny, monkeypatch, spec):
+@pytest.mark.parametrize("spec,deferred", [("rotatekv:bits=2", None), ("rotatekv:bits=4,sink_ratio=0,sink_topk=3,residual=2", None),
+                                           ("rotatekv:bits=2,sink_ratio=0,sink_topk=3", True)])
+def test_generate_with_kernel_matches_plain_rotatekv(tiny, monkeypatch, spec, deferred):
     """Greedy generation with transformers' attention interface: the RotateKV kernel serves every decode step
-    of every layer, and gives the tokens (and logits, within fp32 rounding) of the plain rotatekv cache."""
+    of every layer, and gives the tokens (and logits, within fp32 rounding) of the plain rotatekv cache.
+    ``deferred``: decode-step sinks kept in a pending block (-1 columns the kernel must skip), as on the GPU."""
     model = tiny("llama", head_dim=64) if DEV == "cpu" else tiny_model("llama", head_dim=64).to(DEV)
     ids = torch.randint(3, 200, (2, 20), generator=GEN).to(DEV)
     am = torch.ones_like(ids)
@@ -281,12 +283,16 @@ def test_generate_with_kernel_matches_plain_rotatekv(tiny, monkeypatch, spec):
         try:
             cache = make_kernel_cache(model, spec, reserve=26)
             assert all(isinstance(layer, KernelRotateKVLayer) for layer in cache.layers)
+            for layer in cache.layers:
+                layer.deferred_sinks = deferred
             got = _generate(model, cache, ids, am, 6)
         finally:
             disable(model)
     assert len(calls) == 5 * 2  # 5 decode steps x 2 layers
     if "sink_ratio=0" in spec:
         assert cache.layers[0].sink_idx is not None
+    if deferred:  # every decode token is a sink here: its column of the pending block holds it
+        assert (cache.layers[0].sink_idx[:, -SINK_BLOCK:] >= 0).sum() == 2 * 5
     assert torch.equal(got.sequences, ref.sequences)
     s_ref, s_got = torch.stack(ref.scores), torch.stack(got.scores)
     assert float((s_got - s_ref).norm() / s_ref.norm()) < 1e-4

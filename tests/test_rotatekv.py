@@ -154,6 +154,96 @@ def test_sinks_follow_massive_activations(tiny):
     assert layer.sink_idx.tolist() == [[5]]
 
 
+def _sinks_by_loop(hidden: torch.Tensor, topk: int, ratio: float) -> list[list[int]]:
+    """Each row's sink tokens as the paper states it (plain Python): the distinct tokens owning a top-k |entry| that
+    reaches ``ratio`` x the row's lower median |entry|, ascending."""
+    B, _, C = hidden.shape
+    a = hidden.abs().float().reshape(B, -1)
+    rows = []
+    for b in range(B):
+        vals, flat = a[b].topk(min(topk, a.shape[1]))
+        med = a[b].sort().values[(a.shape[1] - 1) // 2]
+        rows.append(sorted({int(f) // C for v, f in zip(vals, flat) if v >= ratio * med}))
+    return rows
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 4), T=st.integers(1, 9), topk=st.integers(1, 12), planted=st.lists(
+    st.tuples(st.integers(0, 3), st.integers(0, 8), st.floats(1.0, 400.0)), max_size=8), seed=st.integers(0, 99))
+def test_chunk_sinks_match_the_plain_rule(tiny, B, T, topk, planted, seed):
+    """The vectorized sink search (one host sync) finds, row by row, the tokens the plain rule names, -1 padded."""
+    layer = make_cache(tiny("llama"), f"rotatekv:bits=2,reorder=false,prerope=false,sink_topk={topk},"
+                                      "sink_ratio=20").layers[0]
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, 16, generator=g)
+    for b, t, x in planted:
+        if b < B and t < T:
+            hidden[b, t, (b + t) % 16] = x
+    want = _sinks_by_loop(hidden, topk, 20.0)
+    got = layer._chunk_sinks(hidden, None, "cpu")
+    if not any(want):
+        assert got is None
+        return
+    S = max(len(r) for r in want)
+    assert got.tolist() == [r + [-1] * (S - len(r)) for r in want]
+
+
+@pytest.mark.parametrize("prerope", [False, True])
+def test_deferred_decode_sinks_keep_what_the_synced_path_keeps(tiny, prerope):
+    """Decode-step sinks decided on the device (no host sync: the GPU default) hold the same exact sinks as the
+    per-step search: the cache reads back identically at every step, across a full pending block (compaction),
+    and after compaction the sink tensors are the synced path's; -1 columns never exceed one block."""
+    from kvshrink.methods.rotatekv import SINK_BLOCK
+
+    model = tiny("llama")
+    spec = f"rotatekv:bits=2,sink_topk=4,sink_ratio=20,prerope={str(prerope).lower()},calib_tokens=32"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="rotatekv: no calib file")
+        synced, deferred = make_cache(model, spec), make_cache(model, spec)
+    for layer in deferred.layers:
+        layer.deferred_sinks = True
+    for layer in synced.layers:
+        layer.deferred_sinks = False
+    B, C = 2, model.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 200, (B, 12), generator=g)
+    # massive activations planted in the first decoder layer's input for some rows at some steps
+    plant = {0: [(0, 3)], 5: [(1, 0)], 17: [(0, 0), (1, 0)], 18: [(1, 0)], 33: [(0, 0)]}
+    step = {"i": -1}
+
+    def boost(module, args, kwargs):
+        h = kwargs.get("hidden_states", args[0] if args else None)
+        for b, t in plant.get(step["i"], []):
+            h[b, t, 7] = 3000.0
+    hk = model.model.layers[0].register_forward_pre_hook(boost, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for cache in (synced, deferred):
+                step["i"], tok = 0, ids
+                pos = torch.arange(12)[None].expand(B, 12)
+                model(input_ids=ids, position_ids=pos, past_key_values=cache)
+            for i in range(1, 40):
+                step["i"] = i
+                tok = torch.randint(3, 200, (B, 1), generator=g)
+                pos = torch.full((B, 1), 11 + i)
+                outs = [model(input_ids=tok, position_ids=pos, past_key_values=c).logits for c in (synced, deferred)]
+                assert torch.equal(outs[0], outs[1])
+                a, d = synced.layers[0], deferred.layers[0]
+                for x, y in zip(a.dense(), d.dense()):
+                    assert torch.equal(x, y)
+                assert d.sink_idx.shape[-1] <= (0 if a.sink_idx is None else a.sink_idx.shape[-1]) + SINK_BLOCK
+    finally:
+        hk.remove()
+    a, d = synced.layers[0], deferred.layers[0]
+    assert d.sink_idx.shape[-1] > a.sink_idx.shape[-1]  # a pending block is open ...
+    a.compact_sinks()  # the synced path pads too (a column per step where some row had a sink)
+    d.compact_sinks()  # ... and the pending block compacts to exactly the same sinks
+    want = [sorted(t if i == 0 else 11 + i for i, hits in plant.items() for row, t in hits if row == b) for b in range(B)]
+    assert a.sink_idx.tolist() == want  # the planted tokens, and only they (the random model has no massive ones)
+    for name in ("sink_idx", "sink_k", "sink_v"):
+        assert torch.equal(getattr(a, name), getattr(d, name)), name
+
+
 def test_nbytes_counts_every_stored_tensor(tiny):
     model = tiny("llama")
     cache = make_cache(model, "rotatekv:bits=2,key_axis=channel,residual=4,sink_ratio=0,sink_topk=2")

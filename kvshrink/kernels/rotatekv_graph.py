@@ -103,6 +103,7 @@ class StaticRotateKVLayer(KernelRotateKVLayer):
             raise ValueError(f"StaticRotateKVLayer (layer {self.layer_idx}): {why}")
         B, H, _, D = k.shape
         dev = k.device
+        self.compact_sinks()  # a pending block of decode-step sinks (a one-token prompt) becomes fixed slots below
         self.batch = B  # what GraphDecode.shape reads
         tq = self.kq.tokens
         cap = max(self.capacity, tq + self.m.residual + 1)  # room for the next token and its position

@@ -87,7 +87,8 @@ class KernelRotateKVLayer(RotateKVLayer):
     def from_layer(cls, layer: RotateKVLayer) -> "KernelRotateKVLayer":
         """A kernel layer with ``layer``'s method, channel order and (shared) state."""
         new = cls(layer.m, layer.layer_idx, layer.H, layer.D, layer.G, layer.perm)
-        for name in (*layer.state_fields, "seen", "simulated", "check_finite", "rope_fn", "pending"):
+        for name in (*layer.state_fields, "seen", "simulated", "check_finite", "rope_fn", "pending", "deferred_sinks",
+                     "_sink_free", "_sink_block_of"):
             setattr(new, name, getattr(layer, name))
         if layer.is_initialized:
             new.dtype, new.device = layer.dtype, layer.device

@@ -47,6 +47,7 @@ quantize every token they are given.
 """
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from typing import TYPE_CHECKING
@@ -267,6 +268,7 @@ def _perm_i32(layer: "RotateKVLayer", hp: int, device: torch.device) -> tuple[to
     return tuple(pair)  # type: ignore[return-value]
 
 
+@functools.lru_cache(maxsize=None)  # called per launch: two tiny CPU tensors each time otherwise
 def _recip32(n: int) -> float:
     """``float32(1) / float32(n)``, correctly rounded: the factor torch's CUDA division by a scalar uses."""
     return float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(float(n), dtype=torch.float32))

@@ -160,6 +160,10 @@ def _slots_of(index: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
     return slots[..., cols] if bool(cols.any()) else None
 
 
+#: a decode step's sink is decided on the device (no host sync): every step writes a column of a block of this many
+#: pending sink columns (-1 in rows where the token is no sink), and only a full block is compacted, with one sync
+SINK_BLOCK = 16
+
 #: rows at least this long take the bisection on CUDA (a decode step's row, 1 x hidden, stays on torch.median)
 BISECT_MIN = 1 << 20
 
@@ -219,6 +223,8 @@ class RotateKVLayer(CompressedLayer):
         self.set_perm(perm)
         self.pending: _Capture | None = None
         self.rope_fn = None
+        self.deferred_sinks: bool | None = None  # None: decode-step sinks found without a host sync off the CPU
+        self._sink_free, self._sink_block_of = 0, None
 
     # -- calibration ------------------------------------------------------------------------
     def set_perm(self, perm: torch.Tensor | None) -> None:
@@ -324,7 +330,10 @@ class RotateKVLayer(CompressedLayer):
                 raise KVShrinkError(f"rotatekv: index has shape {tuple(index.shape)}, expected {(B, H, q)}")
         slots = None
         if self.m.sinks and cap is not None and cap.hidden is not None:
-            slots = self._chunk_sinks(cap.hidden, index, k.device)
+            if q == 1 and index is None and self._sinks_deferred(k):  # a decode step: decided on the device
+                slots = torch.where(self.token_is_sink(cap.hidden), 0, -1).to(k.device)[:, None]
+            else:
+                slots = self._chunk_sinks(cap.hidden, index, k.device)
         pos = cos = sin = None
         if self.m.prerope:
             if cap is None or cap.cos is None:
@@ -479,17 +488,20 @@ class RotateKVLayer(CompressedLayer):
         a = hidden.detach().abs().float().reshape(B, -1)
         C = hidden.shape[-1]
         top = min(self.m.sink_topk, a.shape[1])
+        n = a.shape[1] // C
         vals, flat = a.topk(top, dim=1)
         med = lower_median(a)
         keep = vals >= self.m.sink_ratio * med[:, None]
-        rows = [sorted(set((flat[b][keep[b]] // C).tolist())) for b in range(B)]
-        S = max(len(r) for r in rows)
+        # each row's distinct sink tokens, ascending, padded with -1: computed on the device, one host sync (S)
+        hit = torch.zeros(B, n + 1, dtype=torch.bool, device=a.device)
+        hit.scatter_(1, torch.where(keep, flat // C, n), True)  # n: a dump column for entries not kept
+        hit = hit[:, :n]
+        S = int(hit.sum(1).max()) if B else 0
         if S == 0:
             return None
-        idx = torch.full((B, S), -1, dtype=torch.long, device=device)
-        for b, r in enumerate(rows):
-            if r:
-                idx[b, :len(r)] = torch.tensor(r, device=device)
+        tokens = torch.arange(n, device=a.device).expand(B, n)
+        idx = torch.where(hit, tokens, n).sort(dim=1).values[:, :S]
+        idx = torch.where(idx < n, idx, -1).to(device)
         if index is None:
             return idx
         return _slots_of(index, idx[:, None].expand(B, index.shape[1], S))
@@ -508,8 +520,18 @@ class RotateKVLayer(CompressedLayer):
         if slots is not None:
             self._add_sink_slots(k, v, slots, start)
 
+    def _sinks_deferred(self, k: torch.Tensor) -> bool:
+        """Whether the one-token chunk ``k`` (a decode step) finds its sink on the device, with no host sync, into
+        a block of pending sink columns (:data:`SINK_BLOCK`): off the CPU by default (``deferred_sinks``), and
+        while sinks are shared by all heads (an eviction policy's per-head sinks take the general path)."""
+        if k.shape[-2] != 1 or (self.sink_idx is not None and self.sink_idx.dim() != 2):
+            return False
+        return self.deferred_sinks if self.deferred_sinks is not None else k.device.type != "cpu"
+
     def _add_sink_slots(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, start: int) -> None:
         B, H, _, D = k.shape
+        if slots.dim() == 2 and self._sinks_deferred(k):
+            return self._add_pending_sink(k, v, slots, start)
         S = slots.shape[-1]
         s3 = slots if slots.dim() == 3 else slots[:, None].expand(B, H, S)
         gather = s3.clamp(min=0)[..., None].expand(B, H, S, D)
@@ -528,6 +550,56 @@ class RotateKVLayer(CompressedLayer):
                 self.sink_idx = self.sink_idx[:, None].expand(B, H, self.sink_idx.shape[-1])
         self.sink_k, self.sink_v = _cat(self.sink_k, sk), _cat(self.sink_v, sv)
         self.sink_idx = _cat(self.sink_idx, gidx.contiguous(), dim=-1).contiguous()
+
+    def _add_pending_sink(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, start: int) -> None:
+        """A decode step's sink slot ``slots (B, 1)`` (0: the token is a sink in that row, -1: not), written into
+        the next free column of the pending block, whatever it holds: a row that is no sink gets -1 there
+        (padding every reader skips). Only a full block costs a host sync: :meth:`compact_sinks`, then
+        :data:`SINK_BLOCK` new columns."""
+        B, H, _, D = k.shape
+        S = 0 if self.sink_idx is None else self.sink_idx.shape[-1]
+        free = self._sink_free if (self.sink_idx is not None and self._sink_block_of is self.sink_idx) else 0
+        if free == 0:
+            self.compact_sinks()
+            S = 0 if self.sink_idx is None else self.sink_idx.shape[-1]
+            dt = k.dtype if self.m.sink_dtype == "model" else SCALE_DTYPES[self.m.sink_dtype]
+            pad = torch.zeros(B, H, SINK_BLOCK, D, dtype=dt, device=k.device)
+            self.sink_k, self.sink_v = _cat(self.sink_k, pad), _cat(self.sink_v, pad.clone())
+            self.sink_idx = _cat(self.sink_idx, torch.full((B, SINK_BLOCK), -1, dtype=torch.int32, device=k.device),
+                                 dim=-1).contiguous()
+            S, free = S + SINK_BLOCK, SINK_BLOCK
+        col = S - free
+        # the token goes in whole: rows where it is no sink carry index -1, which every reader skips (and
+        # compaction zeroes), so no select is needed (three small launches per layer and step, host-bound)
+        self.sink_k[:, :, col].copy_(k[:, :, 0])
+        self.sink_v[:, :, col].copy_(v[:, :, 0])
+        self.sink_idx[:, col] = torch.where(slots[:, 0] >= 0, start, -1).to(torch.int32)
+        # the block belongs to this very tensor (written in place): state replaced wholesale means no free column
+        self._sink_free, self._sink_block_of = free - 1, self.sink_idx
+
+    def compact_sinks(self) -> None:
+        """Drop the padding (-1) columns of the sink tensors: each row's sinks first, in held order, trimmed to
+        the longest row. One host sync (how many columns are left)."""
+        self._sink_free, self._sink_block_of = 0, None
+        idx = self.sink_idx
+        if idx is None:
+            return
+        valid = idx >= 0
+        n = int(valid.sum(-1).max()) if valid.numel() else 0
+        if n == idx.shape[-1]:
+            return
+        if n == 0:
+            self.sink_k = self.sink_v = self.sink_idx = None
+            return
+        order = torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices[..., :n]
+        self.sink_idx = idx.gather(-1, order).contiguous()
+        B, H, _, D = self.sink_k.shape
+        o = (order if order.dim() == 3 else order[:, None].expand(B, H, n))[..., None].expand(B, H, n, D)
+        kept = (self.sink_idx >= 0)
+        kept = (kept if kept.dim() == 3 else kept[:, None].expand(B, H, n))[..., None]
+        # padding (-1) entries read as zeros, as sinks found chunk by chunk pad them
+        self.sink_k = torch.where(kept, self.sink_k.gather(2, o), 0).to(self.sink_k.dtype)
+        self.sink_v = torch.where(kept, self.sink_v.gather(2, o), 0).to(self.sink_v.dtype)
 
     def _sinks_per_head(self) -> torch.Tensor:
         idx = self.sink_idx.long()
