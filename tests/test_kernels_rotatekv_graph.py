@@ -68,8 +68,9 @@ def test_static_layer_decodes_like_the_eager_kernel_layer(tiny, spec):
             for a, b in ((k_res, ref.k_res), (v_res, ref.v_res)):  # the residual ring, in token order
                 assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
             assert torch.equal(k1, k2) and torch.equal(v1, v2)
-        else:  # later layers see the first layer's attention, equal to float rounding
-            assert torch.allclose(k1, k2, atol=1e-4) and torch.allclose(v1, v2, atol=1e-4)
+        else:  # later layers see the first layer's attention, equal to float rounding: entries held in fp16 (sinks)
+            # may round to the neighbouring fp16 value (one ulp, <= 2^-10 relative)
+            assert torch.allclose(k1, k2, atol=1e-4, rtol=1e-3) and torch.allclose(v1, v2, atol=1e-4, rtol=1e-3)
         if spec.startswith(ALL_SINKS):  # every decode token became a sink, in the order it came
             new = lay.sink_idx[:, -8:]
             assert torch.equal(new[:, :steps].cpu(), torch.arange(19, 19 + steps).expand(2, steps).to(torch.int32))

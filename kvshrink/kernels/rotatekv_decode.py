@@ -47,8 +47,8 @@ per block of tokens instead, exactly:
 Flash-decoding split-K as :mod:`.decode_attention`: grid ``(B * H/G, splits)``, one program per rotation
 group and slice of tokens, online softmax in exp2, partial ``(max, sum, acc)`` per split. Everything
 that is not in the quantized stream -- exact sink tokens, the unquantized residual, the new token -- is a
-small *dense segment* attended in torch; its partial is one more split, merged by log-sum-exp in the merge
-kernel. Sink tokens are removed from the quantized stream inside the kernel (their codes are replaced on
+small *dense segment* (float32, built by the layer) that the merge kernel attends itself before merging it with
+the splits by log-sum-exp (session 7: it was ~12 torch ops per layer and step, and eager steps are host-bound). Sink tokens are removed from the quantized stream inside the kernel (their codes are replaced on
 read by the exact copies, as :meth:`RotateKVLayer.dense` does).
 
 Reference: :meth:`kvshrink.methods.rotatekv.RotateKVLayer.dense` + softmax attention (the tests), and
@@ -98,7 +98,7 @@ class RotateKVState:
     ``rotate_values`` (values stored as ``v @ H_D``), ``sink_idx (B, S)`` int32 sink tokens (-1 = none):
     excluded from the quantized stream.
 
-    Dense segment (attended exactly, in torch): ``dense_k (B, H, Td, D)`` post-RoPE keys, ``dense_v`` values
+    Dense segment (attended exactly, by the merge kernel): ``dense_k (B, H, Td, D)`` post-RoPE keys, ``dense_v`` values
     *in the stored value domain* (``v @ H_D`` when ``rotate_values``), ``dense_idx (B, Td)`` int64 token index
     of each entry in ``[0, T)`` (for the padding mask), -1 = no token.
     """
@@ -510,13 +510,49 @@ if HAS_TRITON:
 
     @triton.jit
     def _rkv_merge_kernel(M_IN, L_IN, ACC_IN, HD, OUT, so_b, so_h, HQ, SLOTS, inv_sqrt_d,
-                          D: tl.constexpr, S_PAD: tl.constexpr, ROT_V: tl.constexpr):
-        """Log-sum-exp merge of the splits (and the dense segment's partial), then ``o @ H_D^T / sqrt(D)``."""
+                          Q, sq_b, sq_h, DK, DV, sdk_b, sdk_h, sdk_t, sdv_b, sdv_h, sdv_t, DIDX, sdi_b, MASK, sm_b,
+                          TD, HG, qk_scale,
+                          D: tl.constexpr, S_PAD: tl.constexpr, ROT_V: tl.constexpr, HAS_MASK: tl.constexpr,
+                          TD_BLOCK: tl.constexpr):
+        """The dense segment's attention (sinks, residual, the new token: ``TD`` float32 entries, index -1 = none),
+        merged by log-sum-exp with the ``SLOTS - 1`` splits' partials, then ``o @ H_D^T / sqrt(D)``."""
         pid = tl.program_id(0)  # b * HQ + head
         b = pid // HQ
         hq = pid % HQ
+        h = hq // HG
         d = tl.arange(0, D)
-        o = _merge_splits(M_IN, L_IN, ACC_IN, pid, SLOTS, D, S_PAD)
+        qv = tl.load(Q + b * sq_b + hq * sq_h + d).to(tl.float32) * qk_scale
+        m_d = tl.max(tl.full([TD_BLOCK], float("-inf"), tl.float32), axis=0)
+        l_d = tl.sum(tl.zeros([TD_BLOCK], tl.float32), axis=0)
+        acc_d = tl.zeros([D], tl.float32)
+        for t0 in range(0, TD, TD_BLOCK):  # online softmax over the dense entries, as a split does
+            t = t0 + tl.arange(0, TD_BLOCK)
+            idx = tl.load(DIDX + b * sdi_b + t, mask=t < TD, other=-1)
+            ok = idx >= 0
+            if HAS_MASK:
+                ok = ok & (tl.load(MASK + b * sm_b + tl.where(ok, idx, 0), mask=ok, other=0) != 0)
+            kt = tl.load(DK + b * sdk_b + h * sdk_h + t[:, None] * sdk_t + d[None, :], mask=ok[:, None], other=0.0)
+            sc = tl.where(ok, tl.sum(kt * qv[None, :], axis=1), float("-inf"))
+            m_new = tl.maximum(m_d, tl.max(sc, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_d - m_safe)
+            p = tl.exp2(sc - m_safe)  # 0 where not ok
+            vt = tl.load(DV + b * sdv_b + h * sdv_h + t[:, None] * sdv_t + d[None, :], mask=ok[:, None], other=0.0)
+            l_d = l_d * alpha + tl.sum(p, axis=0)
+            acc_d = acc_d * alpha + tl.sum(p[:, None] * vt, axis=0)
+            m_d = m_new
+        # the splits (slots 0 .. SLOTS - 2; the last slot is the dense segment's, computed above instead)
+        s = tl.arange(0, S_PAD)
+        smask = s < SLOTS - 1
+        m = tl.load(M_IN + pid * SLOTS + s, mask=smask, other=float("-inf"))
+        l = tl.load(L_IN + pid * SLOTS + s, mask=smask, other=0.0)
+        m_max = tl.maximum(tl.max(m, axis=0), m_d)
+        m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+        w = tl.exp2(m - m_safe)  # splits that saw no token have m = -inf -> weight 0
+        w_d = tl.exp2(m_d - m_safe)
+        total = tl.sum(w * l, axis=0) + w_d * l_d
+        acc = tl.load(ACC_IN + (pid * SLOTS + s)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
+        o = (tl.sum(acc * w[:, None], axis=0) + w_d * acc_d) / tl.where(total > 0, total, 1.0)
         if ROT_V:  # Sylvester's H_D is symmetric: H_D^T = H_D
             hd = tl.load(HD + d[:, None] * D + d[None, :]).to(tl.float32)
             o = tl.sum(o[:, None] * hd, axis=0) * inv_sqrt_d
@@ -535,24 +571,6 @@ def _hadamard_pm1(D: int, dtype: torch.dtype, device: str) -> torch.Tensor:
 def hadamard_normalized(D: int, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``H_D / sqrt(D)``: what :func:`kvshrink.rotation.hadamard_transform` multiplies by (power-of-two D)."""
     return _hadamard_pm1(D, torch.float32, str(torch.device(device))).to(dtype) * (D ** -0.5)
-
-
-def _dense_partial(q: torch.Tensor, state: RotateKVState, mask: torch.Tensor | None, qk_scale: float):
-    """(max, sum, acc) in log2 units of the dense segment, per query head: ``(B, Hq)``, ``(B, Hq)``, ``(B, Hq, D)``."""
-    B, Hq, D = q.shape
-    H = state.num_kv_heads
-    qf = q.float().reshape(B, H, Hq // H, D) * qk_scale
-    s = qf @ state.dense_k.float().transpose(-1, -2)  # (B, H, HG, Td)
-    idx = state.dense_idx
-    valid = idx >= 0
-    if mask is not None:
-        valid = valid & mask.bool().gather(1, idx.clamp(min=0))
-    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
-    m = s.amax(-1)
-    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    p = torch.exp2(s - m_safe[..., None])
-    acc = p @ state.dense_v.float()
-    return m.reshape(B, Hq), p.sum(-1).reshape(B, Hq), acc.reshape(B, Hq, D)
 
 
 def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch.Tensor | None = None,
@@ -605,14 +623,10 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
         splits = -(-tq // per_split)
     else:
         splits, per_split = 0, block_n
-    slots = splits + 1  # partial-result slots, one per split; the last one: the dense segment
+    slots = splits + 1  # partial-result slots, one per split; the last one (the dense segment's) stays unused
     m_ws, l_ws, acc_ws = workspace if workspace is not None else partials_workspace(B, Hq, slots, D, dev)
     if tuple(acc_ws.shape) != (B, Hq, slots, D):
         raise ValueError(f"workspace must hold (B, Hq, splits + 1, D) = {(B, Hq, slots, D)} partials")
-    m_d, l_d, acc_d = _dense_partial(q, state, maskt, qk_scale)
-    m_ws[:, :, splits] = m_d
-    l_ws[:, :, splits] = l_d
-    acc_ws[:, :, splits] = acc_d
     dot_f32 = dot_in_f32(q.dtype)
     hd = _hadamard_pm1(D, torch.float32 if dot_f32 else torch.float16, str(dev))
     if splits:
@@ -624,8 +638,16 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
     if out.stride(-1) != 1 or tuple(out.shape) != (B, Hq, D):
         raise ValueError("out must be (B, Hq, D) with a contiguous last dim")
+    dk, dv, didx = state.dense_k, state.dense_v, state.dense_idx
+    if dk.stride(-1) != 1 or dv.stride(-1) != 1 or didx.stride(-1) != 1:
+        raise ValueError("dense_k, dense_v and dense_idx must have a contiguous last dim")
+    # the merge attends the dense segment itself (one launch, no torch ops: eager steps are host-bound)
     _rkv_merge_kernel[(B * Hq,)](m_ws, l_ws, acc_ws, hd, out, out.stride(0), out.stride(1), Hq, slots, D ** -0.5,
-                                 D=D, S_PAD=next_pow2(slots), ROT_V=state.rotate_values, num_warps=4)
+                                 q, q.stride(0), q.stride(1), dk, dv, *dk.stride()[:3], *dv.stride()[:3],
+                                 didx, didx.stride(0), maskt if maskt is not None else _dummy(dev, torch.int8),
+                                 maskt.stride(0) if maskt is not None else 0, dk.shape[2], HG, qk_scale,
+                                 D=D, S_PAD=next_pow2(slots), ROT_V=state.rotate_values, HAS_MASK=maskt is not None,
+                                 TD_BLOCK=16, num_warps=4)
     return out
 
 
