@@ -17,6 +17,9 @@ def add_parser(sub):
     p.add_argument("--kernels", default="auto", choices=["auto", "on", "off"],
                    help="on CUDA, attend over the packed cache with kvshrink's Triton kernels (auto: when the device "
                         "is CUDA; on: insist; off: dequantize, then SDPA)")
+    p.add_argument("--graph", action="store_true",
+                   help="CUDA only: decode with one step captured in a CUDA graph and replayed (static cache; kivi, "
+                        "rotatekv or none; no sliding-window models) instead of model.generate's eager steps")
     return p
 
 
@@ -34,28 +37,55 @@ def run(args) -> int:
         resolve_methods(spec)
     device = _pick_device(args.device)
     kernels = kernels_for(args.kernels, device)
+    if args.graph:
+        from ..kernels.graph_generate import graph_kind
+
+        if torch.device(device).type != "cuda":
+            raise SystemExit(f"kvshrink generate: --graph needs a CUDA device (got {device}); pass --device cuda, "
+                             "or drop --graph")
+        for spec in specs:
+            graph_kind(spec)  # a spec graph mode does not serve fails here, before the model loads
     model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
     text = args.prompt
     if args.chat and getattr(tok, "chat_template", None):
         text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
     inputs = tok(text, return_tensors="pt").to(device)
     rows = []
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     for spec in specs:
-        cache = make_cache(model, spec, kernels=kernels)
         t0 = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(**inputs, **cache_kw(model, cache), max_new_tokens=args.max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        if args.graph:
+            out, held, fp16, tokens = _generate_graph(model, inputs, spec, args.max_new_tokens, tok.eos_token_id, pad)
+            label = spec + " [CUDA graph]"
+        else:
+            cache = make_cache(model, spec, kernels=kernels)
+            with torch.no_grad():
+                out = model.generate(**inputs, **cache_kw(model, cache), max_new_tokens=args.max_new_tokens,
+                                     do_sample=False, pad_token_id=pad)
+            held, fp16, tokens, label = cache.nbytes(), cache.fp16_nbytes(), cache.get_seq_length(), cache.spec
         dt = time.perf_counter() - t0
         completion = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        held, fp16 = cache.nbytes(), cache.fp16_nbytes()
-        rows.append((cache.spec, held, fp16))
-        print(f"=== {cache.spec}")
+        rows.append((label, held, fp16))
+        print(f"=== {label}")
         print(text + completion)
         print(f"--- KV bytes held: {held:,} ({held / fp16:.3f}x of a 16-bit cache's {fp16:,}) "
-              f"for {cache.get_seq_length()} tokens; {dt:.1f} s" + ("; GPU kernels" if kernels else ""))
+              f"for {tokens} tokens; {dt:.1f} s" + ("; GPU kernels" if kernels or args.graph else ""))
     if len(rows) > 1:
         print("\nmethod                                   KV bytes   x fp16")
         for spec, held, fp16 in rows:
             print(f"{spec[:40]:40s} {held:10,d}   {held / fp16:.3f}")
     return 0
+
+
+def _generate_graph(model, inputs, spec: str, max_new_tokens: int, eos, pad):
+    """``generate_graph`` for the CLI: the sequences, bytes held (static buffers: capacity prompt + new tokens),
+    a 16-bit cache's bytes for as many tokens, and the tokens held."""
+    from ..kernels.graph_generate import generate_graph
+    from ..model_info import model_info
+
+    out, cache = generate_graph(model, inputs["input_ids"], inputs.get("attention_mask"), spec=spec,
+                                max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+    info = model_info(model)
+    tokens = inputs["input_ids"].shape[1] + max_new_tokens  # the capacity the static layers hold
+    fp16 = 2 * info.num_layers * out.shape[0] * info.num_kv_heads * info.head_dim * 2 * tokens
+    return out, sum(layer.nbytes() for layer in cache.layers), fp16, tokens

@@ -12,7 +12,8 @@
   (channel order, grouped-head Hadamard and RoPE undone inside the kernel; ``rotatekv_decode.py``).
 * :func:`make_static_cache` / :class:`GraphDecoder` — static cache layers (device-side lengths, residual rings,
   fixed split counts) whose decode step a CUDA graph captures and replays (``graph.py``);
-  :class:`StaticRotateKVLayer` the same for RotateKV (``rotatekv_graph.py``, ``make_static_cache(kind="rotatekv")``).
+  :class:`StaticRotateKVLayer` the same for RotateKV (``rotatekv_graph.py``, ``make_static_cache(kind="rotatekv")``);
+  :func:`generate_graph` — greedy generation over them in one call (``graph_generate.py``).
 
 Triton is optional: without it (or without CUDA, unless ``TRITON_INTERPRET=1`` was set before Triton was
 imported), the layers fall back to the reference path and the attention function to SDPA.
@@ -23,6 +24,7 @@ from .chunk_attention import chunk_attention
 from .decode_attention import decode_attention, packed_decode_supported
 from .decode_strided import decode_attention_strided, strided_decode_supported
 from .graph import GraphDecoder, StaticDenseLayer, StaticKiviLayer, decode_attention_dense, make_static_cache
+from .graph_generate import generate_graph
 from .layer import KernelUniformLayer, PackedDecode
 from .quant_pack import kernel_supports, quantize_pack
 from .reference import PackedKV, chunk_attention_ref, decode_attention_ref
@@ -37,4 +39,4 @@ __all__ = ["HAS_TRITON", "kernels_usable", "convert_cache", "disable", "enable",
            "decode_attention_strided", "strided_decode_supported", "StridedQuantizedTensor", "quantize_pack_strided",
            "strided_supported", "GraphDecoder", "StaticDenseLayer", "StaticKiviLayer", "decode_attention_dense",
            "make_static_cache", "RotateKVState", "decode_attention_rotatekv", "KernelRotateKVLayer", "RotateKVDecode",
-           "StaticRotateKVLayer", "make_static_rotatekv_cache"]
+           "StaticRotateKVLayer", "make_static_rotatekv_cache", "generate_graph"]
