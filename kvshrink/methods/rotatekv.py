@@ -585,8 +585,9 @@ class RotateKVLayer(CompressedLayer):
         if idx is None:
             return
         valid = idx >= 0
-        n = int(valid.sum(-1).max()) if valid.numel() else 0
-        if n == idx.shape[-1]:
+        counts = valid.sum(-1).flatten()
+        n, fewest = torch.stack([counts.max(), counts.min()]).tolist() if counts.numel() else (0, 0)
+        if fewest == idx.shape[-1]:  # no padding anywhere
             return
         if n == 0:
             self.sink_k = self.sink_v = self.sink_idx = None
