@@ -58,6 +58,14 @@ class KVShrinkCache(Cache):
         """Total bytes really held by the cache."""
         return sum(self.nbytes_per_layer())
 
+    def compact(self) -> None:
+        """Give back what layers hold only for speed (RotateKV's block of pending decode-step sink columns on the
+        GPU, up to 15 unused ones per layer); what the cache reads back is unchanged. Byte reports
+        (eval, ``kvshrink generate``) call it before :meth:`nbytes`, which always counts what is held now."""
+        for layer in self.layers:
+            if isinstance(layer, CompressedLayer):
+                layer.compact()
+
     def tokens_held(self) -> list[int]:
         """Per layer, tokens whose K/V are held (after eviction/merging) — sliding layers: their window."""
         out = []

@@ -131,6 +131,10 @@ class CompressedLayer(CacheLayerMixin):
         """Bytes really held by this layer: codes, scales, zero points, full-precision parts, indices."""
         return tensor_nbytes(self.stored())
 
+    def compact(self) -> None:
+        """Give back room held only for speed (none here; RotateKV's pending sink columns), reading back exactly
+        as before. Byte reports call it first, so they do not depend on where a layer is in such a cycle."""
+
     def map_state(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         for name in self.state_fields:
             value = getattr(self, name)

@@ -312,6 +312,9 @@ class DeferredEviction(CompressedLayer):
         if self.live is not None:
             yield self.live
 
+    def compact(self) -> None:
+        self.inner.compact()
+
     def map_state(self, fn) -> None:
         self.inner.map_state(fn)
         if self.live is not None:
@@ -382,6 +385,9 @@ class PolicyLayer(CompressedLayer):
     def stored(self) -> Iterator[torch.Tensor]:
         yield from super().stored()
         yield from self.inner.stored()
+
+    def compact(self) -> None:
+        self.inner.compact()
 
     def map_state(self, fn) -> None:
         super().map_state(fn)

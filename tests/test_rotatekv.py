@@ -236,12 +236,25 @@ def test_deferred_decode_sinks_keep_what_the_synced_path_keeps(tiny, prerope):
         hk.remove()
     a, d = synced.layers[0], deferred.layers[0]
     assert d.sink_idx.shape[-1] > a.sink_idx.shape[-1]  # a pending block is open ...
-    a.compact_sinks()  # the synced path pads too (a column per step where some row had a sink)
-    d.compact_sinks()  # ... and the pending block compacts to exactly the same sinks
+    assert deferred.nbytes() > synced.nbytes()  # ... and its free columns are held memory, so they are counted
+    synced.compact()  # the synced path pads too (a column per step where some row had a sink)
+    deferred.compact()  # ... and the pending block compacts to exactly the same sinks
     want = [sorted(t if i == 0 else 11 + i for i, hits in plant.items() for row, t in hits if row == b) for b in range(B)]
     assert a.sink_idx.tolist() == want  # the planted tokens, and only they (the random model has no massive ones)
     for name in ("sink_idx", "sink_k", "sink_v"):
         assert torch.equal(getattr(a, name), getattr(d, name)), name
+    assert deferred.nbytes() == synced.nbytes()  # what byte reports read (they compact first)
+    # a reorder (beam search) replaces the state: the old pending block is let go, the next step opens a new one
+    with torch.no_grad():
+        model(input_ids=tok, position_ids=torch.full((B, 1), 51), past_key_values=deferred)
+        model(input_ids=tok, position_ids=torch.full((B, 1), 51), past_key_values=synced)
+        assert d._sink_free > 0
+        for cache in (synced, deferred):
+            cache.reorder_cache(torch.tensor([1, 0]))
+        assert d._sink_free == 0 and d._sink_block_of is None
+        outs = [model(input_ids=tok, position_ids=torch.full((B, 1), 52), past_key_values=c).logits
+                for c in (synced, deferred)]
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_nbytes_counts_every_stored_tensor(tiny):

@@ -55,13 +55,14 @@ def run(args) -> int:
     for spec in specs:
         t0 = time.perf_counter()
         if args.graph:
-            out, held, fp16, tokens = _generate_graph(model, inputs, spec, args.max_new_tokens, tok.eos_token_id, pad)
+            out, held, fp16, tokens = _generate_graph(model, inputs, spec, args.max_new_tokens, pad)
             label = spec + " [CUDA graph]"
         else:
             cache = make_cache(model, spec, kernels=kernels)
             with torch.no_grad():
                 out = model.generate(**inputs, **cache_kw(model, cache), max_new_tokens=args.max_new_tokens,
                                      do_sample=False, pad_token_id=pad)
+            cache.compact()  # the bytes of what is stored (see KVShrinkCache.compact)
             held, fp16, tokens, label = cache.nbytes(), cache.fp16_nbytes(), cache.get_seq_length(), cache.spec
         dt = time.perf_counter() - t0
         completion = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -69,7 +70,8 @@ def run(args) -> int:
         print(f"=== {label}")
         print(text + completion)
         print(f"--- KV bytes held: {held:,} ({held / fp16:.3f}x of a 16-bit cache's {fp16:,}) "
-              f"for {tokens} tokens; {dt:.1f} s" + ("; GPU kernels" if kernels or args.graph else ""))
+              f"for {tokens} tokens" + (" (the static capacity)" if args.graph else "")
+              + f"; {dt:.1f} s" + ("; GPU kernels" if kernels or args.graph else ""))
     if len(rows) > 1:
         print("\nmethod                                   KV bytes   x fp16")
         for spec, held, fp16 in rows:
@@ -77,14 +79,15 @@ def run(args) -> int:
     return 0
 
 
-def _generate_graph(model, inputs, spec: str, max_new_tokens: int, eos, pad):
-    """``generate_graph`` for the CLI: the sequences, bytes held (static buffers: capacity prompt + new tokens),
-    a 16-bit cache's bytes for as many tokens, and the tokens held."""
+def _generate_graph(model, inputs, spec: str, max_new_tokens: int, pad):
+    """``generate_graph`` for the CLI (eos from the model's generation config, as ``model.generate`` takes it): the
+    sequences, bytes held (static buffers: capacity for prompt + ``max_new_tokens``, also when every row stopped
+    early), a 16-bit cache's bytes for as many tokens, and that capacity."""
     from ..kernels.graph_generate import generate_graph
     from ..model_info import model_info
 
     out, cache = generate_graph(model, inputs["input_ids"], inputs.get("attention_mask"), spec=spec,
-                                max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+                                max_new_tokens=max_new_tokens, pad_token_id=pad)
     info = model_info(model)
     tokens = inputs["input_ids"].shape[1] + max_new_tokens  # the capacity the static layers hold
     fp16 = 2 * info.num_layers * out.shape[0] * info.num_kv_heads * info.head_dim * 2 * tokens

@@ -156,6 +156,7 @@ def measure(model: Any, spec: str, ids: torch.Tensor, *, prefill_chunk: int, dec
             if seen != pos:
                 raise KVShrinkError(f"{spec}: the cache saw {seen} tokens but {pos} were fed: the model did not "
                                     "run through the compressed cache")
+            cache.compact()  # after the timed steps: the bytes of what is stored (see KVShrinkCache.compact)
             nbytes, fp16 = cache.nbytes(), cache.fp16_nbytes()
             return SpeedResult(
                 context_tokens=ids.shape[1], decode_tokens=decode_tokens, prefill_chunk=prefill_chunk,

@@ -121,6 +121,7 @@ def run_window(model: Any, window_ids: torch.Tensor, spec: str, on_logits: Logit
                     lo = max(s, first)
                     if lo < e:
                         on_logits(lo, logits[lo - s:])
+        cache.compact()  # bytes of what is stored, not of a half-used block of pending sink columns (GPU)
         return WindowResult(feed, cache.get_seq_length(), cache.nbytes(), cache.fp16_nbytes(), cache.tokens_held())
     finally:
         cache.close()

@@ -33,6 +33,10 @@ def graph_kind(spec: str) -> tuple[str, dict]:
     if kind == "kivi":
         from ..storage import SCALE_DTYPES
 
+        if m.residual < m.group or m.residual % m.group:
+            raise ValueError(f"graph mode needs kivi's residual ({m.residual}) a positive multiple of its group "
+                             f"({m.group}): e.g. kivi:group={m.group},residual={max(1, m.residual // m.group) * m.group}")
+
         return kind, {"bits": m.bits, "group": m.group, "residual": m.residual,
                       "scale_dtype": SCALE_DTYPES[m.scale_dtype]}
     return kind, ({"spec": spec} if kind == "rotatekv" else {})
@@ -42,7 +46,7 @@ def graph_kind(spec: str) -> tuple[str, dict]:
 def generate_graph(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                    spec: str = "kivi:bits=2,group=128,residual=128", max_new_tokens: int = 32,
                    eos_token_id: int | Iterable[int] | None = None, pad_token_id: int | None = None,
-                   check_every: int = 16):
+                   check_every: int = 16) -> tuple[torch.Tensor, "object"]:
     """Greedy decoding of ``input_ids (B, T)`` (left-padded rows: ``attention_mask``) for ``max_new_tokens`` with a
     ``spec`` cache (``kivi``, ``rotatekv`` or ``none``, the 16-bit baseline) in CUDA-graph mode.
 
@@ -50,25 +54,29 @@ def generate_graph(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     ``model.generate`` with ``do_sample=False``: a row that produced ``eos_token_id`` is filled with
     ``pad_token_id`` after it; generation stops once every row has, checked every ``check_every`` steps, the
     only host syncs of the loop), and the static cache (``sum(l.nbytes() for l in cache.layers)`` bytes).
+    As in ``generate``, ``eos_token_id`` and ``pad_token_id`` default to ``model.generation_config``'s (eos: an
+    int or a list; pad: else the first eos); pass ``eos_token_id=()`` to generate all ``max_new_tokens``.
     The model is switched to kvshrink's attention for the call and restored after it.
     """
     from ..model_info import model_info
     from .attention import disable
     from .graph import GraphDecoder, make_static_cache
 
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1 (steps between the checks for eos), got {check_every}")
     if input_ids.device.type != "cuda":
         raise ValueError("generate_graph captures CUDA graphs: the model and input_ids must be on a CUDA device "
                          "(on the CPU use model.generate with make_cache)")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     kinds = set(model_info(model).layer_kinds)
     if kinds != {"full"}:
         raise ValueError(f"graph mode needs every layer to attend the whole sequence; this model has {sorted(kinds)} "
                          "layers (sliding windows): use model.generate with make_kernel_cache")
     kind, params = graph_kind(spec)
     B, T = input_ids.shape
-    eos = torch.tensor(sorted({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())),
-                       dtype=torch.long, device=input_ids.device)
+    eos_list, pad_token_id = _stop_tokens(model, eos_token_id, pad_token_id)
+    eos = torch.tensor(eos_list, dtype=torch.long, device=input_ids.device)
     was_enabled = getattr(model, "_kvshrink_prev_attn", None) is not None
     cache = make_static_cache(model, T + max_new_tokens, kind=kind, **params)
     try:
@@ -97,10 +105,24 @@ def generate_graph(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
             disable(model)
     new = torch.cat(tokens, 1)
     if eos.numel():  # what generate does: a finished row is padded after its first eos
-        seen = torch.isin(new, eos).long().cumsum(1)
-        after = (seen - torch.isin(new, eos).long()) > 0
-        new = new.masked_fill(after, pad_token_id if pad_token_id is not None else int(eos[0]))
+        hit = torch.isin(new, eos).long()
+        new = new.masked_fill(hit.cumsum(1) - hit > 0, pad_token_id)
     return torch.cat([input_ids, new], 1), cache
+
+
+def _stop_tokens(model: torch.nn.Module, eos_token_id, pad_token_id) -> tuple[list[int], int | None]:
+    """``(eos ids in order, pad id)``: the arguments, else ``model.generation_config``'s, as ``generate`` takes
+    them; pad falls back to the first eos id (``generate`` does the same, with a warning)."""
+    gen = getattr(model, "generation_config", None)
+    if eos_token_id is None:
+        eos_token_id = getattr(gen, "eos_token_id", None)
+    if pad_token_id is None:
+        pad_token_id = getattr(gen, "pad_token_id", None)
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or ())
+    ids = [int(i) for i in dict.fromkeys(ids)]  # in order, once each
+    if pad_token_id is None and ids:
+        pad_token_id = ids[0]
+    return ids, pad_token_id
 
 
 __all__ = ["generate_graph", "graph_kind", "GRAPH_KINDS"]

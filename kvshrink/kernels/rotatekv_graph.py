@@ -70,6 +70,10 @@ class StaticRotateKVLayer(KernelRotateKVLayer):
         super().reset()
         self.frozen, self.lens, self.splits, self.pad_mask = False, None, 0, None
 
+    def compact(self) -> None:
+        if not self.frozen:  # frozen: the sink slots are fixed (graph-captured addresses), free ones included
+            super().compact()
+
     def set_padding(self, attention_mask: torch.Tensor | None) -> None:
         """The prompt's padding (``(B, T0)``, 0 = pad), masked out of every later decode step (None: no padding)."""
         self.pad_mask = None if attention_mask is None else padding_buffer(attention_mask,

@@ -293,7 +293,9 @@ class RotateKVLayer(CompressedLayer):
 
     def nbytes(self) -> int:
         """Stored tensors (see ``state_fields``) plus, once the layer holds tokens, its channel order and
-        inverse (int64, ``H*D`` each): calibration data, but memory this layer holds all the same."""
+        inverse (int64, ``H*D`` each): calibration data, but memory this layer holds all the same. A block of
+        pending decode-step sink columns (GPU) is held memory too, free columns included: :meth:`compact`
+        first for the bytes of the sinks alone."""
         n = super().nbytes()
         if self.perm is not None and self.is_initialized:
             n += 2 * self.perm.numel() * self.perm.element_size()
@@ -576,6 +578,17 @@ class RotateKVLayer(CompressedLayer):
         self.sink_idx[:, col] = torch.where(slots[:, 0] >= 0, start, -1).to(torch.int32)
         # the block belongs to this very tensor (written in place): state replaced wholesale means no free column
         self._sink_free, self._sink_block_of = free - 1, self.sink_idx
+
+    def compact(self) -> None:
+        self.compact_sinks()
+
+    def map_state(self, fn) -> None:
+        super().map_state(fn)
+        self._sink_free, self._sink_block_of = 0, None  # new tensors: no pending block (nor a reference to the old)
+
+    def reset(self) -> None:
+        super().reset()
+        self._sink_free, self._sink_block_of = 0, None
 
     def compact_sinks(self) -> None:
         """Drop the padding (-1) columns of the sink tensors: each row's sinks first, in held order, trimmed to
