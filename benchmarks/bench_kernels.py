@@ -188,7 +188,9 @@ def sec_decode(res: dict, copy_bw: float, variants: list[dict], svariants: list[
             read = kv.nbytes() + qs[0].numel() * 2 * 2
             key = f"g{group}" if strided else f"g{group}_kivi"
             fn_ = decode_attention_strided if strided else decode_attention
-            vlist = svariants if strided else [v for v in variants if v["block_n"] == (128 if group == 128 else 64)][:1]
+            # KIVI's layout: its launch with the codes unpacked by Triton only and by inline PTX (the default)
+            vlist = svariants if strided else [dict(v, asm=a) for v in [
+                v for v in variants if v["block_n"] == (128 if group == 128 else 64)][:1] for a in (False, True)]
             row[f"{key}_bytes"] = read
             row[f"{key}_roof_ms"] = read / copy_bw * 1e3  # HBM moves copy_bw bytes/s in all, reads alone too
             best = None
@@ -205,6 +207,9 @@ def sec_decode(res: dict, copy_bw: float, variants: list[dict], svariants: list[
             if best is None:
                 continue
             ms, var = best
+            by_asm = {v.get("asm"): v["ms"] for v in row[f"{key}_variants"]}
+            if not strided and False in by_asm and True in by_asm:
+                row[f"{key}_ptx_unpack_speedup"] = by_asm[False] / by_asm[True]  # same launch, side by side
             row[f"{key}_ms"] = ms
             row[f"{key}_variant"] = var
             row[f"{key}_GBps"] = read / (ms * 1e-3) / 1e9
@@ -1069,6 +1074,57 @@ def sec_graph_rotatekv(res: dict, model, T: int, steps: int) -> None:
     res["graph_rotatekv"] = out
 
 
+def sec_graph_asm(res: dict, model, T: int, steps: int, group: int) -> None:
+    """CUDA-graph decode tok/s at the 16-bit baseline's largest batch: fp16 (StaticDenseLayer), then
+    kivi:bits=2 (KIVI's layout) with the decode kernel's codes unpacked by Triton only and by inline PTX, then
+    fp16 again (the baseline's spread); all in one run, side by side."""
+    from kvshrink.kernels import disable
+    from kvshrink.kernels.decode_attention import LAUNCH
+    from kvshrink.kernels.graph import StaticKiviLayer, make_static_cache
+
+    out = {"T": T, "steps": steps, "spec": f"kivi:bits=2,group={group},residual=128", "runs": []}
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    budget = free - 6 * 2**30
+    cap = T + steps + 16
+    L = model.config.num_hidden_layers
+    per_dense = L * 2 * HKV * cap * D * 2
+    kl = StaticKiviLayer(cap, bits=2, group=group)
+    kl.lazy_initialization(torch.empty(1, HKV, 1, D, device="cuda", dtype=torch.bfloat16), None)
+    per_kivi = L * kl.nbytes()
+    del kl
+    Bf = int(budget // per_dense)
+    out.update(bytes_per_seq_fp16=per_dense, bytes_per_seq_kivi=per_kivi, max_batch_fp16=Bf,
+               max_batch_kivi=int(budget // per_kivi))
+    asm_default = LAUNCH["asm"]
+
+    def run(kind, asm):
+        LAUNCH["asm"] = asm
+        cache = make_static_cache(model, cap, kind="kivi" if kind == "kivi" else "dense",
+                                  **({"group": group, "layout": "kivi", "waves": 32} if kind == "kivi" else {}))
+        try:
+            fill_static_dense(cache, B=Bf, T=T)
+            r = {"cache": kind, "B": Bf, "asm": asm if kind == "kivi" else None,
+                 **time_graph(model, cache, Bf, T, steps)}
+            log(f"graph asm {kind} asm={r['asm']} B={Bf}: {r['tokens_per_s']:.0f} tok/s, {r['ms_per_step']:.2f} ms/step")
+            return r
+        finally:
+            LAUNCH["asm"] = asm_default
+            disable(model)
+            del cache
+            torch.cuda.empty_cache()
+
+    for kind, asm in (("fp16", None), ("kivi", False), ("kivi", True), ("fp16", None)):
+        record_graph_run(out["runs"], {"cache": kind, "asm": asm, "B": Bf}, lambda: run(kind, asm))
+    ok = [r for r in out["runs"] if "tokens_per_s" in r]
+    f16 = max((r["tokens_per_s"] for r in ok if r["cache"] == "fp16"), default=None)
+    for asm in (False, True):
+        kv = next((r["tokens_per_s"] for r in ok if r["cache"] == "kivi" and r["asm"] == asm), None)
+        if f16 and kv:
+            out[f"speedup_at_fp16_max_batch_asm_{str(asm).lower()}"] = kv / f16
+    res["graph_asm"] = out
+
+
 def sec_graph(res: dict, model, T: int, steps: int, group: int) -> None:
     """Decode tokens/s with one greedy step captured in a CUDA graph and replayed, for the 16-bit baseline
     (StaticDenseLayer: preallocated K/V, device length, split-K Triton kernel) and kivi:bits=2 (StaticKiviLayer:
@@ -1156,6 +1212,7 @@ def main() -> int:
     ap.add_argument("--out", default="benchmarks/results/kernels.json")
     ap.add_argument("--only", default="roof,decode,quant,graph,e2e",
                     help="sections: roof, chunk (chunked prefill over a packed past), chunk_e2e, decode (KIVI + RotateKV rows), rdecode (RotateKV rows only), quant, graph, "
+                         "graph_asm (kivi graph e2e with the codes unpacked by Triton vs inline PTX, beside fp16), "
                          "e2e (fp16, kivi and rotatekv:bits=2), e2e_rkv (rotatekv:bits=2 beside fp16 only), graph_rkv "
                          "(rotatekv:bits=2 static layers beside fp16 ones, CUDA graphs), rpack (RotateKV's "
                          "fused rotate+quantize+pack vs its torch path; after quant for the prefill share)")
@@ -1225,7 +1282,7 @@ def main() -> int:
             except Exception:  # noqa: BLE001
                 log(f"section {name} failed:\n{traceback.format_exc()}")
             dump()
-    if only & {"quant", "e2e", "graph", "graph_rkv", "e2e_rkv", "rpack", "chunk_e2e"}:
+    if only & {"quant", "e2e", "graph", "graph_asm", "graph_rkv", "e2e_rkv", "rpack", "chunk_e2e"}:
         try:
             model = build_model()
             if "chunk_e2e" in only:
@@ -1252,6 +1309,12 @@ def main() -> int:
                     dump()
                 except Exception:  # noqa: BLE001
                     log(f"section graph failed:\n{traceback.format_exc()}")
+            if "graph_asm" in only:
+                try:
+                    sec_graph_asm(res, model, args.e2e_T, args.graph_steps, args.e2e_group)
+                    dump()
+                except Exception:  # noqa: BLE001
+                    log(f"section graph_asm failed:\n{traceback.format_exc()}")
             if "graph_rkv" in only:
                 try:
                     sec_graph_rotatekv(res, model, args.e2e_T, args.graph_steps)

@@ -148,6 +148,22 @@ def test_decode_attention_matches_reference(B, Hq, Hkv, T, D, bits, group, resid
     assert err < tolerance(dtype), err
 
 
+@pytest.mark.skipif(DEV != "cuda", reason="inline PTX runs compiled only (the interpreter takes the Triton path)")
+@pytest.mark.parametrize("bits,group,D,dtype", [(2, 128, 128, torch.float16), (2, 32, 64, torch.bfloat16),
+                                                (4, 64, 128, torch.float16), (8, 32, 64, torch.float16)])
+def test_decode_attention_ptx_unpack_equals_triton_unpack(bits, group, D, dtype):
+    """The main loop's codes unpacked by inline PTX are the Triton path's exactly: same fp16 operands, same sums."""
+    _, kv = build_cache(2, 2, 700, D, bits, group, 128, dtype)
+    q = rand(2, 8, D, dtype=dtype, outliers=False)
+    mask = torch.ones(2, 700, dtype=torch.bool, device=DEV)
+    mask[1, :37] = False
+    a = decode_attention(q, kv, mask=mask, num_splits=3, asm=True)
+    b = decode_attention(q, kv, mask=mask, num_splits=3, asm=False)
+    assert torch.equal(a, b)
+    err = float((a.float() - decode_attention_ref(q, kv, mask)).norm() / a.float().norm())
+    assert err < tolerance(dtype), err
+
+
 def test_decode_attention_split_count_does_not_change_result():
     _, kv = build_cache(1, 2, 300, 64, 2, 32, 32, torch.float32)
     q = rand(1, 4, 64, dtype=torch.float32)

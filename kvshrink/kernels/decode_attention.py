@@ -23,14 +23,63 @@ import math
 import torch
 
 from ..storage import QuantizedTensor
-from ._triton import HAS_TRITON, dot_in_f32, next_pow2, tl, triton
+from ._triton import HAS_TRITON, INTERPRET, dot_in_f32, next_pow2, tl, triton
 from .quant_pack import kernel_supports
 from .reference import PackedKV
 
 #: code widths the decode kernel reads (1-bit would need eight per-slot accumulators)
 DECODE_BITS = (2, 4, 8)
 
+
+def _unpack_ptx(bits: int, shift: int) -> str:
+    """PTX for :func:`_codes_to_half_asm`: two codes per register (``$1``: the bytes of two elements in its 16-bit
+    lanes, :data:`_SPREAD_PTX`) -> the codes at bit ``shift`` as exact fp16 in ``$0``: one shift, one ``lop3``
+    ((x & mask) | 0x6400, i.e. 1024 + code) and one ``sub.f16x2``, two codes per instruction, where Triton's int16
+    elementwise code shifts each code on its own and packs the pairs afterwards."""
+    mask = ((1 << bits) - 1) * 0x00010001
+    shr = f"shr.b32 t, $1, {shift}; " if shift else "mov.b32 t, $1; "
+    return ("{ .reg .b32 t, k; mov.b32 k, 0x64006400; " + shr +
+            f"lop3.b32 t, t, {mask:#x}, k, 0xea; sub.rn.f16x2 $0, t, k; }}")
+
+
+#: four packed bytes (``$2``) spread over the 16-bit lanes of two registers (``$0``: bytes 0, 1; ``$1``: 2, 3), what
+#: ``.to(tl.int16)`` means, two byte permutes for four elements
+_SPREAD_PTX = ("{ .reg .b32 z; mov.b32 z, 0; prmt.b32 $0, $2, z, 0x4140; prmt.b32 $1, $2, z, 0x4342; }")
+
+
 if HAS_TRITON:
+    # one constant per (bits, shift): inline asm takes a compile-time string
+    _U2_0, _U2_2, _U2_4, _U2_6 = (tl.constexpr(_unpack_ptx(2, s)) for s in (0, 2, 4, 6))
+    _U4_0, _U4_4 = (tl.constexpr(_unpack_ptx(4, s)) for s in (0, 4))
+    _U8_0 = tl.constexpr(_unpack_ptx(8, 0))
+    _SPREAD = tl.constexpr(_SPREAD_PTX)
+
+    @triton.jit
+    def _spread_bytes(bytes8):
+        """uint8 tile -> int16 tile (zero-extended) by byte permutes (:data:`_SPREAD_PTX`). Compiled GPUs only."""
+        return tl.inline_asm_elementwise(_SPREAD, "=r,=r,r", [bytes8], dtype=tl.int16, is_pure=True, pack=4)
+
+    @triton.jit
+    def _codes_to_half_asm(bytes16, shift: tl.constexpr, MASK: tl.constexpr):
+        """:func:`_codes_to_half` by inline PTX, two codes per instruction (see :func:`_unpack_ptx`); ``bytes16``
+        from :func:`_spread_bytes`. Compiled GPUs only: Triton's interpreter runs no PTX (``ASM=False`` there)."""
+        if MASK == 3:
+            if shift == 0:
+                ptx: tl.constexpr = _U2_0
+            elif shift == 2:
+                ptx: tl.constexpr = _U2_2
+            elif shift == 4:
+                ptx: tl.constexpr = _U2_4
+            else:
+                ptx: tl.constexpr = _U2_6
+        elif MASK == 15:
+            if shift == 0:
+                ptx: tl.constexpr = _U4_0
+            else:
+                ptx: tl.constexpr = _U4_4
+        else:
+            ptx: tl.constexpr = _U8_0
+        return tl.inline_asm_elementwise(ptx, "=r,r", [bytes16], dtype=tl.float16, is_pure=True, pack=2)
 
     @triton.jit
     def _codes_to_float(codes):
@@ -43,10 +92,14 @@ if HAS_TRITON:
         return (((bytes16 >> shift) & MASK) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
 
     @triton.jit
-    def _deq(bytes16, shift: tl.constexpr, MASK: tl.constexpr, sc, ze, DOT_F32: tl.constexpr):
-        """code * scale + zero: in fp16 for the matrix units, in fp32 when the model runs in fp32."""
+    def _deq(bytes16, shift: tl.constexpr, MASK: tl.constexpr, sc, ze, DOT_F32: tl.constexpr,
+             ASM: tl.constexpr = False):
+        """code * scale + zero: in fp16 for the matrix units, in fp32 when the model runs in fp32. ``ASM``: codes
+        unpacked by inline PTX (:func:`_codes_to_half_asm`)."""
         if DOT_F32:
             return _codes_to_float(((bytes16 >> shift) & MASK).to(tl.int32)) * sc.to(tl.float32) + ze.to(tl.float32)
+        elif ASM:
+            return _codes_to_half_asm(bytes16, shift, MASK) * sc + ze
         else:
             return _codes_to_half(bytes16, shift, MASK) * sc + ze
 
@@ -80,9 +133,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _qk(qd, kb, shift: tl.constexpr, KMASK: tl.constexpr, ksc, kze, DOT_F32: tl.constexpr, t, hi, mask_row,
-            HAS_MASK: tl.constexpr):
+            HAS_MASK: tl.constexpr, ASM: tl.constexpr = False):
         """Scores (log2 units) of one code slot of a key block: tokens ``t``; -inf where not attended."""
-        k = _deq(kb, shift, KMASK, ksc, kze, DOT_F32)  # (D, KNB)
+        k = _deq(kb, shift, KMASK, ksc, kze, DOT_F32, ASM)  # (D, KNB)
         if DOT_F32:
             s = tl.dot(qd, k, input_precision="ieee")
         else:
@@ -132,11 +185,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _pv_slot(p, vp_base, svp_t, VS, VZ, vs_off, svs_t, t, cb, acc0, acc1, acc2, acc3, D: tl.constexpr,
-                 VBITS: tl.constexpr, VG: tl.constexpr, DOT_F32: tl.constexpr):
+                 VBITS: tl.constexpr, VG: tl.constexpr, DOT_F32: tl.constexpr, ASM: tl.constexpr = False):
         """acc<j> += p @ (values of tokens ``t``, channels cb * VPPB + j), unpacked from packed bytes."""
         VPPB: tl.constexpr = 8 // VBITS
         VMASK: tl.constexpr = (1 << VBITS) - 1
-        vb = tl.load(vp_base + t[:, None] * svp_t + cb[None, :]).to(tl.int16)  # (tokens, VDP)
+        vb = tl.load(vp_base + t[:, None] * svp_t + cb[None, :])  # (tokens, VDP)
+        vb = _spread_bytes(vb) if ASM else vb.to(tl.int16)
         if VG == D:
             vsc = tl.load(VS + vs_off + t * svs_t)[:, None]
             vze = tl.load(VZ + vs_off + t * svs_t)[:, None]
@@ -147,12 +201,12 @@ if HAS_TRITON:
         if not DOT_F32:
             vsc = vsc.to(tl.float16)
             vze = vze.to(tl.float16)
-        acc0 += _pv(p, _deq(vb, 0, VMASK, vsc, vze, DOT_F32), DOT_F32)
+        acc0 += _pv(p, _deq(vb, 0, VMASK, vsc, vze, DOT_F32, ASM), DOT_F32)
         if VPPB > 1:
-            acc1 += _pv(p, _deq(vb, VBITS, VMASK, vsc, vze, DOT_F32), DOT_F32)
+            acc1 += _pv(p, _deq(vb, VBITS, VMASK, vsc, vze, DOT_F32, ASM), DOT_F32)
         if VPPB > 2:
-            acc2 += _pv(p, _deq(vb, 2 * VBITS, VMASK, vsc, vze, DOT_F32), DOT_F32)
-            acc3 += _pv(p, _deq(vb, 3 * VBITS, VMASK, vsc, vze, DOT_F32), DOT_F32)
+            acc2 += _pv(p, _deq(vb, 2 * VBITS, VMASK, vsc, vze, DOT_F32, ASM), DOT_F32)
+            acc3 += _pv(p, _deq(vb, 3 * VBITS, VMASK, vsc, vze, DOT_F32, ASM), DOT_F32)
         return acc0, acc1, acc2, acc3
 
     # T and friends change every decode step: specializing on their divisibility would recompile mid-generation
@@ -173,7 +227,7 @@ if HAS_TRITON:
             HG: tl.constexpr, HG_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
             TAIL_N: tl.constexpr, KBITS: tl.constexpr, KG: tl.constexpr, VBITS: tl.constexpr, VG: tl.constexpr,
             HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, FAST: tl.constexpr, HAS_LENS: tl.constexpr = False,
-            RING: tl.constexpr = 0):
+            RING: tl.constexpr = 0, ASM: tl.constexpr = False):
         KPPB: tl.constexpr = 8 // KBITS  # codes per byte
         KGB: tl.constexpr = KG // KPPB  # key bytes per channel per group
         KMASK: tl.constexpr = (1 << KBITS) - 1
@@ -246,20 +300,20 @@ if HAS_TRITON:
                 soff = ks_off + grp[None, :] * sks_g + d[:, None]
                 ksc = tl.load(KS + soff)
                 kze = tl.load(KZ + soff)
-            kb = kb.to(tl.int16)
+            kb = _spread_bytes(kb) if ASM else kb.to(tl.int16)
             if not DOT_F32:
                 ksc = ksc.to(tl.float16)
                 kze = kze.to(tl.float16)
             # scores of every code slot first, so the softmax bookkeeping (row max, rescale of the
             # accumulators) runs once per block rather than once per slot
-            s0 = _qk(qd, kb, 0, KMASK, ksc, kze, DOT_F32, tok0, hi, MASK + b * smask_b, HAS_MASK)
+            s0 = _qk(qd, kb, 0, KMASK, ksc, kze, DOT_F32, tok0, hi, MASK + b * smask_b, HAS_MASK, ASM)
             mx = s0
             if KPPB > 1:
-                s1 = _qk(qd, kb, KBITS, KMASK, ksc, kze, DOT_F32, tok0 + 1, hi, MASK + b * smask_b, HAS_MASK)
+                s1 = _qk(qd, kb, KBITS, KMASK, ksc, kze, DOT_F32, tok0 + 1, hi, MASK + b * smask_b, HAS_MASK, ASM)
                 mx = tl.maximum(mx, s1)
             if KPPB > 2:
-                s2 = _qk(qd, kb, 2 * KBITS, KMASK, ksc, kze, DOT_F32, tok0 + 2, hi, MASK + b * smask_b, HAS_MASK)
-                s3 = _qk(qd, kb, 3 * KBITS, KMASK, ksc, kze, DOT_F32, tok0 + 3, hi, MASK + b * smask_b, HAS_MASK)
+                s2 = _qk(qd, kb, 2 * KBITS, KMASK, ksc, kze, DOT_F32, tok0 + 2, hi, MASK + b * smask_b, HAS_MASK, ASM)
+                s3 = _qk(qd, kb, 3 * KBITS, KMASK, ksc, kze, DOT_F32, tok0 + 3, hi, MASK + b * smask_b, HAS_MASK, ASM)
                 mx = tl.maximum(mx, tl.maximum(s2, s3))
             m_new = tl.maximum(m_i, tl.max(mx, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -272,21 +326,21 @@ if HAS_TRITON:
             p = tl.exp2(s0 - m_safe[:, None])
             psum = p
             acc0, acc1, acc2, acc3 = _pv_slot(p, vp_base, svp_t, VS, VZ, vs_off, svs_t, tok0, cb, acc0, acc1, acc2,
-                                              acc3, D, VBITS, VG, DOT_F32)
+                                              acc3, D, VBITS, VG, DOT_F32, ASM)
             if KPPB > 1:
                 p = tl.exp2(s1 - m_safe[:, None])
                 psum += p
                 acc0, acc1, acc2, acc3 = _pv_slot(p, vp_base, svp_t, VS, VZ, vs_off, svs_t, tok0 + 1, cb, acc0, acc1,
-                                                  acc2, acc3, D, VBITS, VG, DOT_F32)
+                                                  acc2, acc3, D, VBITS, VG, DOT_F32, ASM)
             if KPPB > 2:
                 p = tl.exp2(s2 - m_safe[:, None])
                 psum += p
                 acc0, acc1, acc2, acc3 = _pv_slot(p, vp_base, svp_t, VS, VZ, vs_off, svs_t, tok0 + 2, cb, acc0, acc1,
-                                                  acc2, acc3, D, VBITS, VG, DOT_F32)
+                                                  acc2, acc3, D, VBITS, VG, DOT_F32, ASM)
                 p = tl.exp2(s3 - m_safe[:, None])
                 psum += p
                 acc0, acc1, acc2, acc3 = _pv_slot(p, vp_base, svp_t, VS, VZ, vs_off, svs_t, tok0 + 3, cb, acc0, acc1,
-                                                  acc2, acc3, D, VBITS, VG, DOT_F32)
+                                                  acc2, acc3, D, VBITS, VG, DOT_F32, ASM)
             l_i = l_i * tl.reshape(alpha, [HG_PAD]) + tl.sum(psum, axis=1)
 
         # ---- tail: blocks that touch a residual or the end of the split (or everything, FAST off);
@@ -405,7 +459,9 @@ def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 #: launch settings used when a call does not name them (benchmarks/bench_kernels.py picks them on the GPU)
 #: (block_n None: 128 tokens when a key group holds >= 128 tokens, else 64 -- fastest in runs 4 and 6 on the H100)
-LAUNCH: dict = {"block_n": None, "num_warps": 2, "num_stages": 2, "maxnreg": 168, "waves": 8}
+#: (asm: the main loop unpacks codes by inline PTX, two per instruction, on compiled GPUs; the interpreter and fp32
+#: models take the Triton-only path)
+LAUNCH: dict = {"block_n": None, "num_warps": 2, "num_stages": 2, "maxnreg": 168, "waves": 8, "asm": True}
 
 
 def partials_workspace(B: int, Hq: int, slots: int, D: int, device) -> tuple[torch.Tensor, ...]:
@@ -466,7 +522,8 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor | None = 
                      fast: bool = True, tail_n: int = 32, maxnreg: int | None = None,
                      waves: int | None = None, lens: torch.Tensor | None = None, ring: int = 0,
                      main_splits: int | None = None,
-                     workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                     workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                     asm: bool | None = None) -> torch.Tensor:
     """Attention of ``q (B, Hq, D)`` (one token per sequence) over the packed cache ``kv``.
 
     ``mask (B, T)`` bool/int, nonzero where a token may be attended. Returns ``(B, Hq, D)`` in
@@ -482,6 +539,7 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor | None = 
     num_stages = num_stages or LAUNCH["num_stages"]
     maxnreg = maxnreg if maxnreg is not None else LAUNCH["maxnreg"]
     waves = waves or LAUNCH["waves"]
+    asm = LAUNCH["asm"] if asm is None else asm
     B, Hq, D = q.shape
     T = kv.tokens
     ref = kv.k_res if kv.k_res is not None else kv.kq.packed  # type: ignore[union-attr]
@@ -538,6 +596,7 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor | None = 
         num_splits, sc * math.log2(math.e), fast_end, main_splits, tail_chunk,
         HG=HG, HG_PAD=max(16, next_pow2(HG)), D=D, BLOCK_N=block_n, TAIL_N=tail_n, KBITS=kbits, KG=kg, VBITS=vbits, VG=vg,
         HAS_MASK=mask is not None, DOT_F32=dot_f32, FAST=fast, HAS_LENS=lens is not None, RING=ring,
+        ASM=bool(asm) and dev.type == "cuda" and not INTERPRET and not dot_f32,
         num_warps=num_warps, num_stages=num_stages,
         # register cap only on the fp16 path, where it was tuned and measured
         **({"maxnreg": maxnreg} if maxnreg and dev.type == "cuda" and not dot_f32 else {}))
