@@ -1000,11 +1000,18 @@ def fill_static_dense(cache, B: int, T: int) -> None:
             del k, v
 
 
-def sec_graph_rotatekv(res: dict, model, T: int, steps: int) -> None:
+#: the runs of graph_rkv (kind, batch: 8, "fp16" = the baseline's largest, "max" = RotateKV's largest);
+#: ``rotatekv_libdevice_trig`` is the default kernel with RoPE's cos/sin by libdevice (the pre-session-8 kernel)
+GRAPH_RKV_RUNS = "fp16:8,rotatekv:8,fp16:fp16,rotatekv:fp16,rotatekv_libdevice_trig:fp16,rotatekv_postrope:fp16," \
+                 "rotatekv_residual64:fp16,rotatekv:max"
+
+
+def sec_graph_rotatekv(res: dict, model, T: int, steps: int, runs: str = GRAPH_RKV_RUNS) -> None:
     """Graph-captured decode tok/s with ``rotatekv:bits=2`` static layers (kvshrink.kernels.rotatekv_graph) beside
     the 16-bit static baseline, at the baseline's largest batch, RotateKV's largest batch and B=8."""
     from kvshrink.kernels import disable
     from kvshrink.kernels.graph import make_static_cache
+    from kvshrink.kernels.rotatekv_decode import LAUNCH as RKV_LAUNCH
 
     spec = rotatekv_calib_spec(model)
     cap = T + steps + 16
@@ -1045,6 +1052,8 @@ def sec_graph_rotatekv(res: dict, model, T: int, steps: int) -> None:
             cache = make_rkv(B, spec + ",residual=64")
         else:
             cache = make_rkv(B)
+        fast_trig = RKV_LAUNCH["fast_trig"]
+        RKV_LAUNCH["fast_trig"] = kind != "rotatekv_libdevice_trig"  # read when the step is captured
         try:
             r = {"cache": kind, "B": B, **time_graph(model, cache, B, T, steps)}
             r["len_after"] = int(cache.layers[0].lens[0])
@@ -1054,6 +1063,7 @@ def sec_graph_rotatekv(res: dict, model, T: int, steps: int) -> None:
                 f"(len after {r['len_after']}, capture {r['capture_s']:.1f} s)")
             return r
         finally:
+            RKV_LAUNCH["fast_trig"] = fast_trig
             disable(model)
             del cache
 
@@ -1063,9 +1073,12 @@ def sec_graph_rotatekv(res: dict, model, T: int, steps: int) -> None:
         torch.cuda.reset_peak_memory_stats()
 
     Bf = out["max_batch_fp16"]
-    for kind, B in (("fp16", 8), ("rotatekv", 8), ("fp16", Bf), ("rotatekv", Bf), ("rotatekv_postrope", Bf),
-                    ("rotatekv_residual64", Bf), ("rotatekv", out["max_batch_rotatekv"])):
-        attempt(kind, B)
+    batches = {"fp16": Bf, "max": out["max_batch_rotatekv"]}
+    for kind, b in (r.split(":") for r in runs.split(",")):
+        attempt(kind, batches[b] if b in batches else int(b))
+    tps0 = {(r["cache"], r["B"]): r["tokens_per_s"] for r in out["runs"] if "tokens_per_s" in r}
+    if ("rotatekv", Bf) in tps0 and ("rotatekv_libdevice_trig", Bf) in tps0:
+        out["fast_trig_speedup_at_fp16_max_batch"] = tps0[("rotatekv", Bf)] / tps0[("rotatekv_libdevice_trig", Bf)]
     tps = {(r["cache"], r["B"]): r["tokens_per_s"] for r in out["runs"] if "tokens_per_s" in r}
     if ("fp16", Bf) in tps and ("rotatekv", Bf) in tps:
         out["speedup_at_fp16_max_batch"] = tps[("rotatekv", Bf)] / tps[("fp16", Bf)]
@@ -1218,7 +1231,7 @@ def main() -> int:
                          "fused rotate+quantize+pack vs its torch path; after quant for the prefill share)")
     ap.add_argument("--rvariants", default="32:4:2:4:dot,16:4:2:4:dot,16:4:2:4:gather,16:4:3:4:dot,64:8:2:4:dot",
                     help="RotateKV decode kernel variants block_n:num_warps:num_stages:waves[:scale_lookup dot|gather"
-                         "[:maxnreg[:kron 0|1]]] "
+                         "[:maxnreg[:kron 0|1[:fast_trig 0|1]]]] "
                          "(fastest reported); empty: no RotateKV rows in the decode section")
     ap.add_argument("--cvariants", default="128:64:8:2:1,128:64:8:3:1,64:64:4:2:1,128:128:8:2:1,128:64:4:2:1,"
                                           "128:64:8:3:0",
@@ -1227,6 +1240,8 @@ def main() -> int:
     ap.add_argument("--e2e-steps", type=int, default=16)
     ap.add_argument("--graph-steps", type=int, default=32)
     ap.add_argument("--e2e-group", type=int, default=128)
+    ap.add_argument("--graph-rkv-runs", default=GRAPH_RKV_RUNS,
+                    help="graph_rkv runs kind:batch, comma-separated (batch: a number, fp16 or max)")
     ap.add_argument("--svariants", default="128:4:3:0:8:1,64:4:2:0:4:1,64:2:2:0:4:1",
                     help="strided decode kernel variants (as --variants, then pv_rows 0/1)")
     ap.add_argument("--variants", default="64:2:2:0:4,64:2:3:0:4,64:2:2:168:8,64:2:3:168:8,64:2:2:128:8,128:2:2:168:8,64:4:2:128:8,64:2:3:168:16",
@@ -1250,7 +1265,7 @@ def main() -> int:
         return [dict(zip(keys, map(int, v.split(":")))) for v in spec.split(",")]
 
     variants, svariants = parse(args.variants), parse(args.svariants)
-    rvariants = [dict(zip(("block_n", "num_warps", "num_stages", "waves", "scale_lookup", "maxnreg", "kron"),
+    rvariants = [dict(zip(("block_n", "num_warps", "num_stages", "waves", "scale_lookup", "maxnreg", "kron", "fast_trig"),
                           [int(x) if x.isdigit() else x for x in v.split(":")]))
                  for v in args.rvariants.split(",") if v]
     t0 = time.time()
@@ -1317,7 +1332,7 @@ def main() -> int:
                     log(f"section graph_asm failed:\n{traceback.format_exc()}")
             if "graph_rkv" in only:
                 try:
-                    sec_graph_rotatekv(res, model, args.e2e_T, args.graph_steps)
+                    sec_graph_rotatekv(res, model, args.e2e_T, args.graph_steps, args.graph_rkv_runs)
                     dump()
                 except Exception:  # noqa: BLE001
                     log(f"section graph_rkv failed:\n{traceback.format_exc()}")

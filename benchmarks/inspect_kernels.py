@@ -37,6 +37,7 @@ def main() -> int:
     ap.add_argument("--kron", type=int, default=1, help="rotatekv_decode: pre-RoPE keys by the Kronecker split (1) "
                                                         "or full D x D products (0)")
     ap.add_argument("--asm", type=int, default=0, help="KIVI-layout kernel: unpack codes by inline PTX (1) or not (0)")
+    ap.add_argument("--fast-trig", type=int, default=1, help="rotatekv_decode: RoPE by cos/sin.approx (1) or libdevice (0)")
     ap.add_argument("--sass", action="store_true")
     ap.add_argument("--maxnreg", type=int, default=0)
     ap.add_argument("--dump", default="")
@@ -58,7 +59,7 @@ def main() -> int:
     const = dict(HG=args.hg, HG_PAD=max(16, 1 << (args.hg - 1).bit_length()), D=128, BLOCK_N=args.block_n,
                  TAIL_N=args.tail, KBITS=args.bits, KG=args.group, VBITS=args.bits, VG=args.group, HAS_MASK=False, DOT_F32=False,
                  F32=False, FAST=bool(args.fast), HAS_LENS=bool(args.lens), RING=256 if args.lens else 0,
-                 PV_ROWS=bool(args.pv_rows), ASM=bool(args.asm))
+                 PV_ROWS=bool(args.pv_rows), ASM=bool(args.asm), FAST_TRIG=bool(args.fast_trig))
     # RotateKV's kernel (--module rotatekv_decode): --hg is the query heads per KV head, --rkv-g the head group
     const.update(G=args.rkv_g, QROWS=max(16, 1 << (args.rkv_g * args.hg - 1).bit_length()), PREROPE=bool(args.prerope),
                  HAS_SLOTS=True, HAS_MU=True, HAS_SINKS=True, S_PAD=16, SCALE_DOT=args.scale_lookup == "dot",

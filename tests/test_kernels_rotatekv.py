@@ -176,6 +176,31 @@ def test_kronecker_split_matches_full_products(D, bits):
     assert float((outs[0] - outs[1]).norm() / outs[0].norm()) < 1e-5
 
 
+@pytest.mark.skipif(DEV != "cuda", reason="cos/sin.approx is PTX: compiled GPUs only (the interpreter takes tl.cos)")
+@pytest.mark.parametrize("offset", [0, 250_000])
+def test_fast_rope_trig_matches_the_accurate_one(offset):
+    """RoPE's cos/sin by range reduction + the hardware approximations (the GPU default) gives the output of
+    libdevice's accurate ones, also at positions past 250K (angles where the accurate version takes its slow path
+    and a missing range reduction would be far off), and both match the float32 reference."""
+    from kvshrink.kernels.rotatekv_decode import LAUNCH
+
+    GEN.manual_seed(9)
+    layer = build(2, 4, 128, 2, 300, 2, torch.float32)
+    kl = KernelRotateKVLayer.from_layer(layer)
+    k_new, v_new = rand(2, 4, 1, 128), rand(2, 4, 1, 128)
+    q = rand(2, 16, 128, outliers=False) * 4
+    state = kl.decode_state(k_new, v_new)
+    state.pos = state.pos + offset
+    K, V = state_dense(state, torch.float32)
+    exact = attention_ref(q, K, V, None, None)
+    assert LAUNCH["fast_trig"]  # the default
+    outs = []
+    for fast in (False, True):
+        outs.append(decode_attention_rotatekv(q, state, block_n=16, num_splits=2, fast_trig=fast))
+        assert float((outs[-1] - exact).norm() / exact.norm()) < TOL[torch.float32], fast
+    assert float((outs[1] - outs[0]).norm() / outs[0].norm()) < 2e-5
+
+
 def test_kernel_detects_wrong_state():
     """The test can fail: a state whose channel order, sinks or positions are off gives a large error."""
     GEN.manual_seed(77)  # the same data whichever tests ran before

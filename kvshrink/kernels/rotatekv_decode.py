@@ -63,7 +63,7 @@ from dataclasses import dataclass
 import torch
 
 from ..storage import QuantizedTensor
-from ._triton import HAS_TRITON, dot_in_f32, next_pow2, tl, triton
+from ._triton import HAS_TRITON, INTERPRET, dot_in_f32, next_pow2, tl, triton
 from .decode_attention import _dummy, _sm_count, choose_splits, mask_arg, partials_workspace
 
 RKV_BITS = (2, 4, 8)
@@ -79,8 +79,9 @@ LOG2E = math.log2(math.e)
 #: host work dominates (0.5-0.9 ms whatever the launch). ``maxnreg``: optional register cap (CUDA, fp16 path);
 #: ``kron``: pre-RoPE keys through Sylvester's Kronecker split of ``H_D`` (per-lane ``D/PPB``-wide products and a
 #: butterfly, where ``D/PPB >= 32``) instead of ``D x D`` products per token (see the module docstring)
+#: ``fast_trig``: RoPE's cos/sin in the kernel by range reduction + the hardware approximations (see ``_cos_sin``)
 LAUNCH: dict = {"block_n": 64, "num_warps": 4, "num_stages": 2, "waves": 4, "scale_lookup": "dot", "maxnreg": None,
-                "kron": True}
+                "kron": True, "fast_trig": True}
 #: key groups per token (all heads) up to which scales are picked by a one-hot product (its K dimension)
 MAX_DOT_GROUPS = 64
 
@@ -278,10 +279,30 @@ if HAS_TRITON:
         return tl.load(FREQ + ch), ql, qu
 
     @triton.jit
-    def _lane_rope(pt, fr, rope_mult):
+    def _cos_sin(ang, FAST_TRIG: tl.constexpr):
+        """cos and sin of float32 angles. ``FAST_TRIG`` (compiled GPUs): the angle reduced to [-pi, pi] by a
+        two-constant Cody-Waite step (2 pi = C1 + C2, C1 = 6.28125 exact in few bits), then the hardware's
+        ``cos/sin.approx`` (one MUFU each): absolute error ~1e-6 up to 128K positions times frequency 1, far
+        below the bf16 rounding of the model's own cos/sin tables, instead of libdevice's accurate versions
+        (~30 instructions each, and a double-precision slow path past |x| ~ 1e5, i.e. every long context).
+        Else ``tl.cos``/``tl.sin`` (Triton's interpreter runs no PTX)."""
+        if FAST_TRIG:
+            k = tl.floor(ang * 0.15915494309189535 + 0.5)
+            r = tl.fma(-k, 6.28125, ang)
+            r = tl.fma(-k, 0.0019353071795864769, r)
+            c = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=f,f", [r], dtype=tl.float32, is_pure=True,
+                                          pack=1)
+            s = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=f,f", [r], dtype=tl.float32, is_pure=True,
+                                          pack=1)
+            return c, s
+        else:
+            return tl.cos(ang), tl.sin(ang)
+
+    @triton.jit
+    def _lane_rope(pt, fr, rope_mult, FAST_TRIG: tl.constexpr = False):
         """cos/sin of one output lane's channels at positions ``pt (N, 1)``, times ``rope_mult``."""
-        ang = pt * fr[None, :]
-        return tl.cos(ang) * rope_mult, tl.sin(ang) * rope_mult
+        c, s = _cos_sin(pt * fr[None, :], FAST_TRIG)
+        return c * rope_mult, s * rope_mult
 
     @triton.jit
     def _rope_score(ql, qu, zl, zh, cs, sn, DOT_F32: tl.constexpr):
@@ -314,7 +335,8 @@ if HAS_TRITON:
             KBITS: tl.constexpr, KG: tl.constexpr, VBITS: tl.constexpr, VG: tl.constexpr,
             PREROPE: tl.constexpr, HAS_SLOTS: tl.constexpr, HAS_MU: tl.constexpr, HAS_SINKS: tl.constexpr,
             S_PAD: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, SCALE_DOT: tl.constexpr,
-            NGK: tl.constexpr, NGK_PAD: tl.constexpr, HAS_LENS: tl.constexpr = False, KRON: tl.constexpr = False):
+            NGK: tl.constexpr, NGK_PAD: tl.constexpr, HAS_LENS: tl.constexpr = False, KRON: tl.constexpr = False,
+            FAST_TRIG: tl.constexpr = False):
         VPPB: tl.constexpr = 8 // VBITS
         VDP: tl.constexpr = D // VPPB
         VMASK: tl.constexpr = (1 << VBITS) - 1
@@ -405,19 +427,20 @@ if HAS_TRITON:
                 ok = ok & (hit == 0)
             if KRON:  # cos/sin per output lane (channels KPPB*m + e), rope_mult = attention_scaling / sqrt(G D)
                 pt = tl.load(POS + b * spos_b + t, mask=live, other=0).to(tl.float32)[:, None]
-                cs0, sn0 = _lane_rope(pt, fr0, rope_mult)
+                cs0, sn0 = _lane_rope(pt, fr0, rope_mult, FAST_TRIG)
                 cs1, sn1 = cs0, sn0
                 cs2, sn2 = cs0, sn0
                 cs3, sn3 = cs0, sn0
                 if KPPB > 1:
-                    cs1, sn1 = _lane_rope(pt, fr1, rope_mult)
+                    cs1, sn1 = _lane_rope(pt, fr1, rope_mult, FAST_TRIG)
                 if KPPB > 2:
-                    cs2, sn2 = _lane_rope(pt, fr2, rope_mult)
-                    cs3, sn3 = _lane_rope(pt, fr3, rope_mult)
+                    cs2, sn2 = _lane_rope(pt, fr2, rope_mult, FAST_TRIG)
+                    cs3, sn3 = _lane_rope(pt, fr3, rope_mult, FAST_TRIG)
             elif PREROPE:
                 ang = tl.load(POS + b * spos_b + t, mask=live, other=0).to(tl.float32)[:, None] * freq[None, :]
-                cs = tl.cos(ang) * rope_mult  # rope_mult = attention_scaling / sqrt(G D)
-                sn = tl.sin(ang) * rope_mult
+                cs, sn = _cos_sin(ang, FAST_TRIG)
+                cs = cs * rope_mult  # rope_mult = attention_scaling / sqrt(G D)
+                sn = sn * rope_mult
             g_ar = tl.arange(0, NGK_PAD)
             sct = g_ar
             zet = g_ar
@@ -580,7 +603,8 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
                               waves: int | None = None, scale_lookup: str | None = None,
                               maxnreg: int | None = None, kron: bool | None = None,
                               lens: torch.Tensor | None = None,
-                              workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                              workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                              fast_trig: bool | None = None) -> torch.Tensor:
     """Attention of ``q (B, Hq, D)`` (one token per sequence, post-RoPE) over a RotateKV cache ``state``.
 
     ``mask (B, T)`` bool/int, nonzero where a token may be attended (``T = state.tokens``). Returns
@@ -633,7 +657,8 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
         _launch_split(q, state, maskt, m_ws, l_ws, acc_ws, slots, splits, per_split, qk_scale, hd, block_n,
                       num_warps, num_stages, dot_f32, R, HG, scale_lookup, lens,
                       maxnreg if maxnreg is not None else LAUNCH.get("maxnreg"),
-                      LAUNCH.get("kron", True) if kron is None else kron)
+                      LAUNCH.get("kron", True) if kron is None else kron,
+                      LAUNCH.get("fast_trig", True) if fast_trig is None else fast_trig)
     if out is None:
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
     if out.stride(-1) != 1 or tuple(out.shape) != (B, Hq, D):
@@ -653,7 +678,7 @@ def decode_attention_rotatekv(q: torch.Tensor, state: RotateKVState, mask: torch
 
 def _launch_split(q, state: RotateKVState, maskt, m_ws, l_ws, acc_ws, slots, splits, per_split, qk_scale, hd,
                   block_n, num_warps, num_stages, dot_f32, R, HG, scale_lookup, lens=None, maxnreg=None,
-                  kron=True) -> None:
+                  kron=True, fast_trig=True) -> None:
     B, Hq, D = q.shape
     dev = q.device
     G = state.head_group
@@ -696,6 +721,7 @@ def _launch_split(q, state: RotateKVState, maskt, m_ws, l_ws, acc_ws, slots, spl
         HAS_MU=mu is not None, HAS_SINKS=nsink > 0, S_PAD=next_pow2(max(nsink, 1)),
         HAS_MASK=maskt is not None, DOT_F32=dot_f32, SCALE_DOT=scale_dot, NGK=ngk, NGK_PAD=next_pow2(max(16, ngk)),
         HAS_LENS=lens is not None, KRON=bool(kron and state.prerope and D // (8 // kq.bits) >= 32),
+        FAST_TRIG=bool(fast_trig) and dev.type == "cuda" and not INTERPRET,
         num_warps=num_warps, num_stages=num_stages,
         # register cap on the fp16 path only, where it was measured
         **({"maxnreg": maxnreg} if maxnreg and dev.type == "cuda" and not dot_f32 else {}))
