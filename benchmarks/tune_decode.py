@@ -62,6 +62,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/decode_tune.json")
     ap.add_argument("--groups", default="128,32")
+    ap.add_argument("--variants", default="",
+                    help="replace VARIANTS: block:warps:stages:maxnreg:waves, comma-separated (the first of each "
+                         "block size is also timed without the PTX unpack)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -69,6 +72,12 @@ def main() -> int:
     import triton
 
     from kvshrink.kernels import decode_attention, decode_attention_ref
+
+    if args.variants:
+        VARIANTS.clear()
+        for v in args.variants.split(","):
+            blk, *rest = map(int, v.split(":"))
+            VARIANTS.setdefault(blk, []).append(tuple(rest))
 
     res = {"device": torch.cuda.get_device_name(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "git_commit": git_commit(), "torch": torch.__version__, "triton": triton.__version__,
