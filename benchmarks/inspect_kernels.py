@@ -36,7 +36,8 @@ def main() -> int:
     ap.add_argument("--scale-lookup", default="dot", help="rotatekv_decode: key scales by one-hot dot or gather")
     ap.add_argument("--kron", type=int, default=1, help="rotatekv_decode: pre-RoPE keys by the Kronecker split (1) "
                                                         "or full D x D products (0)")
-    ap.add_argument("--asm", type=int, default=0, help="KIVI-layout kernel: unpack codes by inline PTX (1) or not (0)")
+    ap.add_argument("--asm", type=int, default=1, help="KIVI-layout kernel: unpack codes by inline PTX (1, the "
+                                                         "default on GPUs) or by Triton only (0)")
     ap.add_argument("--fast-trig", type=int, default=1, help="rotatekv_decode: RoPE by cos/sin.approx (1) or libdevice (0)")
     ap.add_argument("--sass", action="store_true")
     ap.add_argument("--maxnreg", type=int, default=0)

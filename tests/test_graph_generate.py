@@ -35,15 +35,18 @@ def test_graph_kind_maps_specs_to_static_layers():
 def test_stop_tokens_follow_generate(tiny):
     """eos and pad as ``generate`` takes them: the arguments, else the generation config (an int or a list, in
     order); pad falls back to the first eos."""
-    model = tiny("llama")
-    model.generation_config.eos_token_id, model.generation_config.pad_token_id = [9, 3, 9], None
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    model = SimpleNamespace(generation_config=GenerationConfig(eos_token_id=[9, 3, 9]))  # the shared tiny model stays
     assert _stop_tokens(model, None, None) == ([9, 3], 9)
     assert _stop_tokens(model, 5, None) == ([5], 5)
     assert _stop_tokens(model, (), 4) == ([], 4)
     model.generation_config.pad_token_id = 1
     assert _stop_tokens(model, None, None) == ([9, 3], 1)
     with pytest.raises(ValueError, match="check_every must be >= 1"):
-        generate_graph(model, torch.ones(1, 4, dtype=torch.long), check_every=0)
+        generate_graph(tiny("llama"), torch.ones(1, 4, dtype=torch.long), check_every=0)
 
 
 def test_generate_graph_refuses_what_it_cannot_capture(tiny):

@@ -177,10 +177,10 @@ def test_kronecker_split_matches_full_products(D, bits):
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="cos/sin.approx is PTX: compiled GPUs only (the interpreter takes tl.cos)")
-@pytest.mark.parametrize("offset", [0, 250_000])
-def test_fast_rope_trig_matches_the_accurate_one(offset):
+@pytest.mark.parametrize("offset,kron", [(0, True), (250_000, True), (250_000, False)])
+def test_fast_rope_trig_matches_the_accurate_one(offset, kron):
     """RoPE's cos/sin by range reduction + the hardware approximations (the GPU default) gives the output of
-    libdevice's accurate ones, also at positions past 250K (angles where the accurate version takes its slow path
+    libdevice's accurate ones (Kronecker split and full products), also at positions past 250K (angles where the accurate version takes its slow path
     and a missing range reduction would be far off), and both match the float32 reference."""
     from kvshrink.kernels.rotatekv_decode import LAUNCH
 
@@ -196,9 +196,10 @@ def test_fast_rope_trig_matches_the_accurate_one(offset):
     assert LAUNCH["fast_trig"]  # the default
     outs = []
     for fast in (False, True):
-        outs.append(decode_attention_rotatekv(q, state, block_n=16, num_splits=2, fast_trig=fast))
+        outs.append(decode_attention_rotatekv(q, state, block_n=16, num_splits=2, fast_trig=fast, kron=kron))
         assert float((outs[-1] - exact).norm() / exact.norm()) < TOL[torch.float32], fast
     assert float((outs[1] - outs[0]).norm() / outs[0].norm()) < 2e-5
+    assert not torch.equal(outs[0], outs[1])  # the two trig paths really ran (fp32: they differ in the last bits)
 
 
 def test_kernel_detects_wrong_state():

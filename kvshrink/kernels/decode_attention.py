@@ -596,7 +596,7 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor | None = 
         num_splits, sc * math.log2(math.e), fast_end, main_splits, tail_chunk,
         HG=HG, HG_PAD=max(16, next_pow2(HG)), D=D, BLOCK_N=block_n, TAIL_N=tail_n, KBITS=kbits, KG=kg, VBITS=vbits, VG=vg,
         HAS_MASK=mask is not None, DOT_F32=dot_f32, FAST=fast, HAS_LENS=lens is not None, RING=ring,
-        ASM=bool(asm) and dev.type == "cuda" and not INTERPRET and not dot_f32,
+        ASM=bool(asm) and dev.type == "cuda" and torch.version.hip is None and not INTERPRET and not dot_f32,
         num_warps=num_warps, num_stages=num_stages,
         # register cap only on the fp16 path, where it was tuned and measured
         **({"maxnreg": maxnreg} if maxnreg and dev.type == "cuda" and not dot_f32 else {}))

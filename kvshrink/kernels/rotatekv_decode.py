@@ -280,7 +280,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _cos_sin(ang, FAST_TRIG: tl.constexpr):
-        """cos and sin of float32 angles. ``FAST_TRIG`` (compiled GPUs): the angle reduced to [-pi, pi] by a
+        """cos and sin of float32 angles. ``FAST_TRIG`` (compiled GPUs): the angle reduced to about [-pi, pi] by a
         two-constant Cody-Waite step (2 pi = C1 + C2, C1 = 6.28125 exact in few bits), then the hardware's
         ``cos/sin.approx`` (one MUFU each): absolute error ~1e-6 up to 128K positions times frequency 1, far
         below the bf16 rounding of the model's own cos/sin tables, instead of libdevice's accurate versions
@@ -721,7 +721,7 @@ def _launch_split(q, state: RotateKVState, maskt, m_ws, l_ws, acc_ws, slots, spl
         HAS_MU=mu is not None, HAS_SINKS=nsink > 0, S_PAD=next_pow2(max(nsink, 1)),
         HAS_MASK=maskt is not None, DOT_F32=dot_f32, SCALE_DOT=scale_dot, NGK=ngk, NGK_PAD=next_pow2(max(16, ngk)),
         HAS_LENS=lens is not None, KRON=bool(kron and state.prerope and D // (8 // kq.bits) >= 32),
-        FAST_TRIG=bool(fast_trig) and dev.type == "cuda" and not INTERPRET,
+        FAST_TRIG=bool(fast_trig) and dev.type == "cuda" and torch.version.hip is None and not INTERPRET,
         num_warps=num_warps, num_stages=num_stages,
         # register cap on the fp16 path only, where it was measured
         **({"maxnreg": maxnreg} if maxnreg and dev.type == "cuda" and not dot_f32 else {}))
