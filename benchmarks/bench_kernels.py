@@ -1087,28 +1087,34 @@ def sec_graph_rotatekv(res: dict, model, T: int, steps: int, runs: str = GRAPH_R
     res["graph_rotatekv"] = out
 
 
+def graph_kivi_budget(model, cap: int, group: int) -> dict:
+    """Bytes per sequence of 16-bit and kivi:bits=2 static layers holding ``cap`` tokens, the KV budget (free
+    memory less 6 GiB for the model's activations) and the largest batch of each in it."""
+    from kvshrink.kernels.graph import StaticKiviLayer
+
+    torch.cuda.empty_cache()
+    budget = torch.cuda.mem_get_info()[0] - 6 * 2**30
+    L = model.config.num_hidden_layers
+    per_dense = L * 2 * HKV * cap * D * 2
+    kl = StaticKiviLayer(cap, bits=2, group=group)
+    kl.lazy_initialization(torch.empty(1, HKV, 1, D, device="cuda", dtype=torch.bfloat16), None)
+    per_kivi = L * kl.nbytes()
+    return {"bytes_per_seq_fp16": per_dense, "bytes_per_seq_kivi": per_kivi, "kv_budget_bytes": budget,
+            "max_batch_fp16": int(budget // per_dense), "max_batch_kivi": int(budget // per_kivi)}
+
+
 def sec_graph_asm(res: dict, model, T: int, steps: int, group: int) -> None:
     """CUDA-graph decode tok/s at the 16-bit baseline's largest batch: fp16 (StaticDenseLayer), then
     kivi:bits=2 (KIVI's layout) with the decode kernel's codes unpacked by Triton only and by inline PTX, then
     fp16 again (the baseline's spread); all in one run, side by side."""
     from kvshrink.kernels import disable
     from kvshrink.kernels.decode_attention import LAUNCH
-    from kvshrink.kernels.graph import StaticKiviLayer, make_static_cache
+    from kvshrink.kernels.graph import make_static_cache
 
-    out = {"T": T, "steps": steps, "spec": f"kivi:bits=2,group={group},residual=128", "runs": []}
-    torch.cuda.empty_cache()
-    free, _ = torch.cuda.mem_get_info()
-    budget = free - 6 * 2**30
     cap = T + steps + 16
-    L = model.config.num_hidden_layers
-    per_dense = L * 2 * HKV * cap * D * 2
-    kl = StaticKiviLayer(cap, bits=2, group=group)
-    kl.lazy_initialization(torch.empty(1, HKV, 1, D, device="cuda", dtype=torch.bfloat16), None)
-    per_kivi = L * kl.nbytes()
-    del kl
-    Bf = int(budget // per_dense)
-    out.update(bytes_per_seq_fp16=per_dense, bytes_per_seq_kivi=per_kivi, max_batch_fp16=Bf,
-               max_batch_kivi=int(budget // per_kivi))
+    out = {"T": T, "steps": steps, "spec": f"kivi:bits=2,group={group},residual=128", "runs": [],
+           **graph_kivi_budget(model, cap, group)}
+    Bf = out["max_batch_fp16"]
     asm_default = LAUNCH["asm"]
 
     def run(kind, asm):
@@ -1143,21 +1149,12 @@ def sec_graph(res: dict, model, T: int, steps: int, group: int) -> None:
     (StaticDenseLayer: preallocated K/V, device length, split-K Triton kernel) and kivi:bits=2 (StaticKiviLayer:
     strided layout, rings, device lengths). Same model, same capture method, measured side by side."""
     from kvshrink.kernels import disable
-    from kvshrink.kernels.graph import StaticKiviLayer, make_static_cache
+    from kvshrink.kernels.graph import make_static_cache
 
-    out = {"T": T, "steps": steps, "spec": f"kivi:bits=2,group={group},residual=128", "runs": []}
-    torch.cuda.empty_cache()
-    free, _ = torch.cuda.mem_get_info()
-    budget = free - 6 * 2**30
     cap = T + steps + 16
-    L = model.config.num_hidden_layers
-    per_dense = L * 2 * HKV * cap * D * 2
-    kl = StaticKiviLayer(cap, bits=2, group=group)
-    kl.lazy_initialization(torch.empty(1, HKV, 1, D, device="cuda", dtype=torch.bfloat16), None)
-    per_kivi = L * kl.nbytes()
-    del kl
-    out.update(bytes_per_seq_fp16=per_dense, bytes_per_seq_kivi=per_kivi, kv_budget_bytes=budget,
-               max_batch_fp16=int(budget // per_dense), max_batch_kivi=int(budget // per_kivi))
+    out = {"T": T, "steps": steps, "spec": f"kivi:bits=2,group={group},residual=128", "runs": [],
+           **graph_kivi_budget(model, cap, group)}
+    per_dense, per_kivi = out["bytes_per_seq_fp16"], out["bytes_per_seq_kivi"]
     out["max_batch_ratio"] = out["max_batch_kivi"] / max(1, out["max_batch_fp16"])
     log(f"graph e2e: per seq fp16 {per_dense / 2**20:.0f} MiB, kivi {per_kivi / 2**20:.0f} MiB; max batch "
         f"fp16 {out['max_batch_fp16']} kivi {out['max_batch_kivi']} ({out['max_batch_ratio']:.2f}x)")
