@@ -1,0 +1,129 @@
+"""Decode attention over fragment-ordered 2-bit codes (Gluon, ``decode_frag.py``) against the KIVI-layout Triton
+kernel and fp16 SDPA flash, side by side in one run, kernel time inside CUDA graphs (as ``tune_decode.py``).
+
+Issue 9's shapes (32 query / 8 KV heads, head_dim 128, 2-bit, key group 128). The fragment kernel reads a cache
+with every token quantized; the KIVI kernel is timed twice: on the same fully quantized cache (same bytes: the
+main loops compared) and on the cache decoding leaves (128 residual tokens in fp16, its shipped path).
+
+    PYTHONPATH=. python benchmarks/bench_frag.py --out benchmarks/results/frag_h200.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import torch  # noqa: E402
+
+from bench_kernels import D, DECODE_CONFIGS, HKV, HQ, copies_for, git_commit, make_packed, sdpa_decode_fn  # noqa: E402
+from tune_decode import graph_ms  # noqa: E402
+
+#: block:fold:waves; the first is the default (decode_frag.LAUNCH)
+VARIANTS = "64:1:8,64:0:8,32:1:8,128:1:8,64:1:4,64:1:16"
+
+
+def full_cache(B: int, T: int, seed: int):
+    """Every token quantized (KIVI's layout, Triton pack kernel) and the same codes in fragment order."""
+    from kvshrink.kernels import PackedKV, quantize_pack
+    from kvshrink.kernels.decode_frag import FragKV
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    k = torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16, generator=g)
+    k[..., 5] *= 6
+    kq = quantize_pack(k, 2, "token", 128)
+    del k
+    v = torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16, generator=g)
+    vq = quantize_pack(v, 2, "channel", D)
+    del v
+    return PackedKV(kq, None, vq, None), FragKV.from_kivi(kq, vq)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/results/frag_decode.json")
+    ap.add_argument("--variants", default=VARIANTS, help="block:fold:waves, comma-separated")
+    ap.add_argument("--configs", default="", help="BxT, comma-separated (default: issue 9's five)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import triton
+
+    from kvshrink.kernels import decode_attention
+    from kvshrink.kernels.decode_frag import decode_attention_frag, decode_frag_ref
+
+    configs = [tuple(map(int, c.split("x"))) for c in args.configs.split(",")] if args.configs else DECODE_CONFIGS
+    variants = [tuple(map(int, v.split(":"))) for v in args.variants.split(",")]
+    res = {"device": torch.cuda.get_device_name(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "git_commit": git_commit(), "torch": torch.__version__, "triton": triton.__version__,
+           "timing": "CUDA graph of one call per input copy, median of 20 replays / copies", "rows": []}
+    for B, T in configs:
+        row = {"B": B, "T": T}
+        n = copies_for(2 * B * HKV * T * D * 2)
+        qs = [torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.float16) for _ in range(n)]
+        ks = [torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16) for _ in range(n)]
+        vs = [torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16) for _ in range(n)]
+        row["sdpa_ms"] = graph_ms([sdpa_decode_fn(qs[i], ks[i], vs[i]) for i in range(n)])
+        del qs, ks, vs
+        torch.cuda.empty_cache()
+
+        caches = [full_cache(B, T, seed=i) for i in range(copies_for(B * HKV * T * 72))]
+        qs = [torch.randn(B, HQ, D, device="cuda", dtype=torch.float16) for _ in caches]
+        row["bytes"] = caches[0][0].nbytes() + 4 * B * HQ * D
+        row["kivi_full_ms"] = graph_ms([lambda j=j: decode_attention(qs[j], caches[j][0]) for j in range(len(caches))])
+        runs = []
+        for block, fold, waves in variants:
+            var = dict(block=block, fold=bool(fold), waves=waves)
+            try:
+                ms = graph_ms([lambda j=j: decode_attention_frag(qs[j], caches[j][1], **var) for j in range(len(caches))])
+            except Exception as e:  # noqa: BLE001 - record and go on
+                runs.append({**var, "error": f"{type(e).__name__}: {e}"[:400]})
+                print(f"B={B} T={T} {var}: {runs[-1]['error']}", flush=True)
+                continue
+            runs.append({**var, "ms": ms})
+            print(f"B={B} T={T} frag {var}: {ms:.4f} ms | kivi (same cache) {row['kivi_full_ms']:.4f} | "
+                  f"sdpa {row['sdpa_ms']:.4f}", flush=True)
+        row["frag_runs"] = runs
+        if B * T <= 8 * 32768:  # accuracy of both kernels against the float32 reference, same cache
+            ref = decode_frag_ref(qs[0], caches[0][1])
+            row["kivi_rel_err"] = float((decode_attention(qs[0], caches[0][0]).float() - ref).norm() / ref.norm())
+            for r in runs:
+                if "ms" in r:
+                    out = decode_attention_frag(qs[0], caches[0][1], block=r["block"], fold=r["fold"], waves=r["waves"])
+                    r["rel_err"] = float((out.float() - ref).norm() / ref.norm())
+            del ref
+        del caches, qs
+        torch.cuda.empty_cache()
+        kv = make_packed(B, T, 2, 128)  # the cache decoding leaves: the shipped path
+        qd = torch.randn(B, HQ, D, device="cuda", dtype=torch.float16)
+        row["kivi_shipped_ms"] = graph_ms([lambda: decode_attention(qd, kv)])
+        del kv
+        torch.cuda.empty_cache()
+        ok = [r for r in runs if "ms" in r]
+        if ok:
+            best = min(ok, key=lambda r: r["ms"])
+            row["frag_default_ms"] = runs[0].get("ms")
+            row["frag_best"] = best
+            row["frag_best_vs_sdpa"] = row["sdpa_ms"] / best["ms"]
+            row["frag_best_vs_kivi_same_cache"] = row["kivi_full_ms"] / best["ms"]
+            row["kivi_vs_sdpa"] = row["sdpa_ms"] / row["kivi_full_ms"]
+        res["rows"].append(row)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    for row in res["rows"]:
+        if "frag_best" in row:
+            print(f"B={row['B']:2d} T={row['T']:6d}: sdpa {row['sdpa_ms']:.4f} ms, kivi {row['kivi_full_ms']:.4f} "
+                  f"({row['kivi_vs_sdpa']:.2f}x), frag best {row['frag_best']['ms']:.4f} "
+                  f"({row['frag_best_vs_sdpa']:.2f}x sdpa, {row['frag_best_vs_kivi_same_cache']:.2f}x kivi) "
+                  f"{row['frag_best']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

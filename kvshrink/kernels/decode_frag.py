@@ -1,0 +1,281 @@
+"""Decode attention over 2-bit KIVI codes in fragment order (:mod:`.frag`), written in Gluon (Triton's layout-explicit
+dialect) so that every code goes from its 16-byte load to the tensor cores without a layout conversion.
+
+Why (docs/KERNELS.md, sessions 2 and 8): in plain Triton the code tiles of KIVI's order reach ``tl.dot`` through
+shared-memory layout conversions and register moves, ~40 instructions per token and KV head; the unpack itself is
+~1 instruction per code. Here the layouts are stated, so the compiler is told, not asked:
+
+* ``S^T = K_codes (Q * s_k)^T + (Q . z_k)``: KIVI's per-channel key scale folds into the query (once per key
+  group), the zero into one bias per head; keys are the A operand ``(tokens, D)``, the query the B operand
+  ``(D, 8)`` (GQA's query heads of one KV head, padded to the MMA's 8 columns).
+* ``O^T = V_codes^T (P * s_v)^T + sum_t p_t z_t``: the per-token value scale folds into the probabilities, the zero
+  into one running sum per head; values are the A operand ``(D, tokens)``.
+* The probabilities leave the first product in its accumulator layout; ``movmatrix`` transposes them into the
+  second product's B operand in registers (8 instructions per 64 tokens).
+
+One warp per program, online softmax in exp2 units, split-K over the tokens; the partials are merged by the
+existing reduce kernel (:func:`.decode_attention._decode_reduce_kernel`), in the same format.
+
+Scope (an experiment, docs/KERNELS.md "Session 9"): 2-bit keys (group = a multiple of ``BLOCK``) and values (one
+group per token), fp16 queries, whole tiles without residual tokens or masks. Reference:
+:func:`decode_frag_ref` (unpack, then :func:`.reference.decode_attention_ref`). Needs Gluon (Triton >= 3.5) and an
+sm_80+ GPU; Triton's interpreter does not run Gluon.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..storage import QuantizedTensor
+from . import frag
+from .reference import PackedKV, decode_attention_ref
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    HAS_GLUON = True
+except Exception:  # pragma: no cover - Triton without Gluon
+    HAS_GLUON = False
+
+
+@dataclass
+class FragKV:
+    """One layer's fully quantized 2-bit cache in fragment order: codes from :mod:`.frag`, KIVI's scales.
+
+    ``kf (B, H, T/16, 32, D/32)``, ``vf (B, H, T/32, 32, D/16)`` int32; ``k_scale``/``k_zero`` ``(B, H, T/kg, D)``
+    and ``v_scale``/``v_zero`` ``(B, H, T)`` fp16 (one value group per token)."""
+
+    kf: torch.Tensor
+    vf: torch.Tensor
+    k_scale: torch.Tensor
+    k_zero: torch.Tensor
+    v_scale: torch.Tensor
+    v_zero: torch.Tensor
+    key_group: int
+
+    @property
+    def tokens(self) -> int:
+        return self.kf.shape[2] * frag.KEY_TILE
+
+    @classmethod
+    def from_kivi(cls, k: QuantizedTensor, v: QuantizedTensor) -> "FragKV":
+        """Reorder KIVI's 2-bit codes (keys per channel over token groups, values per token over all ``D`` channels);
+        scales and zeros are reused as they are."""
+        if k.bits != 2 or v.bits != 2 or k.axis != "token" or v.axis != "channel" or v.group != v.head_dim \
+                or k.zero is None or v.zero is None or v.slots is not None:
+            raise ValueError("FragKV holds 2-bit asymmetric KIVI caches: keys per channel, values one group per token")
+        kc = k.codes()  # (B, H, T/g, D, g)
+        B, H, NG, D, g = kc.shape
+        kc = kc.permute(0, 1, 2, 4, 3).reshape(B, H, NG * g, D)
+        return cls(frag.pack_keys(kc), frag.pack_values(v.codes()), k.scale, k.zero,
+                   v.scale.reshape(B, H, -1), v.zero.reshape(B, H, -1), k.group)
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized keys and values ``(B, H, T, D)`` (float32 math, one cast)."""
+        kc = frag.unpack_keys(self.kf).float()
+        B, H, T, D = kc.shape
+        ks = self.k_scale.float().repeat_interleave(self.key_group, dim=2)
+        kz = self.k_zero.float().repeat_interleave(self.key_group, dim=2)
+        vc = frag.unpack_values(self.vf).float()
+        k = kc * ks + kz
+        v = vc * self.v_scale.float()[..., None] + self.v_zero.float()[..., None]
+        return k.to(dtype), v.to(dtype)
+
+
+def decode_frag_ref(q: torch.Tensor, kv: FragKV, scale: float | None = None) -> torch.Tensor:
+    """Float32 reference of :func:`decode_attention_frag`."""
+    k, v = kv.dense(torch.float32)
+    return decode_attention_ref(q, PackedKV(None, k, None, v), scale=scale)
+
+
+#: launch defaults (tokens per softmax step; programs per SM to aim for)
+LAUNCH: dict = {"block": 64, "waves": 8, "num_warps": 1, "fold": True}
+
+
+if HAS_GLUON:
+    _MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
+    _AOP = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=_MMA.value, k_width=2))
+    _BOP = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=_MMA.value, k_width=2))
+
+    def _unpack_ptx(fold: bool) -> str:
+        """16 register copies of one word (``$8``..) -> its 16 codes as eight half2 (``$0``..``$7``, register ``j`` =
+        field ``f = j // 2 + 4 * (j % 2)`` of :mod:`.frag`), each ``(1024 + x) - 1024`` from a ``lop3``. ``fold``:
+        one shift per word and ``x = code * 4**(f % 4)`` (the caller divides that out); else ``x = code``, one
+        shift per field."""
+        body = "{ .reg .b32 t, u, k; mov.b32 k, 0x64006400; " + ("shr.b32 u, $8, 8; " if fold else "")
+        for j in range(8):
+            f = j // 2 + 4 * (j % 2)
+            if fold:
+                src, mask = ("u" if j % 2 else "$8"), (3 << 2 * (f % 4)) * 0x10001
+            else:
+                body += f"shr.b32 t, $8, {2 * f}; " if f else "mov.b32 t, $8; "
+                src, mask = "t", 0x00030003
+            body += f"lop3.b32 t, {src}, {mask:#x}, k, 0xea; sub.rn.f16x2 ${j}, t, k; "
+        return body + "}"
+
+    _UNPACK_FOLD = gl.constexpr(_unpack_ptx(True))
+    _UNPACK_EXACT = gl.constexpr(_unpack_ptx(False))
+    _TRANSPOSE = gl.constexpr("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;")
+    _UNPACK_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 8 + ["r"] * 16))
+
+    @gluon.jit
+    def _words_to_codes(w4, W_AXES: gl.constexpr, SMALL: gl.constexpr, FULL: gl.constexpr, L8: gl.constexpr,
+                        OUT: gl.constexpr, OUT_LAYOUT: gl.constexpr, FOLD: gl.constexpr):
+        """Words (one per lane and register) -> fp16 codes in the MMA operand layout, without moving data:
+        permute/reshape to the 8-D view whose size-1 axes are the word's 16 codes, broadcast them in registers,
+        unpack 16 at a time (inline PTX), and fold the 8-D view back to the operand's 2-D shape."""
+        w = gl.reshape(gl.permute(w4, W_AXES), SMALL)
+        w = gl.convert_layout(w, L8)
+        w = gl.broadcast(w, gl.full(FULL, 0, gl.int32, layout=L8))[0]
+        if FOLD:
+            c = gl.inline_asm_elementwise(_UNPACK_FOLD, _UNPACK_CONSTRAINTS, [w], dtype=gl.float16, is_pure=True,
+                                          pack=16)
+        else:
+            c = gl.inline_asm_elementwise(_UNPACK_EXACT, _UNPACK_CONSTRAINTS, [w], dtype=gl.float16, is_pure=True,
+                                          pack=16)
+        return gl.convert_layout(gl.reshape(c, OUT), OUT_LAYOUT)
+
+    @gluon.jit
+    def _load_words(base, N0: gl.constexpr, N3: gl.constexpr, L4: gl.constexpr):
+        """``(N0, 8, 4, N3)`` int32 at ``base``, row-major: tile, lane = 4*g + q, word; each lane's words contiguous."""
+        i0 = gl.arange(0, N0, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L4))))
+        i1 = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, L4))))
+        i2 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, L4))))
+        i3 = gl.arange(0, N3, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4))))
+        off = (i0[:, None, None, None] * (32 * N3) + i1[None, :, None, None] * (4 * N3)
+               + i2[None, None, :, None] * N3 + i3[None, None, None, :])
+        return gl.load(base + off)
+
+    @gluon.jit
+    def _frag_decode_kernel(Q, KF, VF, KS, KZ, VS, VZ, M_OUT, L_OUT, ACC_OUT,
+                            sq_b, sq_h, H, T, per_split, num_splits, qk_scale,
+                            G: gl.constexpr, D: gl.constexpr, BLOCK: gl.constexpr, KG: gl.constexpr,
+                            FOLD: gl.constexpr, LK4: gl.constexpr, LK8: gl.constexpr, LV4: gl.constexpr, LV8: gl.constexpr):
+        pid = gl.program_id(0)  # b * H + h
+        split = gl.program_id(1)
+        b = pid // H
+        h = pid % H
+        NKT: gl.constexpr = BLOCK // 16  # key tiles per step
+        NVT: gl.constexpr = BLOCK // 32  # value tiles per step
+        KW: gl.constexpr = D // 32       # key words per lane and tile
+        VW: gl.constexpr = D // 16       # value words per lane and tile
+
+        # the query heads of this KV head, (D, 8) as the B operand; scale and log2(e) folded in
+        c_b = gl.arange(0, D, layout=gl.SliceLayout(1, _BOP))
+        h_b = gl.arange(0, 8, layout=gl.SliceLayout(0, _BOP))
+        qmask = (h_b < G)[None, :] & (c_b < D)[:, None]
+        qv = gl.load(Q + b * sq_b + (h * G + h_b[None, :]) * sq_h + c_b[:, None], mask=qmask, other=0.0)
+        qv = qv.to(gl.float32) * qk_scale
+        t_s = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, _MMA))
+        if FOLD:  # the unpack reads code * 4**m, m = bits 3-4 of the channel (keys) / token (values)
+            kfac = gl.exp2(-2.0 * ((c_b >> 3) & 3).to(gl.float32))
+            vfac = gl.exp2(4.0 - 2.0 * ((t_s >> 3) & 3).to(gl.float32))  # x16: no subnormal p * s / 64
+        else:
+            kfac = gl.full([D], 1.0, gl.float32, layout=gl.SliceLayout(1, _BOP))
+            vfac = gl.full([BLOCK], 1.0, gl.float32, layout=gl.SliceLayout(1, _MMA))
+
+        m_i = gl.full([8], float("-inf"), gl.float32, layout=gl.SliceLayout(0, _MMA))
+        l_acc = gl.zeros([BLOCK, 8], gl.float32, layout=_MMA)
+        z_acc = gl.zeros([BLOCK, 8], gl.float32, layout=_MMA)
+        o = gl.zeros([D, 8], gl.float32, layout=_MMA)
+        s0 = gl.zeros([BLOCK, 8], gl.float32, layout=_MMA)
+
+        start = split * per_split
+        end = gl.minimum(start + per_split, T)
+        kf_bh = KF + pid * (T // 16) * (32 * KW)
+        vf_bh = VF + pid * (T // 32) * (32 * VW)
+        for g0 in range(start, end, KG):
+            ks = gl.load(KS + (pid * (T // KG) + g0 // KG) * D + c_b).to(gl.float32) * kfac
+            kz = gl.load(KZ + (pid * (T // KG) + g0 // KG) * D + c_b).to(gl.float32)
+            qk = (qv * ks[:, None]).to(gl.float16)
+            bias = gl.convert_layout(gl.sum(qv * kz[:, None], axis=0), gl.SliceLayout(0, _MMA))
+            for t0 in range(g0, g0 + KG, BLOCK):
+                kw = _load_words(kf_bh + (t0 // 16) * (32 * KW), NKT, KW, LK4)
+                kc = _words_to_codes(kw, [0, 1, 3, 2], [NKT, 1, 8, KW, 1, 1, 4, 1], [NKT, 2, 8, KW, 2, 2, 4, 2],
+                                     LK8, [BLOCK, D], _AOP, FOLD)
+                s = mma_v2(kc, qk, s0) + bias[None, :]
+                m_new = gl.maximum(m_i, gl.max(s, axis=0))
+                alpha = gl.exp2(m_i - m_new)
+                p = gl.exp2(s - m_new[None, :])
+                vsc = gl.load(VS + pid * T + t0 + t_s).to(gl.float32) * vfac
+                vze = gl.load(VZ + pid * T + t0 + t_s).to(gl.float32)
+                l_acc = l_acc * alpha[None, :] + p
+                z_acc = z_acc * alpha[None, :] + p * vze[:, None]
+                pv = (p * vsc[:, None]).to(gl.float16)
+                # accumulator (tokens, heads) -> B operand (tokens, heads): an 8x8 transpose per register
+                pt = gl.inline_asm_elementwise(_TRANSPOSE, "=r,r", [pv], dtype=gl.float16, is_pure=True, pack=2)
+                pt = gl.reshape(gl.permute(gl.reshape(pt, [BLOCK // 8, 8, 8]), [0, 2, 1]), [BLOCK, 8])
+                pt = gl.convert_layout(pt, _BOP)
+                vw = _load_words(vf_bh + (t0 // 32) * (32 * VW), NVT, VW, LV4)
+                vc = _words_to_codes(vw, [3, 1, 0, 2], [VW, 1, 8, NVT, 1, 1, 4, 1], [VW, 2, 8, NVT, 2, 2, 4, 2],
+                                     LV8, [D, BLOCK], _AOP, FOLD)
+                o = mma_v2(vc, pt, o * alpha[None, :])
+                m_i = m_new
+
+        l_i = gl.sum(l_acc, axis=0)
+        if FOLD:
+            o = o * 0.0625
+        o = o + gl.sum(z_acc, axis=0)[None, :]
+        h_o = gl.arange(0, 8, layout=gl.SliceLayout(0, _MMA))
+        c_o = gl.arange(0, D, layout=gl.SliceLayout(1, _MMA))
+        row = (b * H * G + h * G + h_o) * num_splits + split
+        gl.store(M_OUT + row, m_i, mask=h_o < G)
+        gl.store(L_OUT + row, l_i, mask=h_o < G)
+        gl.store(ACC_OUT + row[None, :] * D + c_o[:, None], o, mask=(h_o < G)[None, :] & (c_o < D)[:, None])
+
+
+def _layouts(D: int, block: int) -> dict:
+    """The load layouts (4-D: tile, g, q, word) and the 8-D code views of keys and values (see :mod:`.frag`)."""
+    nkt, nvt, kw, vw = block // 16, block // 32, D // 32, D // 16
+    ones = [1] * 8
+    return dict(
+        LK4=gl.BlockedLayout([1, 1, 1, kw], [1, 8, 4, 1], [1, 1, 1, 1], [3, 2, 1, 0]),
+        # dims (tile, t8, g, w, c4, c3, q, c0); registers c0, t8, c3, c4, w, tile; lanes q, g
+        LK8=gl.BlockedLayout([nkt, 2, 1, kw, 2, 2, 1, 2], [1, 1, 8, 1, 1, 1, 4, 1], ones, [7, 1, 5, 4, 3, 0, 6, 2]),
+        LV4=gl.BlockedLayout([1, 1, 1, vw], [1, 8, 4, 1], [1, 1, 1, 1], [3, 2, 1, 0]),
+        # dims (w, c3, g, tile, t4, t3, q, t0); registers t0, c3, t3, t4, tile, w; lanes q, g
+        LV8=gl.BlockedLayout([vw, 2, 1, nvt, 2, 2, 1, 2], [1, 1, 8, 1, 1, 1, 4, 1], ones, [7, 1, 5, 4, 3, 0, 6, 2]),
+    )
+
+
+def decode_attention_frag(q: torch.Tensor, kv: FragKV, scale: float | None = None, num_splits: int | None = None,
+                          block: int | None = None, waves: int | None = None, fold: bool | None = None,
+                          workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of ``q (B, Hq, D)`` fp16 over ``kv`` (all ``T`` tokens). Returns ``(B, Hq, D)`` fp16."""
+    from .decode_attention import _decode_reduce_kernel, _sm_count, choose_splits, partials_workspace
+    from ..utils import next_pow2
+
+    if not HAS_GLUON:
+        raise RuntimeError("decode_attention_frag needs Triton's Gluon (Triton >= 3.5)")
+    block = block or LAUNCH["block"]
+    waves = waves or LAUNCH["waves"]
+    B, Hq, D = q.shape
+    H, T = kv.kf.shape[1], kv.tokens
+    if q.dtype != torch.float16:
+        raise ValueError(f"decode_attention_frag takes fp16 queries, got {q.dtype}")
+    if Hq % H or Hq // H > 8:
+        raise ValueError(f"{Hq} query heads over {H} KV heads: needs a multiple with at most 8 per KV head")
+    if block not in (32, 64, 128) or kv.key_group % block or T % kv.key_group:
+        raise ValueError(f"block {block} must be 32/64/128, dividing the key group {kv.key_group}, which divides T={T}")
+    q = q.contiguous()
+    if num_splits is None:
+        num_splits = choose_splits(B * H, T, kv.key_group, _sm_count(q.device.index or 0), waves)
+    per_split = -(-T // num_splits)
+    per_split = -(-per_split // kv.key_group) * kv.key_group
+    num_splits = -(-T // per_split)
+    m_ws, l_ws, acc_ws = workspace if workspace is not None else partials_workspace(B, Hq, num_splits, D, q.device)
+    _frag_decode_kernel[(B * H, num_splits)](
+        q, kv.kf, kv.vf, kv.k_scale, kv.k_zero, kv.v_scale, kv.v_zero, m_ws, l_ws, acc_ws,
+        q.stride(0), q.stride(1), H, T, per_split, num_splits,
+        (D ** -0.5 if scale is None else scale) * math.log2(math.e),
+        G=Hq // H, D=D, BLOCK=block, KG=kv.key_group,
+        FOLD=LAUNCH["fold"] if fold is None else bool(fold), **_layouts(D, block), num_warps=LAUNCH["num_warps"])
+    if out is None:
+        out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    _decode_reduce_kernel[(B * Hq,)](m_ws, l_ws, acc_ws, out, out.stride(0), out.stride(1), Hq, num_splits,
+                                     D=D, S_PAD=next_pow2(num_splits), num_warps=4)
+    return out

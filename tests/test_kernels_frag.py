@@ -1,0 +1,154 @@
+"""Fragment-ordered 2-bit codes (kvshrink/kernels/frag.py) and the Gluon decode kernel over them (decode_frag.py).
+
+The layout and the kernel's unpack PTX are checked here on any machine (the PTX by executing its instructions in
+Python); the kernel itself needs an sm_80+ GPU (Gluon has no interpreter) and is compared with the float32
+reference there."""
+from __future__ import annotations
+
+import re
+import struct
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvshrink.kernels import frag
+from kvshrink.kernels.decode_frag import HAS_GLUON, FragKV, decode_frag_ref
+from kvshrink.kernels.reference import PackedKV, decode_attention_ref
+from kvshrink.storage import quantize
+
+GPU = torch.cuda.is_available() and HAS_GLUON and torch.version.hip is None
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from([32, 64, 128]), st.integers(1, 3), st.integers(1, 2), st.integers(0, 2**31 - 1))
+def test_pack_unpack_roundtrip(D, tiles, heads, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 4, (2, heads, 32 * tiles, D), generator=g, dtype=torch.uint8)
+    kp, vp = frag.pack_keys(codes), frag.pack_values(codes)
+    assert kp.shape == (2, heads, 2 * tiles, 32, D // 32) and kp.dtype == torch.int32
+    assert vp.shape == (2, heads, tiles, 32, D // 16) and vp.dtype == torch.int32
+    assert torch.equal(frag.unpack_keys(kp), codes)
+    assert torch.equal(frag.unpack_values(vp), codes)
+    # same bytes as KIVI's 2-bit codes
+    assert kp.numel() * 4 == vp.numel() * 4 == codes.numel() // 4
+
+
+def _one_code(D: int, t: int, c: int, T: int = 32) -> torch.Tensor:
+    codes = torch.zeros(1, 1, T, D, dtype=torch.uint8)
+    codes[0, 0, t, c] = 3
+    return codes
+
+
+def test_documented_bit_positions():
+    # key (t=9, c=42): g=1, t8=1, q=1, c0=0, c3=1, c4=0, word 1 -> lane 5, bit 2*(1 + 0 + 4) = 10
+    kp = frag.pack_keys(_one_code(128, 9, 42, T=16))
+    assert kp[0, 0, 0, 5, 1].item() == 3 << 10 and int(kp.ne(0).sum()) == 1
+    # value (t=19, c=13): t0=1, q=1, t3=0, t4=1, g=5, c3=1, word 0 -> lane 21, bit 16 + 2*(0 + 2 + 4) = 28
+    vp = frag.pack_values(_one_code(128, 19, 13))
+    assert vp[0, 0, 0, 21, 0].item() == 3 << 28 and int(vp.ne(0).sum()) == 1
+    # the top bit lands in the sign of the int32 word: still the same 32 bits
+    vp = frag.pack_values(_one_code(128, 17, 8))  # t0=1, t3=0, t4=1, c3=1 -> bit 16 + 2*6 = 28 (lane 0)
+    kp = frag.pack_keys(_one_code(128, 8, 25, T=16))  # t8=1, c0=1, c3=1, c4=1 -> bit 16 + 2*7 = 30
+    assert kp[0, 0, 0, 0, 0].item() == struct.unpack("<i", struct.pack("<I", 3 << 30))[0]
+    assert frag.unpack_keys(kp)[0, 0, 8, 25] == 3 and frag.unpack_values(vp)[0, 0, 17, 8] == 3
+
+
+def test_bad_shapes_are_named():
+    with pytest.raises(ValueError, match="whole tiles of 32 tokens"):
+        frag.pack_values(torch.zeros(1, 1, 48, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        frag.pack_keys(torch.zeros(1, 1, 16, 48, dtype=torch.uint8))
+
+
+def _kivi(B=2, H=2, T=256, D=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(B, H, T, D, generator=g).half()
+    k[..., 3] *= 8  # an outlier channel, as real keys have
+    v = torch.randn(B, H, T, D, generator=g).half()
+    return quantize(k, 2, "token", 128), quantize(v, 2, "channel", D)
+
+
+def test_fragkv_holds_kivis_cache_exactly():
+    kq, vq = _kivi()
+    f = FragKV.from_kivi(kq, vq)
+    k, v = f.dense()
+    assert torch.equal(k, kq.dequantize(torch.float32)) and torch.equal(v, vq.dequantize(torch.float32))
+    assert f.tokens == 256
+    q = torch.randn(2, 8, 128).half()
+    assert torch.equal(decode_frag_ref(q, f), decode_attention_ref(q, PackedKV(kq, None, vq, None)))
+
+
+def test_fragkv_refuses_other_caches():
+    kq, vq = _kivi()
+    with pytest.raises(ValueError, match="2-bit asymmetric KIVI"):
+        FragKV.from_kivi(kq, quantize(torch.randn(2, 2, 256, 128).half(), 2, "channel", 32))
+    with pytest.raises(ValueError, match="2-bit asymmetric KIVI"):
+        FragKV.from_kivi(quantize(torch.randn(2, 2, 256, 128).half(), 4, "token", 128), vq)
+
+
+# ------------------------------------------------------------------------ the unpack PTX, executed in Python
+def _run_ptx(ptx: str, word: int) -> list[tuple[float, float]]:
+    """Execute the unpack's instructions (mov/shr/lop3 0xea/sub.rn.f16x2) on one word; the 8 outputs as fp16 pairs."""
+    regs = {f"${i}": word for i in range(8, 24)}
+
+    def val(x: str) -> int:
+        return regs[x] if x in regs else int(x, 0)
+
+    def halves(x: int) -> tuple[float, float]:
+        return tuple(struct.unpack("<2e", struct.pack("<I", x & 0xFFFFFFFF)))
+
+    for ins in re.findall(r"([a-z0-9.]+) ([^;]+);", ptx):
+        op, args = ins[0], [a.strip() for a in ins[1].split(",")]
+        if op.startswith(".reg"):
+            continue
+        if op == "mov.b32":
+            regs[args[0]] = val(args[1])
+        elif op == "shr.b32":
+            regs[args[0]] = (val(args[1]) & 0xFFFFFFFF) >> int(args[2])
+        elif op == "lop3.b32":
+            assert args[4] == "0xea"  # (a & b) | c
+            regs[args[0]] = (val(args[1]) & val(args[2])) | val(args[3])
+        elif op == "sub.rn.f16x2":
+            a, b = halves(val(args[1])), halves(val(args[2]))
+            regs[args[0]] = struct.unpack("<I", struct.pack("<2e", a[0] - b[0], a[1] - b[1]))[0]
+        else:
+            raise AssertionError(f"unexpected PTX {op}")
+    return [halves(regs[f"${j}"]) for j in range(8)]
+
+
+@pytest.mark.skipif(not HAS_GLUON, reason="needs Triton's Gluon")
+@pytest.mark.parametrize("fold", [False, True])
+def test_unpack_ptx_reads_each_field(fold):
+    from kvshrink.kernels.decode_frag import _unpack_ptx
+
+    g = torch.Generator().manual_seed(1)
+    for word in [0, 0xFFFFFFFF, 0x1B1B1B1B] + torch.randint(0, 2**32, (20,), generator=g, dtype=torch.int64).tolist():
+        out = _run_ptx(_unpack_ptx(fold), word)
+        for j in range(8):
+            f = j // 2 + 4 * (j % 2)  # register j holds field f (frag.py)
+            lo, hi = (word >> 2 * f) & 3, (word >> (16 + 2 * f)) & 3
+            scale = 4 ** (f % 4) if fold else 1
+            assert out[j] == (lo * scale, hi * scale), (hex(word), j)
+
+
+# ------------------------------------------------------------------------ the kernel (GPU)
+@pytest.mark.skipif(not GPU, reason="needs an NVIDIA GPU (sm_80+) and Gluon")
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("G", [1, 4, 8])
+@pytest.mark.parametrize("block", [32, 64, 128])
+@pytest.mark.parametrize("fold", [False, True])
+def test_decode_frag_matches_reference(D, G, block, fold):
+    from kvshrink.kernels.decode_frag import decode_attention_frag
+
+    B, H, T = 2, 2, 640
+    kq, vq = _kivi(B, H, T, D, seed=D + G)
+    f = FragKV.from_kivi(kq, vq)
+    f = FragKV(*(x.cuda() for x in (f.kf, f.vf, f.k_scale, f.k_zero, f.v_scale, f.v_zero)), f.key_group)
+    q = torch.randn(B, H * G, D, device="cuda").half()
+    ref = decode_frag_ref(q, f)
+    for splits in (None, 1, 3):
+        out = decode_attention_frag(q, f, num_splits=splits, block=block, fold=fold)
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        assert err < 2e-3, (splits, err)
