@@ -247,7 +247,7 @@ def decode_attention_frag(q: torch.Tensor, kv: FragKV, scale: float | None = Non
                           out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of ``q (B, Hq, D)`` fp16 over ``kv`` (all ``T`` tokens). Returns ``(B, Hq, D)`` fp16."""
     from .decode_attention import _decode_reduce_kernel, _sm_count, choose_splits, partials_workspace
-    from ..utils import next_pow2
+    from ._triton import next_pow2
 
     if not HAS_GLUON:
         raise RuntimeError("decode_attention_frag needs Triton's Gluon (Triton >= 3.5)")
