@@ -23,8 +23,9 @@ import torch  # noqa: E402
 from bench_kernels import D, DECODE_CONFIGS, HKV, HQ, copies_for, git_commit, make_packed, sdpa_decode_fn  # noqa: E402
 from tune_decode import graph_ms  # noqa: E402
 
-#: block:fold:waves; the first is the default (decode_frag.LAUNCH)
-VARIANTS = "64:1:8,64:0:8,32:1:8,128:1:8,64:1:4,64:1:16"
+#: block:fold:waves:maxnreg:prefetch; the first is the default (decode_frag.LAUNCH)
+VARIANTS = ("128:1:1:0:0,128:0:1:0:0,128:1:2:0:0,128:1:1:168:0,64:1:1:0:0,64:1:1:0:1,64:1:2:0:1,64:1:1:128:0,"
+            "32:1:1:0:0,32:1:1:0:1,32:1:2:0:1,32:1:1:128:0")
 
 
 def full_cache(B: int, T: int, seed: int):
@@ -46,7 +47,7 @@ def full_cache(B: int, T: int, seed: int):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/frag_decode.json")
-    ap.add_argument("--variants", default=VARIANTS, help="block:fold:waves, comma-separated")
+    ap.add_argument("--variants", default=VARIANTS, help="block:fold:waves:maxnreg:prefetch, comma-separated")
     ap.add_argument("--configs", default="", help="BxT, comma-separated (default: issue 9's five)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -58,7 +59,7 @@ def main() -> int:
     from kvshrink.kernels.decode_frag import decode_attention_frag, decode_frag_ref
 
     configs = [tuple(map(int, c.split("x"))) for c in args.configs.split(",")] if args.configs else DECODE_CONFIGS
-    variants = [tuple(map(int, v.split(":"))) for v in args.variants.split(",")]
+    variants = [tuple(map(float, v.split(":"))) for v in args.variants.split(",")]
     res = {"device": torch.cuda.get_device_name(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "git_commit": git_commit(), "torch": torch.__version__, "triton": triton.__version__,
            "timing": "CUDA graph of one call per input copy, median of 20 replays / copies", "rows": []}
@@ -77,8 +78,8 @@ def main() -> int:
         row["bytes"] = caches[0][0].nbytes() + 4 * B * HQ * D
         row["kivi_full_ms"] = graph_ms([lambda j=j: decode_attention(qs[j], caches[j][0]) for j in range(len(caches))])
         runs = []
-        for block, fold, waves in variants:
-            var = dict(block=block, fold=bool(fold), waves=waves)
+        for block, fold, waves, maxnreg, prefetch in variants:
+            var = dict(block=int(block), fold=bool(fold), waves=waves, maxnreg=int(maxnreg), prefetch=bool(prefetch))
             try:
                 ms = graph_ms([lambda j=j: decode_attention_frag(qs[j], caches[j][1], **var) for j in range(len(caches))])
             except Exception as e:  # noqa: BLE001 - record and go on
@@ -94,7 +95,8 @@ def main() -> int:
             row["kivi_rel_err"] = float((decode_attention(qs[0], caches[0][0]).float() - ref).norm() / ref.norm())
             for r in runs:
                 if "ms" in r:
-                    out = decode_attention_frag(qs[0], caches[0][1], block=r["block"], fold=r["fold"], waves=r["waves"])
+                    out = decode_attention_frag(qs[0], caches[0][1], **{k: r[k] for k in
+                                                                        ("block", "fold", "waves", "maxnreg", "prefetch")})
                     r["rel_err"] = float((out.float() - ref).norm() / ref.norm())
             del ref
         del caches, qs

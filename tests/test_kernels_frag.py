@@ -152,3 +152,23 @@ def test_decode_frag_matches_reference(D, G, block, fold):
         out = decode_attention_frag(q, f, num_splits=splits, block=block, fold=fold)
         err = ((out.float() - ref).norm() / ref.norm()).item()
         assert err < 2e-3, (splits, err)
+
+
+@pytest.mark.skipif(not GPU, reason="needs an NVIDIA GPU (sm_80+) and Gluon")
+@pytest.mark.parametrize("block", [32, 64, 128])
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("maxnreg", [0, 128])
+def test_decode_frag_launch_options_keep_the_result(block, prefetch, maxnreg):
+    """Register prefetch, a register cap and the wave-sized split count change the schedule, not the math; a
+    split that holds a single key group (prefetch reloads its own last block) included."""
+    from kvshrink.kernels.decode_frag import decode_attention_frag
+
+    B, H, G, D, T = 3, 2, 4, 128, 1024
+    kq, vq = _kivi(B, H, T, D, seed=7)
+    f = FragKV.from_kivi(kq, vq)
+    f = FragKV(*(x.cuda() for x in (f.kf, f.vf, f.k_scale, f.k_zero, f.v_scale, f.v_zero)), f.key_group)
+    q = torch.randn(B, H * G, D, device="cuda").half()
+    ref = decode_frag_ref(q, f)
+    for kw in ({"num_splits": 8}, {"waves": 1}, {"waves": 2}):
+        out = decode_attention_frag(q, f, block=block, prefetch=prefetch, maxnreg=maxnreg, **kw)
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-3, kw

@@ -91,8 +91,9 @@ def decode_frag_ref(q: torch.Tensor, kv: FragKV, scale: float | None = None) -> 
     return decode_attention_ref(q, PackedKV(None, k, None, v), scale=scale)
 
 
-#: launch defaults (tokens per softmax step; programs per SM to aim for)
-LAUNCH: dict = {"block": 64, "waves": 8, "num_warps": 1, "fold": True}
+#: launch defaults (see :func:`decode_attention_frag`): tokens per softmax step, waves of resident programs, warps
+#: per program, the folded unpack, register cap (0: the compiler's choice)
+LAUNCH: dict = {"block": 128, "waves": 1, "num_warps": 1, "fold": True, "maxnreg": 0, "prefetch": False}
 
 
 if HAS_GLUON:
@@ -139,6 +140,11 @@ if HAS_GLUON:
         return gl.convert_layout(gl.reshape(c, OUT), OUT_LAYOUT)
 
     @gluon.jit
+    def _lane_partials(x, BLOCK: gl.constexpr):
+        """``(BLOCK, 8)`` accumulator tile -> ``(8, 8)``: summed over the tokens one lane holds (registers only)."""
+        return gl.sum(gl.reshape(x, [BLOCK // 8, 8, 8]), axis=0)
+
+    @gluon.jit
     def _load_words(base, N0: gl.constexpr, N3: gl.constexpr, L4: gl.constexpr):
         """``(N0, 8, 4, N3)`` int32 at ``base``, row-major: tile, lane = 4*g + q, word; each lane's words contiguous."""
         i0 = gl.arange(0, N0, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L4))))
@@ -153,7 +159,7 @@ if HAS_GLUON:
     def _frag_decode_kernel(Q, KF, VF, KS, KZ, VS, VZ, M_OUT, L_OUT, ACC_OUT,
                             sq_b, sq_h, H, T, per_split, num_splits, qk_scale,
                             G: gl.constexpr, D: gl.constexpr, BLOCK: gl.constexpr, KG: gl.constexpr,
-                            FOLD: gl.constexpr, LK4: gl.constexpr, LK8: gl.constexpr, LV4: gl.constexpr, LV8: gl.constexpr):
+                            FOLD: gl.constexpr, PREFETCH: gl.constexpr, LK4: gl.constexpr, LK8: gl.constexpr, LV4: gl.constexpr, LV8: gl.constexpr):
         pid = gl.program_id(0)  # b * H + h
         split = gl.program_id(1)
         b = pid // H
@@ -163,12 +169,12 @@ if HAS_GLUON:
         KW: gl.constexpr = D // 32       # key words per lane and tile
         VW: gl.constexpr = D // 16       # value words per lane and tile
 
-        # the query heads of this KV head, (D, 8) as the B operand; scale and log2(e) folded in
+        # the query heads of this KV head, (D, 8) as the B operand
         c_b = gl.arange(0, D, layout=gl.SliceLayout(1, _BOP))
         h_b = gl.arange(0, 8, layout=gl.SliceLayout(0, _BOP))
         qmask = (h_b < G)[None, :] & (c_b < D)[:, None]
         qv = gl.load(Q + b * sq_b + (h * G + h_b[None, :]) * sq_h + c_b[:, None], mask=qmask, other=0.0)
-        qv = qv.to(gl.float32) * qk_scale
+        # held as fp16 (half the registers of fp32); the softmax scale joins the key scale per group
         t_s = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, _MMA))
         if FOLD:  # the unpack reads code * 4**m, m = bits 3-4 of the channel (keys) / token (values)
             kfac = gl.exp2(-2.0 * ((c_b >> 3) & 3).to(gl.float32))
@@ -178,8 +184,10 @@ if HAS_GLUON:
             vfac = gl.full([BLOCK], 1.0, gl.float32, layout=gl.SliceLayout(1, _MMA))
 
         m_i = gl.full([8], float("-inf"), gl.float32, layout=gl.SliceLayout(0, _MMA))
-        l_acc = gl.zeros([BLOCK, 8], gl.float32, layout=_MMA)
-        z_acc = gl.zeros([BLOCK, 8], gl.float32, layout=_MMA)
+        # running sums of p and p * zero per head, kept as per-lane partials (8 token lanes x 8 heads): the token
+        # registers are summed each step, the lanes once at the end
+        l_acc = _lane_partials(gl.zeros([BLOCK, 8], gl.float32, layout=_MMA), BLOCK)
+        z_acc = l_acc
         o = gl.zeros([D, 8], gl.float32, layout=_MMA)
         s0 = gl.zeros([BLOCK, 8], gl.float32, layout=_MMA)
 
@@ -187,38 +195,54 @@ if HAS_GLUON:
         end = gl.minimum(start + per_split, T)
         kf_bh = KF + pid * (T // 16) * (32 * KW)
         vf_bh = VF + pid * (T // 32) * (32 * VW)
+        if PREFETCH:  # the next step's words and value scales are in flight while this step computes
+            kw_n = _load_words(kf_bh + (start // 16) * (32 * KW), NKT, KW, LK4)
+            vw_n = _load_words(vf_bh + (start // 32) * (32 * VW), NVT, VW, LV4)
+            vs_n = gl.load(VS + pid * T + start + t_s)
+            vz_n = gl.load(VZ + pid * T + start + t_s)
         for g0 in range(start, end, KG):
-            ks = gl.load(KS + (pid * (T // KG) + g0 // KG) * D + c_b).to(gl.float32) * kfac
-            kz = gl.load(KZ + (pid * (T // KG) + g0 // KG) * D + c_b).to(gl.float32)
-            qk = (qv * ks[:, None]).to(gl.float16)
-            bias = gl.convert_layout(gl.sum(qv * kz[:, None], axis=0), gl.SliceLayout(0, _MMA))
+            ks = gl.load(KS + (pid * (T // KG) + g0 // KG) * D + c_b).to(gl.float32) * (kfac * qk_scale)
+            kz = gl.load(KZ + (pid * (T // KG) + g0 // KG) * D + c_b).to(gl.float32) * qk_scale
+            qk = (qv.to(gl.float32) * ks[:, None]).to(gl.float16)
+            bias = gl.convert_layout(gl.sum(qv.to(gl.float32) * kz[:, None], axis=0), gl.SliceLayout(0, _MMA))
             for t0 in range(g0, g0 + KG, BLOCK):
-                kw = _load_words(kf_bh + (t0 // 16) * (32 * KW), NKT, KW, LK4)
+                if PREFETCH:
+                    kw, vw, vs_raw, vz_raw = kw_n, vw_n, vs_n, vz_n
+                    t_nx = gl.minimum(t0 + BLOCK, end - BLOCK)  # the last step reloads its own block
+                    kw_n = _load_words(kf_bh + (t_nx // 16) * (32 * KW), NKT, KW, LK4)
+                    vw_n = _load_words(vf_bh + (t_nx // 32) * (32 * VW), NVT, VW, LV4)
+                    vs_n = gl.load(VS + pid * T + t_nx + t_s)
+                    vz_n = gl.load(VZ + pid * T + t_nx + t_s)
+                else:
+                    kw = _load_words(kf_bh + (t0 // 16) * (32 * KW), NKT, KW, LK4)
+                    vw = _load_words(vf_bh + (t0 // 32) * (32 * VW), NVT, VW, LV4)
+                    vs_raw = gl.load(VS + pid * T + t0 + t_s)
+                    vz_raw = gl.load(VZ + pid * T + t0 + t_s)
                 kc = _words_to_codes(kw, [0, 1, 3, 2], [NKT, 1, 8, KW, 1, 1, 4, 1], [NKT, 2, 8, KW, 2, 2, 4, 2],
                                      LK8, [BLOCK, D], _AOP, FOLD)
                 s = mma_v2(kc, qk, s0) + bias[None, :]
                 m_new = gl.maximum(m_i, gl.max(s, axis=0))
                 alpha = gl.exp2(m_i - m_new)
                 p = gl.exp2(s - m_new[None, :])
-                vsc = gl.load(VS + pid * T + t0 + t_s).to(gl.float32) * vfac
-                vze = gl.load(VZ + pid * T + t0 + t_s).to(gl.float32)
-                l_acc = l_acc * alpha[None, :] + p
-                z_acc = z_acc * alpha[None, :] + p * vze[:, None]
+                vsc = vs_raw.to(gl.float32) * vfac
+                vze = vz_raw.to(gl.float32)
+                alpha_l = gl.convert_layout(alpha, gl.SliceLayout(0, l_acc.type.layout))
+                l_acc = l_acc * alpha_l[None, :] + _lane_partials(p, BLOCK)
+                z_acc = z_acc * alpha_l[None, :] + _lane_partials(p * vze[:, None], BLOCK)
                 pv = (p * vsc[:, None]).to(gl.float16)
                 # accumulator (tokens, heads) -> B operand (tokens, heads): an 8x8 transpose per register
                 pt = gl.inline_asm_elementwise(_TRANSPOSE, "=r,r", [pv], dtype=gl.float16, is_pure=True, pack=2)
                 pt = gl.reshape(gl.permute(gl.reshape(pt, [BLOCK // 8, 8, 8]), [0, 2, 1]), [BLOCK, 8])
                 pt = gl.convert_layout(pt, _BOP)
-                vw = _load_words(vf_bh + (t0 // 32) * (32 * VW), NVT, VW, LV4)
                 vc = _words_to_codes(vw, [3, 1, 0, 2], [VW, 1, 8, NVT, 1, 1, 4, 1], [VW, 2, 8, NVT, 2, 2, 4, 2],
                                      LV8, [D, BLOCK], _AOP, FOLD)
                 o = mma_v2(vc, pt, o * alpha[None, :])
                 m_i = m_new
 
-        l_i = gl.sum(l_acc, axis=0)
+        l_i = gl.convert_layout(gl.sum(l_acc, axis=0), gl.SliceLayout(0, _MMA))
         if FOLD:
             o = o * 0.0625
-        o = o + gl.sum(z_acc, axis=0)[None, :]
+        o = o + gl.convert_layout(gl.sum(z_acc, axis=0), gl.SliceLayout(0, _MMA))[None, :]
         h_o = gl.arange(0, 8, layout=gl.SliceLayout(0, _MMA))
         c_o = gl.arange(0, D, layout=gl.SliceLayout(1, _MMA))
         row = (b * H * G + h * G + h_o) * num_splits + split
@@ -241,18 +265,41 @@ def _layouts(D: int, block: int) -> dict:
     )
 
 
+_RESIDENT: dict = {}
+
+
+def _resident_per_sm(kernel) -> int:
+    """Programs (one warp each) an SM holds at once for this compiled kernel, from its register count: the split
+    count is sized to whole waves of these, as a program that starts in a second, near-empty wave doubles the time."""
+    try:
+        kernel._init_handles()
+        regs = int(kernel.n_regs)
+    except Exception:  # pragma: no cover - a Triton without these attributes: assume the worst case
+        regs = 255
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256  # allocation unit: 256 registers per warp
+    return max(1, min(32, 65536 // per_warp))
+
+
 def decode_attention_frag(q: torch.Tensor, kv: FragKV, scale: float | None = None, num_splits: int | None = None,
-                          block: int | None = None, waves: int | None = None, fold: bool | None = None,
+                          block: int | None = None, waves: float | None = None, fold: bool | None = None,
+                          maxnreg: int | None = None, prefetch: bool | None = None,
                           workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                           out: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of ``q (B, Hq, D)`` fp16 over ``kv`` (all ``T`` tokens). Returns ``(B, Hq, D)`` fp16."""
-    from .decode_attention import _decode_reduce_kernel, _sm_count, choose_splits, partials_workspace
+    """Attention of ``q (B, Hq, D)`` fp16 over ``kv`` (all ``T`` tokens). Returns ``(B, Hq, D)`` fp16.
+
+    ``waves``: how many full waves of resident programs the splits make (default :data:`LAUNCH`); ``maxnreg``:
+    register cap per thread (more programs per SM, possibly spills); ``prefetch``: load the next step's codes
+    while computing this one (more registers, latency hidden within a program)."""
+    from .decode_attention import _decode_reduce_kernel, _sm_count, partials_workspace
     from ._triton import next_pow2
 
     if not HAS_GLUON:
         raise RuntimeError("decode_attention_frag needs Triton's Gluon (Triton >= 3.5)")
     block = block or LAUNCH["block"]
     waves = waves or LAUNCH["waves"]
+    maxnreg = LAUNCH["maxnreg"] if maxnreg is None else maxnreg
+    fold = LAUNCH["fold"] if fold is None else bool(fold)
+    prefetch = LAUNCH["prefetch"] if prefetch is None else bool(prefetch)
     B, Hq, D = q.shape
     H, T = kv.kf.shape[1], kv.tokens
     if q.dtype != torch.float16:
@@ -262,18 +309,24 @@ def decode_attention_frag(q: torch.Tensor, kv: FragKV, scale: float | None = Non
     if block not in (32, 64, 128) or kv.key_group % block or T % kv.key_group:
         raise ValueError(f"block {block} must be 32/64/128, dividing the key group {kv.key_group}, which divides T={T}")
     q = q.contiguous()
+    consts = dict(G=Hq // H, D=D, BLOCK=block, KG=kv.key_group, FOLD=fold, PREFETCH=prefetch, **_layouts(D, block),
+                  num_warps=LAUNCH["num_warps"], **({"maxnreg": maxnreg} if maxnreg else {}))
     if num_splits is None:
-        num_splits = choose_splits(B * H, T, kv.key_group, _sm_count(q.device.index or 0), waves)
-    per_split = -(-T // num_splits)
+        key = (str(q.device), Hq // H, D, block, fold, prefetch, maxnreg)
+        if key not in _RESIDENT:  # compile once to read the register count
+            ws = partials_workspace(B, Hq, 3, D, q.device)
+            _RESIDENT[key] = _resident_per_sm(_frag_decode_kernel.warmup(
+                q, kv.kf, kv.vf, kv.k_scale, kv.k_zero, kv.v_scale, kv.v_zero, *ws,
+                q.stride(0), q.stride(1), H, T, T, 3, 1.0, grid=(1,), **consts))
+        num_splits = max(1, int(waves * _sm_count(q.device.index or 0) * _RESIDENT[key]) // (B * H))
+    per_split = -(-T // max(1, min(num_splits, T // kv.key_group)))
     per_split = -(-per_split // kv.key_group) * kv.key_group
     num_splits = -(-T // per_split)
     m_ws, l_ws, acc_ws = workspace if workspace is not None else partials_workspace(B, Hq, num_splits, D, q.device)
     _frag_decode_kernel[(B * H, num_splits)](
         q, kv.kf, kv.vf, kv.k_scale, kv.k_zero, kv.v_scale, kv.v_zero, m_ws, l_ws, acc_ws,
         q.stride(0), q.stride(1), H, T, per_split, num_splits,
-        (D ** -0.5 if scale is None else scale) * math.log2(math.e),
-        G=Hq // H, D=D, BLOCK=block, KG=kv.key_group,
-        FOLD=LAUNCH["fold"] if fold is None else bool(fold), **_layouts(D, block), num_warps=LAUNCH["num_warps"])
+        (D ** -0.5 if scale is None else scale) * math.log2(math.e), **consts)
     if out is None:
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     _decode_reduce_kernel[(B * Hq,)](m_ws, l_ws, acc_ws, out, out.stride(0), out.stride(1), Hq, num_splits,
