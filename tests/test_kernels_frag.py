@@ -156,11 +156,13 @@ def test_decode_frag_matches_reference(D, G, block, fold):
 
 @pytest.mark.skipif(not GPU, reason="needs an NVIDIA GPU (sm_80+) and Gluon")
 @pytest.mark.parametrize("block", [32, 64, 128])
-@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("prefetch,stages", [(False, 1), (True, 1), (False, 2), (False, 3), (False, 4)])
 @pytest.mark.parametrize("maxnreg", [0, 128])
-def test_decode_frag_launch_options_keep_the_result(block, prefetch, maxnreg):
-    """Register prefetch, a register cap and the wave-sized split count change the schedule, not the math; a
-    split that holds a single key group (prefetch reloads its own last block) included."""
+def test_decode_frag_launch_options_keep_the_result(block, prefetch, stages, maxnreg):
+    """Register prefetch, the cp.async pipeline, a register cap and the wave-sized split count change the schedule,
+    not the math; splits of a single key group (fewer steps than pipeline stages) included."""
+    if stages > 1 and block < 64:
+        pytest.skip("the pipeline copies value scales 4 bytes per lane: block >= 64")
     from kvshrink.kernels.decode_frag import decode_attention_frag
 
     B, H, G, D, T = 3, 2, 4, 128, 1024
@@ -169,6 +171,6 @@ def test_decode_frag_launch_options_keep_the_result(block, prefetch, maxnreg):
     f = FragKV(*(x.cuda() for x in (f.kf, f.vf, f.k_scale, f.k_zero, f.v_scale, f.v_zero)), f.key_group)
     q = torch.randn(B, H * G, D, device="cuda").half()
     ref = decode_frag_ref(q, f)
-    for kw in ({"num_splits": 8}, {"waves": 1}, {"waves": 2}):
-        out = decode_attention_frag(q, f, block=block, prefetch=prefetch, maxnreg=maxnreg, **kw)
+    for kw in ({"num_splits": 8}, {"num_splits": 3}, {"waves": 1}, {"waves": 2}):
+        out = decode_attention_frag(q, f, block=block, prefetch=prefetch, stages=stages, maxnreg=maxnreg, **kw)
         assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-3, kw

@@ -35,7 +35,7 @@ from .reference import PackedKV, decode_attention_ref
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
     HAS_GLUON = True
 except Exception:  # pragma: no cover - Triton without Gluon
     HAS_GLUON = False
@@ -93,7 +93,7 @@ def decode_frag_ref(q: torch.Tensor, kv: FragKV, scale: float | None = None) -> 
 
 #: launch defaults (see :func:`decode_attention_frag`): tokens per softmax step, waves of resident programs, warps
 #: per program, the folded unpack, register cap (0: the compiler's choice)
-LAUNCH: dict = {"block": 128, "waves": 1, "num_warps": 1, "fold": True, "maxnreg": 0, "prefetch": False}
+LAUNCH: dict = {"block": 128, "waves": 1, "num_warps": 1, "fold": True, "maxnreg": 0, "prefetch": False, "stages": 1}
 
 
 if HAS_GLUON:
@@ -156,10 +156,114 @@ if HAS_GLUON:
         return gl.load(base + off)
 
     @gluon.jit
+    def _word_offsets(N0: gl.constexpr, N3: gl.constexpr, L4: gl.constexpr):
+        i0 = gl.arange(0, N0, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L4))))
+        i1 = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, L4))))
+        i2 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, L4))))
+        i3 = gl.arange(0, N3, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4))))
+        return (i0[:, None, None, None] * (32 * N3) + i1[None, :, None, None] * (4 * N3)
+                + i2[None, None, :, None] * N3 + i3[None, None, None, :])
+
+    @gluon.jit
+    def _issue_step(ksm, vsm, ssm, zsm, kf_bh, vf_bh, VS, VZ, vs_off, t, koff, voff, soff,
+                    KW: gl.constexpr, VW: gl.constexpr):
+        """cp.async one step's key words, value words, value scales and zeros into one pipeline stage."""
+        async_copy.async_copy_global_to_shared(ksm, kf_bh + (t // 16) * (32 * KW) + koff)
+        async_copy.async_copy_global_to_shared(vsm, vf_bh + (t // 32) * (32 * VW) + voff)
+        async_copy.async_copy_global_to_shared(ssm, VS + vs_off + t + soff)
+        async_copy.async_copy_global_to_shared(zsm, VZ + vs_off + t + soff)
+        async_copy.commit_group()
+
+    @gluon.jit
+    def _step(kw, vw, vs_raw, vz_raw, qk, bias, vfac, o, m_i, l_acc, z_acc, s0,
+              D: gl.constexpr, BLOCK: gl.constexpr, FOLD: gl.constexpr, LK8: gl.constexpr, LV8: gl.constexpr):
+        """One step of BLOCK tokens: scores, online softmax, value product (see the module docstring)."""
+        NKT: gl.constexpr = BLOCK // 16
+        NVT: gl.constexpr = BLOCK // 32
+        KW: gl.constexpr = D // 32
+        VW: gl.constexpr = D // 16
+        kc = _words_to_codes(kw, [0, 1, 3, 2], [NKT, 1, 8, KW, 1, 1, 4, 1], [NKT, 2, 8, KW, 2, 2, 4, 2],
+                             LK8, [BLOCK, D], _AOP, FOLD)
+        s = mma_v2(kc, qk, s0) + bias[None, :]
+        m_new = gl.maximum(m_i, gl.max(s, axis=0))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s - m_new[None, :])
+        vsc = vs_raw.to(gl.float32) * vfac
+        vze = vz_raw.to(gl.float32)
+        alpha_l = gl.convert_layout(alpha, gl.SliceLayout(0, l_acc.type.layout))
+        l_acc = l_acc * alpha_l[None, :] + _lane_partials(p, BLOCK)
+        z_acc = z_acc * alpha_l[None, :] + _lane_partials(p * vze[:, None], BLOCK)
+        pv = (p * vsc[:, None]).to(gl.float16)
+        # accumulator (tokens, heads) -> B operand (tokens, heads): an 8x8 transpose per register
+        pt = gl.inline_asm_elementwise(_TRANSPOSE, "=r,r", [pv], dtype=gl.float16, is_pure=True, pack=2)
+        pt = gl.convert_layout(gl.reshape(gl.permute(gl.reshape(pt, [BLOCK // 8, 8, 8]), [0, 2, 1]), [BLOCK, 8]), _BOP)
+        vc = _words_to_codes(vw, [3, 1, 0, 2], [VW, 1, 8, NVT, 1, 1, 4, 1], [VW, 2, 8, NVT, 2, 2, 4, 2],
+                             LV8, [D, BLOCK], _AOP, FOLD)
+        o = mma_v2(vc, pt, o * alpha[None, :])
+        return o, m_new, l_acc, z_acc
+
+    @gluon.jit
+    def _group_query(qv, KS, KZ, grp, c_b, kfac, qk_scale, D: gl.constexpr):
+        """The query with key group ``grp``'s per-channel scale folded in (B operand), and its zero-point bias."""
+        ks = gl.load(KS + grp * D + c_b).to(gl.float32) * (kfac * qk_scale)
+        kz = gl.load(KZ + grp * D + c_b).to(gl.float32) * qk_scale
+        qk = (qv.to(gl.float32) * ks[:, None]).to(gl.float16)
+        bias = gl.convert_layout(gl.sum(qv.to(gl.float32) * kz[:, None], axis=0), gl.SliceLayout(0, _MMA))
+        return qk, bias
+
+    @gluon.jit
+    def _pipelined_loop(qv, kfac, vfac, t_s, c_b, o, m_i, l_acc, z_acc, s0, KS, KZ, VS, VZ, kf_bh, vf_bh, pid, T,
+                        start, end, qk_scale, D: gl.constexpr, BLOCK: gl.constexpr, KG: gl.constexpr,
+                        FOLD: gl.constexpr, STAGES: gl.constexpr, LK4: gl.constexpr, LK8: gl.constexpr,
+                        LV4: gl.constexpr, LV8: gl.constexpr):
+        """The main loop with STAGES steps of codes and value scales in flight (cp.async into shared memory): each
+        lane reads back exactly the words it copied, so only the scales, read by every lane, need a barrier."""
+        NKT: gl.constexpr = BLOCK // 16
+        NVT: gl.constexpr = BLOCK // 32
+        KW: gl.constexpr = D // 32
+        VW: gl.constexpr = D // 16
+        SL: gl.constexpr = gl.BlockedLayout([BLOCK // 32], [32], [1], [0])
+        plain5: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0])  # per stage; stages outermost
+        plain2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        ksm = gl.allocate_shared_memory(gl.int32, [STAGES, NKT, 8, 4, KW], plain5)
+        vsm = gl.allocate_shared_memory(gl.int32, [STAGES, NVT, 8, 4, VW], plain5)
+        ssm = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK], plain2)
+        zsm = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK], plain2)
+        koff = _word_offsets(NKT, KW, LK4)
+        voff = _word_offsets(NVT, VW, LV4)
+        soff = gl.arange(0, BLOCK, layout=SL)
+        n = (end - start) // BLOCK
+        for i in gl.static_range(STAGES - 1):
+            t = start + gl.minimum(i, n - 1) * BLOCK
+            _issue_step(ksm.index(i), vsm.index(i), ssm.index(i), zsm.index(i), kf_bh, vf_bh, VS, VZ, pid * T, t,
+                        koff, voff, soff, KW, VW)
+        qk, bias = _group_query(qv, KS, KZ, pid * (T // KG) + start // KG, c_b, kfac, qk_scale, D)
+        for i in range(n):
+            t0 = start + i * BLOCK
+            if (t0 % KG == 0) & (i > 0):
+                qk, bias = _group_query(qv, KS, KZ, pid * (T // KG) + t0 // KG, c_b, kfac, qk_scale, D)
+            st = i % STAGES
+            async_copy.wait_group(STAGES - 2)
+            gl.thread_barrier()
+            kw = ksm.index(st).load(LK4)
+            vw = vsm.index(st).load(LV4)
+            vs_raw = ssm.index(st).load(gl.SliceLayout(1, _MMA))
+            vz_raw = zsm.index(st).load(gl.SliceLayout(1, _MMA))
+            gl.thread_barrier()
+            nx = (i + STAGES - 1) % STAGES  # the stage read one step ago
+            t_nx = start + gl.minimum(i + STAGES - 1, n - 1) * BLOCK  # past the end: re-copy the last step
+            _issue_step(ksm.index(nx), vsm.index(nx), ssm.index(nx), zsm.index(nx), kf_bh, vf_bh, VS, VZ, pid * T,
+                        t_nx, koff, voff, soff, KW, VW)
+            o, m_i, l_acc, z_acc = _step(kw, vw, vs_raw, vz_raw, qk, bias, vfac, o, m_i, l_acc, z_acc, s0,
+                                         D, BLOCK, FOLD, LK8, LV8)
+        async_copy.wait_group(0)
+        return o, m_i, l_acc, z_acc
+
+    @gluon.jit
     def _frag_decode_kernel(Q, KF, VF, KS, KZ, VS, VZ, M_OUT, L_OUT, ACC_OUT,
                             sq_b, sq_h, H, T, per_split, num_splits, qk_scale,
                             G: gl.constexpr, D: gl.constexpr, BLOCK: gl.constexpr, KG: gl.constexpr,
-                            FOLD: gl.constexpr, PREFETCH: gl.constexpr, LK4: gl.constexpr, LK8: gl.constexpr, LV4: gl.constexpr, LV8: gl.constexpr):
+                            FOLD: gl.constexpr, PREFETCH: gl.constexpr, STAGES: gl.constexpr, LK4: gl.constexpr, LK8: gl.constexpr, LV4: gl.constexpr, LV8: gl.constexpr):
         pid = gl.program_id(0)  # b * H + h
         split = gl.program_id(1)
         b = pid // H
@@ -195,49 +299,54 @@ if HAS_GLUON:
         end = gl.minimum(start + per_split, T)
         kf_bh = KF + pid * (T // 16) * (32 * KW)
         vf_bh = VF + pid * (T // 32) * (32 * VW)
-        if PREFETCH:  # the next step's words and value scales are in flight while this step computes
-            kw_n = _load_words(kf_bh + (start // 16) * (32 * KW), NKT, KW, LK4)
-            vw_n = _load_words(vf_bh + (start // 32) * (32 * VW), NVT, VW, LV4)
-            vs_n = gl.load(VS + pid * T + start + t_s)
-            vz_n = gl.load(VZ + pid * T + start + t_s)
-        for g0 in range(start, end, KG):
-            ks = gl.load(KS + (pid * (T // KG) + g0 // KG) * D + c_b).to(gl.float32) * (kfac * qk_scale)
-            kz = gl.load(KZ + (pid * (T // KG) + g0 // KG) * D + c_b).to(gl.float32) * qk_scale
-            qk = (qv.to(gl.float32) * ks[:, None]).to(gl.float16)
-            bias = gl.convert_layout(gl.sum(qv.to(gl.float32) * kz[:, None], axis=0), gl.SliceLayout(0, _MMA))
-            for t0 in range(g0, g0 + KG, BLOCK):
-                if PREFETCH:
-                    kw, vw, vs_raw, vz_raw = kw_n, vw_n, vs_n, vz_n
-                    t_nx = gl.minimum(t0 + BLOCK, end - BLOCK)  # the last step reloads its own block
-                    kw_n = _load_words(kf_bh + (t_nx // 16) * (32 * KW), NKT, KW, LK4)
-                    vw_n = _load_words(vf_bh + (t_nx // 32) * (32 * VW), NVT, VW, LV4)
-                    vs_n = gl.load(VS + pid * T + t_nx + t_s)
-                    vz_n = gl.load(VZ + pid * T + t_nx + t_s)
-                else:
-                    kw = _load_words(kf_bh + (t0 // 16) * (32 * KW), NKT, KW, LK4)
-                    vw = _load_words(vf_bh + (t0 // 32) * (32 * VW), NVT, VW, LV4)
-                    vs_raw = gl.load(VS + pid * T + t0 + t_s)
-                    vz_raw = gl.load(VZ + pid * T + t0 + t_s)
-                kc = _words_to_codes(kw, [0, 1, 3, 2], [NKT, 1, 8, KW, 1, 1, 4, 1], [NKT, 2, 8, KW, 2, 2, 4, 2],
-                                     LK8, [BLOCK, D], _AOP, FOLD)
-                s = mma_v2(kc, qk, s0) + bias[None, :]
-                m_new = gl.maximum(m_i, gl.max(s, axis=0))
-                alpha = gl.exp2(m_i - m_new)
-                p = gl.exp2(s - m_new[None, :])
-                vsc = vs_raw.to(gl.float32) * vfac
-                vze = vz_raw.to(gl.float32)
-                alpha_l = gl.convert_layout(alpha, gl.SliceLayout(0, l_acc.type.layout))
-                l_acc = l_acc * alpha_l[None, :] + _lane_partials(p, BLOCK)
-                z_acc = z_acc * alpha_l[None, :] + _lane_partials(p * vze[:, None], BLOCK)
-                pv = (p * vsc[:, None]).to(gl.float16)
-                # accumulator (tokens, heads) -> B operand (tokens, heads): an 8x8 transpose per register
-                pt = gl.inline_asm_elementwise(_TRANSPOSE, "=r,r", [pv], dtype=gl.float16, is_pure=True, pack=2)
-                pt = gl.reshape(gl.permute(gl.reshape(pt, [BLOCK // 8, 8, 8]), [0, 2, 1]), [BLOCK, 8])
-                pt = gl.convert_layout(pt, _BOP)
-                vc = _words_to_codes(vw, [3, 1, 0, 2], [VW, 1, 8, NVT, 1, 1, 4, 1], [VW, 2, 8, NVT, 2, 2, 4, 2],
-                                     LV8, [D, BLOCK], _AOP, FOLD)
-                o = mma_v2(vc, pt, o * alpha[None, :])
-                m_i = m_new
+        if STAGES > 1:
+            o, m_i, l_acc, z_acc = _pipelined_loop(
+                qv, kfac, vfac, t_s, c_b, o, m_i, l_acc, z_acc, s0, KS, KZ, VS, VZ, kf_bh, vf_bh, pid, T, start, end,
+                qk_scale, D, BLOCK, KG, FOLD, STAGES, LK4, LK8, LV4, LV8)
+        else:
+            if PREFETCH:  # the next step's words and value scales are in flight while this step computes
+                kw_n = _load_words(kf_bh + (start // 16) * (32 * KW), NKT, KW, LK4)
+                vw_n = _load_words(vf_bh + (start // 32) * (32 * VW), NVT, VW, LV4)
+                vs_n = gl.load(VS + pid * T + start + t_s)
+                vz_n = gl.load(VZ + pid * T + start + t_s)
+            for g0 in range(start, end, KG):
+                ks = gl.load(KS + (pid * (T // KG) + g0 // KG) * D + c_b).to(gl.float32) * (kfac * qk_scale)
+                kz = gl.load(KZ + (pid * (T // KG) + g0 // KG) * D + c_b).to(gl.float32) * qk_scale
+                qk = (qv.to(gl.float32) * ks[:, None]).to(gl.float16)
+                bias = gl.convert_layout(gl.sum(qv.to(gl.float32) * kz[:, None], axis=0), gl.SliceLayout(0, _MMA))
+                for t0 in range(g0, g0 + KG, BLOCK):
+                    if PREFETCH:
+                        kw, vw, vs_raw, vz_raw = kw_n, vw_n, vs_n, vz_n
+                        t_nx = gl.minimum(t0 + BLOCK, end - BLOCK)  # the last step reloads its own block
+                        kw_n = _load_words(kf_bh + (t_nx // 16) * (32 * KW), NKT, KW, LK4)
+                        vw_n = _load_words(vf_bh + (t_nx // 32) * (32 * VW), NVT, VW, LV4)
+                        vs_n = gl.load(VS + pid * T + t_nx + t_s)
+                        vz_n = gl.load(VZ + pid * T + t_nx + t_s)
+                    else:
+                        kw = _load_words(kf_bh + (t0 // 16) * (32 * KW), NKT, KW, LK4)
+                        vw = _load_words(vf_bh + (t0 // 32) * (32 * VW), NVT, VW, LV4)
+                        vs_raw = gl.load(VS + pid * T + t0 + t_s)
+                        vz_raw = gl.load(VZ + pid * T + t0 + t_s)
+                    kc = _words_to_codes(kw, [0, 1, 3, 2], [NKT, 1, 8, KW, 1, 1, 4, 1], [NKT, 2, 8, KW, 2, 2, 4, 2],
+                                         LK8, [BLOCK, D], _AOP, FOLD)
+                    s = mma_v2(kc, qk, s0) + bias[None, :]
+                    m_new = gl.maximum(m_i, gl.max(s, axis=0))
+                    alpha = gl.exp2(m_i - m_new)
+                    p = gl.exp2(s - m_new[None, :])
+                    vsc = vs_raw.to(gl.float32) * vfac
+                    vze = vz_raw.to(gl.float32)
+                    alpha_l = gl.convert_layout(alpha, gl.SliceLayout(0, l_acc.type.layout))
+                    l_acc = l_acc * alpha_l[None, :] + _lane_partials(p, BLOCK)
+                    z_acc = z_acc * alpha_l[None, :] + _lane_partials(p * vze[:, None], BLOCK)
+                    pv = (p * vsc[:, None]).to(gl.float16)
+                    # accumulator (tokens, heads) -> B operand (tokens, heads): an 8x8 transpose per register
+                    pt = gl.inline_asm_elementwise(_TRANSPOSE, "=r,r", [pv], dtype=gl.float16, is_pure=True, pack=2)
+                    pt = gl.reshape(gl.permute(gl.reshape(pt, [BLOCK // 8, 8, 8]), [0, 2, 1]), [BLOCK, 8])
+                    pt = gl.convert_layout(pt, _BOP)
+                    vc = _words_to_codes(vw, [3, 1, 0, 2], [VW, 1, 8, NVT, 1, 1, 4, 1], [VW, 2, 8, NVT, 2, 2, 4, 2],
+                                         LV8, [D, BLOCK], _AOP, FOLD)
+                    o = mma_v2(vc, pt, o * alpha[None, :])
+                    m_i = m_new
 
         l_i = gl.convert_layout(gl.sum(l_acc, axis=0), gl.SliceLayout(0, _MMA))
         if FOLD:
@@ -282,14 +391,15 @@ def _resident_per_sm(kernel) -> int:
 
 def decode_attention_frag(q: torch.Tensor, kv: FragKV, scale: float | None = None, num_splits: int | None = None,
                           block: int | None = None, waves: float | None = None, fold: bool | None = None,
-                          maxnreg: int | None = None, prefetch: bool | None = None,
+                          maxnreg: int | None = None, prefetch: bool | None = None, stages: int | None = None,
                           workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                           out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of ``q (B, Hq, D)`` fp16 over ``kv`` (all ``T`` tokens). Returns ``(B, Hq, D)`` fp16.
 
     ``waves``: how many full waves of resident programs the splits make (default :data:`LAUNCH`); ``maxnreg``:
     register cap per thread (more programs per SM, possibly spills); ``prefetch``: load the next step's codes
-    while computing this one (more registers, latency hidden within a program)."""
+    while computing this one (more registers, latency hidden within a program); ``stages > 1``: instead, keep that
+    many steps in flight through shared memory (cp.async), no extra registers."""
     from .decode_attention import _decode_reduce_kernel, _sm_count, partials_workspace
     from ._triton import next_pow2
 
@@ -300,6 +410,9 @@ def decode_attention_frag(q: torch.Tensor, kv: FragKV, scale: float | None = Non
     maxnreg = LAUNCH["maxnreg"] if maxnreg is None else maxnreg
     fold = LAUNCH["fold"] if fold is None else bool(fold)
     prefetch = LAUNCH["prefetch"] if prefetch is None else bool(prefetch)
+    stages = LAUNCH["stages"] if stages is None else int(stages)
+    if stages > 1 and block < 64:
+        raise ValueError("the cp.async pipeline (stages > 1) copies value scales 4 bytes per lane: block >= 64")
     B, Hq, D = q.shape
     H, T = kv.kf.shape[1], kv.tokens
     if q.dtype != torch.float16:
@@ -309,10 +422,10 @@ def decode_attention_frag(q: torch.Tensor, kv: FragKV, scale: float | None = Non
     if block not in (32, 64, 128) or kv.key_group % block or T % kv.key_group:
         raise ValueError(f"block {block} must be 32/64/128, dividing the key group {kv.key_group}, which divides T={T}")
     q = q.contiguous()
-    consts = dict(G=Hq // H, D=D, BLOCK=block, KG=kv.key_group, FOLD=fold, PREFETCH=prefetch, **_layouts(D, block),
+    consts = dict(G=Hq // H, D=D, BLOCK=block, KG=kv.key_group, FOLD=fold, PREFETCH=prefetch, STAGES=stages, **_layouts(D, block),
                   num_warps=LAUNCH["num_warps"], **({"maxnreg": maxnreg} if maxnreg else {}))
     if num_splits is None:
-        key = (str(q.device), Hq // H, D, block, fold, prefetch, maxnreg)
+        key = (str(q.device), Hq // H, D, block, fold, prefetch, stages, maxnreg)
         if key not in _RESIDENT:  # compile once to read the register count
             ws = partials_workspace(B, Hq, 3, D, q.device)
             _RESIDENT[key] = _resident_per_sm(_frag_decode_kernel.warmup(
