@@ -1144,6 +1144,44 @@ def sec_graph_asm(res: dict, model, T: int, steps: int, group: int) -> None:
     res["graph_asm"] = out
 
 
+def sec_graph_frag(res: dict, model, T: int, steps: int, group: int) -> None:
+    """CUDA-graph decode tok/s at the 16-bit baseline's largest batch: fp16 (StaticDenseLayer), kivi:bits=2 in
+    KIVI's layout (Triton kernel) and in fragment order (layout 'frag': Gluon kernel, decode_frag.py; same codes,
+    same bytes), then fp16 again (the baseline's spread); all in one run, side by side."""
+    from kvshrink.kernels import disable
+    from kvshrink.kernels.graph import make_static_cache
+
+    cap = T + steps + 16
+    out = {"T": T, "steps": steps, "spec": f"kivi:bits=2,group={group},residual=128", "runs": [],
+           **graph_kivi_budget(model, cap, group)}
+    Bf = out["max_batch_fp16"]
+
+    def run(kind, layout):
+        kw = {"group": group, "layout": layout, **({"waves": 32} if layout == "kivi" else {})}
+        cache = make_static_cache(model, cap, kind="dense" if kind == "fp16" else "kivi",
+                                  **({} if kind == "fp16" else kw))
+        try:
+            fill_static_dense(cache, B=Bf, T=T)
+            r = {"cache": kind, "layout": layout, "B": Bf, **time_graph(model, cache, Bf, T, steps),
+                 "frag_splits": getattr(cache.layers[0], "_frag_splits", None)}
+            log(f"graph frag {kind} {layout} B={Bf}: {r['tokens_per_s']:.0f} tok/s, {r['ms_per_step']:.2f} ms/step")
+            return r
+        finally:
+            disable(model)
+            del cache
+            torch.cuda.empty_cache()
+
+    for kind, layout in (("fp16", None), ("kivi", "kivi"), ("kivi", "frag"), ("fp16", None)):
+        record_graph_run(out["runs"], {"cache": kind, "layout": layout, "B": Bf}, lambda: run(kind, layout))
+    ok = [r for r in out["runs"] if "tokens_per_s" in r]
+    f16 = max((r["tokens_per_s"] for r in ok if r["cache"] == "fp16"), default=None)
+    for layout in ("kivi", "frag"):
+        kv = next((r["tokens_per_s"] for r in ok if r["cache"] == "kivi" and r["layout"] == layout), None)
+        if f16 and kv:
+            out[f"speedup_at_fp16_max_batch_{layout}"] = kv / f16
+    res["graph_frag"] = out
+
+
 def sec_graph(res: dict, model, T: int, steps: int, group: int) -> None:
     """Decode tokens/s with one greedy step captured in a CUDA graph and replayed, for the 16-bit baseline
     (StaticDenseLayer: preallocated K/V, device length, split-K Triton kernel) and kivi:bits=2 (StaticKiviLayer:
@@ -1223,6 +1261,7 @@ def main() -> int:
     ap.add_argument("--only", default="roof,decode,quant,graph,e2e",
                     help="sections: roof, chunk (chunked prefill over a packed past), chunk_e2e, decode (KIVI + RotateKV rows), rdecode (RotateKV rows only), quant, graph, "
                          "graph_asm (kivi graph e2e with the codes unpacked by Triton vs inline PTX, beside fp16), "
+                         "graph_frag (kivi graph e2e in KIVI's layout vs fragment order, beside fp16), "
                          "e2e (fp16, kivi and rotatekv:bits=2), e2e_rkv (rotatekv:bits=2 beside fp16 only), graph_rkv "
                          "(rotatekv:bits=2 static layers beside fp16 ones, CUDA graphs), rpack (RotateKV's "
                          "fused rotate+quantize+pack vs its torch path; after quant for the prefill share)")
@@ -1294,7 +1333,7 @@ def main() -> int:
             except Exception:  # noqa: BLE001
                 log(f"section {name} failed:\n{traceback.format_exc()}")
             dump()
-    if only & {"quant", "e2e", "graph", "graph_asm", "graph_rkv", "e2e_rkv", "rpack", "chunk_e2e"}:
+    if only & {"quant", "e2e", "graph", "graph_asm", "graph_frag", "graph_rkv", "e2e_rkv", "rpack", "chunk_e2e"}:
         try:
             model = build_model()
             if "chunk_e2e" in only:
@@ -1327,6 +1366,12 @@ def main() -> int:
                     dump()
                 except Exception:  # noqa: BLE001
                     log(f"section graph_asm failed:\n{traceback.format_exc()}")
+            if "graph_frag" in only:
+                try:
+                    sec_graph_frag(res, model, args.e2e_T, args.graph_steps, args.e2e_group)
+                    dump()
+                except Exception:  # noqa: BLE001
+                    log(f"section graph_frag failed:\n{traceback.format_exc()}")
             if "graph_rkv" in only:
                 try:
                     sec_graph_rotatekv(res, model, args.e2e_T, args.graph_steps, args.graph_rkv_runs)

@@ -628,6 +628,54 @@ def test_static_kivi_layer_matches_uniform_layer_step_by_step(layout, bits):
     assert torch.equal(st.k_res, ul.k_res) and torch.equal(st.v_res[:, :, -ul.v_res.shape[2]:], ul.v_res)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_static_frag_layer_stores_what_the_kivi_layout_stores(dtype):
+    """Layout 'frag' (2-bit codes in the tensor cores' fragment order, kernels/frag.py): its prefill and its
+    in-kernel flushes (keys a group at a time, values one token at a time into shared words) hold exactly the
+    codes, scales and residual rows of the KIVI layout, over partial value tiles and several flushes; on a GPU its
+    graph-mode attention (main splits + ring tail, decode_frag.py) matches the reference at every step."""
+    from kvshrink.kernels.graph import StaticKiviLayer
+
+    B, H, Hq, D, R = 2, 2, 8, 64, 64
+    n0, steps = 150, 75  # prefill leaves a partial value tile; steps cross a key flush and value tile edges
+    k, v = rand(B, H, n0 + steps, D, dtype=dtype), rand(B, H, n0 + steps, D, dtype=dtype, outliers=False)
+    ref = StaticKiviLayer(n0 + steps + 5, bits=2, group=D, residual=R, layout="kivi")
+    got = StaticKiviLayer(n0 + steps + 5, bits=2, group=D, residual=R, layout="frag")
+    ul = UniformLayer(2, "token", "channel", D, D, R)
+    for layer in (ref, got, ul):
+        layer.update(k[:, :, :n0], v[:, :, :n0])
+    for i in range(n0, n0 + steps):
+        kt, vt = k[:, :, i:i + 1], v[:, :, i:i + 1]
+        ref_kv = PackedKV(ul.kq, torch.cat([x for x in (ul.k_res, kt) if x is not None], -2),
+                          ul.vq, torch.cat([x for x in (ul.v_res, vt) if x is not None], -2))
+        ref.update(kt, vt)
+        handle, _ = got.update(kt, vt)
+        ul.append(kt, vt)
+        if DEV == "cuda" and (i % 9 == 0 or i == n0 + steps - 1):
+            q = rand(B, Hq, D, dtype=dtype, outliers=False)
+            want = decode_attention_ref(q, ref_kv)
+            assert float((handle.attend(q, None).float() - want).norm() / want.norm()) < tolerance(dtype), i
+    a, b = got.state(), ref.state()
+    assert (a.tokens, a.tkq, a.tvq) == (b.tokens, b.tkq, b.tvq) == (n0 + steps, b.tkq, b.tvq)
+    for x, y in ((a.kq, b.kq), (a.vq, b.vq)):
+        assert torch.equal(x.codes(), y.codes()) and torch.equal(x.scale, y.scale) and torch.equal(x.zero, y.zero)
+    assert torch.equal(a.k_res, b.k_res) and torch.equal(a.v_res, b.v_res)
+    assert got.nbytes() == ref.nbytes()
+
+
+def test_static_frag_layer_refuses_what_it_cannot_hold():
+    from kvshrink.kernels.graph import StaticKiviLayer
+
+    with pytest.raises(ValueError, match="2-bit codes"):
+        StaticKiviLayer(256, bits=4, group=64, residual=64, layout="frag")
+    layer = StaticKiviLayer(256, bits=2, group=32, residual=64, layout="kivi")
+    with pytest.raises(ValueError, match="multiple of 64"):
+        StaticKiviLayer(256, bits=2, group=32, residual=64, layout="frag")
+    layer = StaticKiviLayer(256, bits=2, group=64, residual=64, layout="frag")
+    with pytest.raises(ValueError, match="must equal head_dim"):
+        layer.update(rand(1, 2, 8, 128), rand(1, 2, 8, 128))
+
+
 def test_static_dense_layer_attends_over_its_device_length():
     from kvshrink.kernels.graph import StaticDenseLayer
 
@@ -644,7 +692,9 @@ def test_static_dense_layer_attends_over_its_device_length():
     assert float((out.float() - ref).norm() / ref.norm()) < tolerance(torch.float16)
 
 
-@pytest.mark.parametrize("kind,layout", [("kivi", "strided"), ("kivi", "kivi"), ("dense", None)])
+@pytest.mark.parametrize("kind,layout", [("kivi", "strided"), ("kivi", "kivi"), ("dense", None),
+                                         pytest.param("kivi", "frag", marks=pytest.mark.skipif(
+                                             DEV != "cuda", reason="the frag layout attends in Gluon (GPU)"))])
 def test_static_cache_with_left_padding_decodes_like_the_reference_path(tiny, kind, layout):
     """Rows of different prompt lengths (left padding): the static layers, given the prompt's mask once
     (``set_padding``, what ``GraphDecoder(attention_mask=...)`` does) and per-row positions, give the logits of the
@@ -656,8 +706,12 @@ def test_static_cache_with_left_padding_decodes_like_the_reference_path(tiny, ki
     ids = torch.randint(3, 200, (B, n0), generator=GEN).to(DEV)
     am = torch.ones(B, n0, dtype=torch.long, device=DEV)
     am[1, :7] = 0
-    spec = "kivi:bits=2,group=16,residual=16"
-    kw = {"group": 16, "residual": 16, "layout": layout} if kind == "kivi" else {}
+    g = 64 if layout == "frag" else 16  # frag: one value group per token (group = head_dim)
+    spec = f"kivi:bits=2,group={g},residual={g}"
+    kw = {"group": g, "residual": g, "layout": layout} if kind == "kivi" else {}
+    if layout == "frag":
+        n0, ids, am = 150, torch.randint(3, 200, (B, 150), generator=GEN).to(DEV), am.new_ones(B, 150)
+        am[1, :40] = 0
     try:
         from transformers import DynamicCache
 

@@ -137,7 +137,7 @@ def test_unpack_ptx_reads_each_field(fold):
 @pytest.mark.skipif(not GPU, reason="needs an NVIDIA GPU (sm_80+) and Gluon")
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("G", [1, 4, 8])
-@pytest.mark.parametrize("block", [32, 64, 128])
+@pytest.mark.parametrize("block", [64, 128])
 @pytest.mark.parametrize("fold", [False, True])
 def test_decode_frag_matches_reference(D, G, block, fold):
     from kvshrink.kernels.decode_frag import decode_attention_frag
@@ -151,18 +151,18 @@ def test_decode_frag_matches_reference(D, G, block, fold):
     for splits in (None, 1, 3):
         out = decode_attention_frag(q, f, num_splits=splits, block=block, fold=fold)
         err = ((out.float() - ref).norm() / ref.norm()).item()
-        assert err < 2e-3, (splits, err)
+        # fp16 operands: the query times each key group's scale and p times each value scale are rounded to
+        # fp16 (~2x the KIVI-layout kernel's error, which rounds dequantized keys and p instead)
+        assert err < 3e-3, (splits, err)
 
 
 @pytest.mark.skipif(not GPU, reason="needs an NVIDIA GPU (sm_80+) and Gluon")
-@pytest.mark.parametrize("block", [32, 64, 128])
-@pytest.mark.parametrize("prefetch,stages", [(False, 1), (True, 1), (False, 2), (False, 3), (False, 4)])
+@pytest.mark.parametrize("block", [64, 128])
+@pytest.mark.parametrize("stages", [2, 3, 4])
 @pytest.mark.parametrize("maxnreg", [0, 128])
-def test_decode_frag_launch_options_keep_the_result(block, prefetch, stages, maxnreg):
-    """Register prefetch, the cp.async pipeline, a register cap and the wave-sized split count change the schedule,
-    not the math; splits of a single key group (fewer steps than pipeline stages) included."""
-    if stages > 1 and block < 64:
-        pytest.skip("the pipeline copies value scales 4 bytes per lane: block >= 64")
+def test_decode_frag_launch_options_keep_the_result(block, stages, maxnreg):
+    """The pipeline depth, a register cap and the split count change the schedule, not the math; splits of a
+    single key group (fewer steps than pipeline stages) included."""
     from kvshrink.kernels.decode_frag import decode_attention_frag
 
     B, H, G, D, T = 3, 2, 4, 128, 1024
@@ -171,6 +171,16 @@ def test_decode_frag_launch_options_keep_the_result(block, prefetch, stages, max
     f = FragKV(*(x.cuda() for x in (f.kf, f.vf, f.k_scale, f.k_zero, f.v_scale, f.v_zero)), f.key_group)
     q = torch.randn(B, H * G, D, device="cuda").half()
     ref = decode_frag_ref(q, f)
-    for kw in ({"num_splits": 8}, {"num_splits": 3}, {"waves": 1}, {"waves": 2}):
-        out = decode_attention_frag(q, f, block=block, prefetch=prefetch, stages=stages, maxnreg=maxnreg, **kw)
-        assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-3, kw
+    for kw in ({"num_splits": 8}, {"num_splits": 3}, {"waves": 1}, {}):
+        out = decode_attention_frag(q, f, block=block, stages=stages, maxnreg=maxnreg, **kw)
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 3e-3, kw
+
+
+def test_wave_splits_fill_whole_waves():
+    from kvshrink.kernels.decode_frag import _wave_splits
+
+    # 64 heads x 24 splits = 1536 programs in 1584 slots: one full wave of 11 groups each
+    assert _wave_splits(64, 1584, 256) == 24
+    # 936 heads (117 sequences x 8): 5 splits of 13 groups in 3 waves, not 32 tiny splits (merge work)
+    assert _wave_splits(936, 1584, 64) == 5
+    assert _wave_splits(1, 1584, 1) == 1

@@ -91,9 +91,9 @@ def decode_frag_ref(q: torch.Tensor, kv: FragKV, scale: float | None = None) -> 
     return decode_attention_ref(q, PackedKV(None, k, None, v), scale=scale)
 
 
-#: launch defaults (see :func:`decode_attention_frag`): tokens per softmax step, waves of resident programs, warps
-#: per program, the folded unpack, register cap (0: the compiler's choice)
-LAUNCH: dict = {"block": 128, "waves": 1, "num_warps": 1, "fold": True, "maxnreg": 0, "prefetch": False, "stages": 1}
+#: launch defaults (see :func:`decode_attention_frag`): tokens per softmax step, waves of resident programs (None:
+#: :func:`_wave_splits`), warps per program, the folded unpack, register cap (0: the compiler's), pipeline depth
+LAUNCH: dict = {"block": 64, "waves": None, "num_warps": 1, "fold": True, "maxnreg": 0, "stages": 3}
 
 
 if HAS_GLUON:
@@ -145,18 +145,8 @@ if HAS_GLUON:
         return gl.sum(gl.reshape(x, [BLOCK // 8, 8, 8]), axis=0)
 
     @gluon.jit
-    def _load_words(base, N0: gl.constexpr, N3: gl.constexpr, L4: gl.constexpr):
-        """``(N0, 8, 4, N3)`` int32 at ``base``, row-major: tile, lane = 4*g + q, word; each lane's words contiguous."""
-        i0 = gl.arange(0, N0, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L4))))
-        i1 = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, L4))))
-        i2 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, L4))))
-        i3 = gl.arange(0, N3, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4))))
-        off = (i0[:, None, None, None] * (32 * N3) + i1[None, :, None, None] * (4 * N3)
-               + i2[None, None, :, None] * N3 + i3[None, None, None, :])
-        return gl.load(base + off)
-
-    @gluon.jit
     def _word_offsets(N0: gl.constexpr, N3: gl.constexpr, L4: gl.constexpr):
+        """Offsets of ``(N0, 8, 4, N3)`` int32 words, row-major: tile, lane = 4*g + q, word (a lane's words contiguous)."""
         i0 = gl.arange(0, N0, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L4))))
         i1 = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, L4))))
         i2 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, L4))))
@@ -165,120 +155,182 @@ if HAS_GLUON:
                 + i2[None, None, :, None] * N3 + i3[None, None, None, :])
 
     @gluon.jit
-    def _issue_step(ksm, vsm, ssm, zsm, kf_bh, vf_bh, VS, VZ, vs_off, t, koff, voff, soff,
+    def _transpose_p(p, BLOCK: gl.constexpr):
+        """16-bit ``(BLOCK, 8)`` in the accumulator layout -> the same values as the B operand: one ``movmatrix``
+        (8x8 transpose across the warp) per register, then a relabeling that moves nothing."""
+        pt = gl.inline_asm_elementwise(_TRANSPOSE, "=r,r", [p], dtype=p.dtype, is_pure=True, pack=2)
+        return gl.convert_layout(gl.reshape(gl.permute(gl.reshape(pt, [BLOCK // 8, 8, 8]), [0, 2, 1]), [BLOCK, 8]),
+                                 _BOP)
+
+    @gluon.jit
+    def _key_codes(kw, D: gl.constexpr, BLOCK: gl.constexpr, FOLD: gl.constexpr, LK8: gl.constexpr):
+        NKT: gl.constexpr = BLOCK // 16
+        KW: gl.constexpr = D // 32
+        return _words_to_codes(kw, [0, 1, 3, 2], [NKT, 1, 8, KW, 1, 1, 4, 1], [NKT, 2, 8, KW, 2, 2, 4, 2],
+                               LK8, [BLOCK, D], _AOP, FOLD)
+
+    @gluon.jit
+    def _value_codes(vw, D: gl.constexpr, BLOCK: gl.constexpr, FOLD: gl.constexpr, LV8: gl.constexpr):
+        NVT: gl.constexpr = BLOCK // 32
+        VW: gl.constexpr = D // 16
+        return _words_to_codes(vw, [3, 1, 0, 2], [VW, 1, 8, NVT, 1, 1, 4, 1], [VW, 2, 8, NVT, 2, 2, 4, 2],
+                               LV8, [D, BLOCK], _AOP, FOLD)
+
+    @gluon.jit
+    def _issue_step(ksm, vsm, ssm, zsm, kf_bh, vf_bh, vs_bh, vz_bh, t, koff, voff, soff,
                     KW: gl.constexpr, VW: gl.constexpr):
         """cp.async one step's key words, value words, value scales and zeros into one pipeline stage."""
         async_copy.async_copy_global_to_shared(ksm, kf_bh + (t // 16) * (32 * KW) + koff)
         async_copy.async_copy_global_to_shared(vsm, vf_bh + (t // 32) * (32 * VW) + voff)
-        async_copy.async_copy_global_to_shared(ssm, VS + vs_off + t + soff)
-        async_copy.async_copy_global_to_shared(zsm, VZ + vs_off + t + soff)
+        async_copy.async_copy_global_to_shared(ssm, vs_bh + t + soff)
+        async_copy.async_copy_global_to_shared(zsm, vz_bh + t + soff)
         async_copy.commit_group()
 
     @gluon.jit
-    def _step(kw, vw, vs_raw, vz_raw, qk, bias, vfac, o, m_i, l_acc, z_acc, s0,
-              D: gl.constexpr, BLOCK: gl.constexpr, FOLD: gl.constexpr, LK8: gl.constexpr, LV8: gl.constexpr):
-        """One step of BLOCK tokens: scores, online softmax, value product (see the module docstring)."""
-        NKT: gl.constexpr = BLOCK // 16
-        NVT: gl.constexpr = BLOCK // 32
-        KW: gl.constexpr = D // 32
-        VW: gl.constexpr = D // 16
-        kc = _words_to_codes(kw, [0, 1, 3, 2], [NKT, 1, 8, KW, 1, 1, 4, 1], [NKT, 2, 8, KW, 2, 2, 4, 2],
-                             LK8, [BLOCK, D], _AOP, FOLD)
-        s = mma_v2(kc, qk, s0) + bias[None, :]
-        m_new = gl.maximum(m_i, gl.max(s, axis=0))
+    def _softmax_step(s, m_i, l_acc, z_acc, vze, vsc, BLOCK: gl.constexpr):
+        """Online softmax over one step's scores ``(BLOCK, 8)`` (exp2 units): the new max, the rescale factor, the
+        probabilities, and the running sums of ``p`` and ``p * zero`` (per-lane partials)."""
+        m_new = gl.maximum(m_i, gl.max(s, axis=0))  # m_i starts finite: masked steps give p = 0, alpha = 1
         alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(s - m_new[None, :])
-        vsc = vs_raw.to(gl.float32) * vfac
-        vze = vz_raw.to(gl.float32)
         alpha_l = gl.convert_layout(alpha, gl.SliceLayout(0, l_acc.type.layout))
         l_acc = l_acc * alpha_l[None, :] + _lane_partials(p, BLOCK)
         z_acc = z_acc * alpha_l[None, :] + _lane_partials(p * vze[:, None], BLOCK)
-        pv = (p * vsc[:, None]).to(gl.float16)
-        # accumulator (tokens, heads) -> B operand (tokens, heads): an 8x8 transpose per register
-        pt = gl.inline_asm_elementwise(_TRANSPOSE, "=r,r", [pv], dtype=gl.float16, is_pure=True, pack=2)
-        pt = gl.convert_layout(gl.reshape(gl.permute(gl.reshape(pt, [BLOCK // 8, 8, 8]), [0, 2, 1]), [BLOCK, 8]), _BOP)
-        vc = _words_to_codes(vw, [3, 1, 0, 2], [VW, 1, 8, NVT, 1, 1, 4, 1], [VW, 2, 8, NVT, 2, 2, 4, 2],
-                             LV8, [D, BLOCK], _AOP, FOLD)
-        o = mma_v2(vc, pt, o * alpha[None, :])
-        return o, m_new, l_acc, z_acc
+        return m_new, alpha, p, l_acc, z_acc
 
     @gluon.jit
-    def _group_query(qv, KS, KZ, grp, c_b, kfac, qk_scale, D: gl.constexpr):
-        """The query with key group ``grp``'s per-channel scale folded in (B operand), and its zero-point bias."""
-        ks = gl.load(KS + grp * D + c_b).to(gl.float32) * (kfac * qk_scale)
-        kz = gl.load(KZ + grp * D + c_b).to(gl.float32) * qk_scale
+    def _group_query(qv, ks_ptr, kz_ptr, c_b, kfac, qk_scale):
+        """The query with one key group's per-channel scale folded in (fp16 B operand), and its zero-point bias."""
+        ks = gl.load(ks_ptr + c_b).to(gl.float32) * (kfac * qk_scale)
+        kz = gl.load(kz_ptr + c_b).to(gl.float32) * qk_scale
         qk = (qv.to(gl.float32) * ks[:, None]).to(gl.float16)
         bias = gl.convert_layout(gl.sum(qv.to(gl.float32) * kz[:, None], axis=0), gl.SliceLayout(0, _MMA))
         return qk, bias
 
     @gluon.jit
-    def _pipelined_loop(qv, kfac, vfac, t_s, c_b, o, m_i, l_acc, z_acc, s0, KS, KZ, VS, VZ, kf_bh, vf_bh, pid, T,
-                        start, end, qk_scale, D: gl.constexpr, BLOCK: gl.constexpr, KG: gl.constexpr,
-                        FOLD: gl.constexpr, STAGES: gl.constexpr, LK4: gl.constexpr, LK8: gl.constexpr,
-                        LV4: gl.constexpr, LV8: gl.constexpr):
-        """The main loop with STAGES steps of codes and value scales in flight (cp.async into shared memory): each
-        lane reads back exactly the words it copied, so only the scales, read by every lane, need a barrier."""
+    def _main_loop(qv, kfac, vfac, t_s, c_b, o, m_i, l_acc, z_acc, ks_bh, kz_bh, vs_bh, vz_bh, kf_bh, vf_bh,
+                   mask_b, start, end, qk_scale, D: gl.constexpr, BLOCK: gl.constexpr, KG: gl.constexpr,
+                   FOLD: gl.constexpr, STAGES: gl.constexpr, HAS_MASK: gl.constexpr, LK4: gl.constexpr,
+                   LK8: gl.constexpr, LV4: gl.constexpr, LV8: gl.constexpr):
+        """Tokens ``[start, end)`` (whole key groups, all quantized) with ``STAGES - 1`` steps of codes and value
+        scales in flight (cp.async into shared memory). Each lane reads back exactly the words it copied; the
+        scales, read by every lane, are fenced by a barrier (one warp: cheap)."""
         NKT: gl.constexpr = BLOCK // 16
         NVT: gl.constexpr = BLOCK // 32
         KW: gl.constexpr = D // 32
         VW: gl.constexpr = D // 16
         SL: gl.constexpr = gl.BlockedLayout([BLOCK // 32], [32], [1], [0])
-        plain5: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0])  # per stage; stages outermost
-        plain2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-        ksm = gl.allocate_shared_memory(gl.int32, [STAGES, NKT, 8, 4, KW], plain5)
-        vsm = gl.allocate_shared_memory(gl.int32, [STAGES, NVT, 8, 4, VW], plain5)
-        ssm = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK], plain2)
-        zsm = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK], plain2)
+        plain4: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0])  # per stage; stages outermost
+        plain1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        ksm = gl.allocate_shared_memory(gl.int32, [STAGES, NKT, 8, 4, KW], plain4)
+        vsm = gl.allocate_shared_memory(gl.int32, [STAGES, NVT, 8, 4, VW], plain4)
+        ssm = gl.allocate_shared_memory(vs_bh.dtype.element_ty, [STAGES, BLOCK], plain1)
+        zsm = gl.allocate_shared_memory(vz_bh.dtype.element_ty, [STAGES, BLOCK], plain1)
         koff = _word_offsets(NKT, KW, LK4)
         voff = _word_offsets(NVT, VW, LV4)
         soff = gl.arange(0, BLOCK, layout=SL)
+        s0 = gl.zeros([BLOCK, 8], gl.float32, layout=_MMA)
         n = (end - start) // BLOCK
-        for i in gl.static_range(STAGES - 1):
-            t = start + gl.minimum(i, n - 1) * BLOCK
-            _issue_step(ksm.index(i), vsm.index(i), ssm.index(i), zsm.index(i), kf_bh, vf_bh, VS, VZ, pid * T, t,
-                        koff, voff, soff, KW, VW)
-        qk, bias = _group_query(qv, KS, KZ, pid * (T // KG) + start // KG, c_b, kfac, qk_scale, D)
+        if n > 0:
+            for i in gl.static_range(STAGES - 1):
+                _issue_step(ksm.index(i), vsm.index(i), ssm.index(i), zsm.index(i), kf_bh, vf_bh, vs_bh, vz_bh,
+                            start + gl.minimum(i, n - 1) * BLOCK, koff, voff, soff, KW, VW)
+        qk, bias = _group_query(qv, ks_bh + (start // KG) * D, kz_bh + (start // KG) * D, c_b, kfac, qk_scale)
         for i in range(n):
             t0 = start + i * BLOCK
             if (t0 % KG == 0) & (i > 0):
-                qk, bias = _group_query(qv, KS, KZ, pid * (T // KG) + t0 // KG, c_b, kfac, qk_scale, D)
+                qk, bias = _group_query(qv, ks_bh + (t0 // KG) * D, kz_bh + (t0 // KG) * D, c_b, kfac, qk_scale)
+            if HAS_MASK:
+                keep = gl.load(mask_b + t0 + t_s) != 0
             st = i % STAGES
             async_copy.wait_group(STAGES - 2)
             gl.thread_barrier()
             kw = ksm.index(st).load(LK4)
             vw = vsm.index(st).load(LV4)
-            vs_raw = ssm.index(st).load(gl.SliceLayout(1, _MMA))
-            vz_raw = zsm.index(st).load(gl.SliceLayout(1, _MMA))
+            vsc = ssm.index(st).load(gl.SliceLayout(1, _MMA)).to(gl.float32) * vfac
+            vze = zsm.index(st).load(gl.SliceLayout(1, _MMA)).to(gl.float32)
             gl.thread_barrier()
             nx = (i + STAGES - 1) % STAGES  # the stage read one step ago
-            t_nx = start + gl.minimum(i + STAGES - 1, n - 1) * BLOCK  # past the end: re-copy the last step
-            _issue_step(ksm.index(nx), vsm.index(nx), ssm.index(nx), zsm.index(nx), kf_bh, vf_bh, VS, VZ, pid * T,
-                        t_nx, koff, voff, soff, KW, VW)
-            o, m_i, l_acc, z_acc = _step(kw, vw, vs_raw, vz_raw, qk, bias, vfac, o, m_i, l_acc, z_acc, s0,
-                                         D, BLOCK, FOLD, LK8, LV8)
+            _issue_step(ksm.index(nx), vsm.index(nx), ssm.index(nx), zsm.index(nx), kf_bh, vf_bh, vs_bh, vz_bh,
+                        start + gl.minimum(i + STAGES - 1, n - 1) * BLOCK, koff, voff, soff, KW, VW)
+            s = mma_v2(_key_codes(kw, D, BLOCK, FOLD, LK8), qk, s0) + bias[None, :]
+            if HAS_MASK:
+                s = gl.where(keep[:, None], s, float("-inf"))
+            m_i, alpha, p, l_acc, z_acc = _softmax_step(s, m_i, l_acc, z_acc, vze, vsc, BLOCK)
+            pt = _transpose_p((p * vsc[:, None]).to(gl.float16), BLOCK)
+            o = mma_v2(_value_codes(vw, D, BLOCK, FOLD, LV8), pt, o * alpha[None, :])
         async_copy.wait_group(0)
         return o, m_i, l_acc, z_acc
 
     @gluon.jit
-    def _frag_decode_kernel(Q, KF, VF, KS, KZ, VS, VZ, M_OUT, L_OUT, ACC_OUT,
-                            sq_b, sq_h, H, T, per_split, num_splits, qk_scale,
+    def _tail_loop(qv, kfac, vfac, t_s, c_b, o, m_i, l_acc, z_acc, ks_bh, kz_bh, vs_bh, vz_bh, kf_bh, vf_bh,
+                   mask_b, kr_bh, vr_bh, srt, lo, hi, TKQ, TVQ, RING, qk_scale, D: gl.constexpr,
+                   BLOCK: gl.constexpr, KG: gl.constexpr, FOLD: gl.constexpr, HAS_MASK: gl.constexpr,
+                   LK4: gl.constexpr, LK8: gl.constexpr, LV4: gl.constexpr, LV8: gl.constexpr):
+        """Tokens ``[lo, hi)`` past the main region (graph mode): keys quantized below ``TKQ``, in the 16-bit ring
+        above; values quantized below ``TVQ`` (the last value tile partly written), in the ring above. Both sources
+        go through the tensor cores, each masked to its own tokens."""
+        NKT: gl.constexpr = BLOCK // 16
+        NVT: gl.constexpr = BLOCK // 32
+        KW: gl.constexpr = D // 32
+        VW: gl.constexpr = D // 16
+        RDT: gl.constexpr = kr_bh.dtype.element_ty
+        s0 = gl.zeros([BLOCK, 8], gl.float32, layout=_MMA)
+        o0 = gl.zeros([D, 8], gl.float32, layout=_MMA)
+        q16 = (qv.to(gl.float32) * qk_scale).to(RDT)
+        koff = _word_offsets(NKT, KW, LK4)
+        voff = _word_offsets(NVT, VW, LV4)
+        # ring rows (tokens, D) read coalesced, 16 bytes per lane, then laid out for the tensor cores
+        RL: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [1, 1], [1, 0])
+        tr = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, RL))
+        cr = gl.arange(0, D, layout=gl.SliceLayout(0, RL))
+        for t0 in range(lo, hi, BLOCK):
+            tok = t0 + t_s
+            live = tok < hi
+            if HAS_MASK:
+                live = live & (gl.load(mask_b + tok, mask=live, other=0) != 0)
+            grp = gl.maximum(gl.minimum(t0, TKQ - 1), 0) // KG  # a step lies in one key group; past TKQ: masked
+            qk, bias = _group_query(qv, ks_bh + grp * D, kz_bh + grp * D, c_b, kfac, qk_scale)
+            kc = _key_codes(gl.load(kf_bh + (t0 // 16) * (32 * KW) + koff), D, BLOCK, FOLD, LK8)
+            s_q = mma_v2(kc, qk, s0) + bias[None, :]
+            rows = ((t0 + tr) % RING)[:, None] * srt + cr[None, :]
+            s_r = mma_v2(gl.convert_layout(gl.load(kr_bh + rows), _AOP), q16, s0)
+            s = gl.where((tok < TKQ)[:, None], s_q, s_r)
+            s = gl.where(live[:, None], s, float("-inf"))
+            quant_v = tok < TVQ
+            vsc = gl.where(quant_v, gl.load(vs_bh + tok).to(gl.float32) * vfac, 0.0)
+            vze = gl.where(quant_v, gl.load(vz_bh + tok).to(gl.float32), 0.0)
+            m_i, alpha, p, l_acc, z_acc = _softmax_step(s, m_i, l_acc, z_acc, vze, vsc, BLOCK)
+            pq = _transpose_p((p * vsc[:, None]).to(gl.float16), BLOCK)
+            pr = _transpose_p(gl.where(quant_v[:, None], 0.0, p).to(RDT), BLOCK)
+            vc = _value_codes(gl.load(vf_bh + (t0 // 32) * (32 * VW) + voff), D, BLOCK, FOLD, LV8)
+            o_r = mma_v2(gl.convert_layout(gl.permute(gl.load(vr_bh + rows), [1, 0]), _AOP), pr, o0)
+            if FOLD:
+                o_r = o_r * 16.0  # the main accumulator is scaled by 16 (vfac); divided out at the end
+            o = mma_v2(vc, pq, o * alpha[None, :]) + o_r
+        return o, m_i, l_acc, z_acc
+
+    @gluon.jit
+    def _frag_decode_kernel(Q, KF, VF, KS, KZ, VS, VZ, M_OUT, L_OUT, ACC_OUT, KR, VR, MASK, LENS,
+                            sq_b, sq_h, skf, svf, sks, svs, srb, srh, srt, smask_b, H, T, per_split, num_splits,
+                            main_splits, RING, qk_scale,
                             G: gl.constexpr, D: gl.constexpr, BLOCK: gl.constexpr, KG: gl.constexpr,
-                            FOLD: gl.constexpr, PREFETCH: gl.constexpr, STAGES: gl.constexpr, LK4: gl.constexpr, LK8: gl.constexpr, LV4: gl.constexpr, LV8: gl.constexpr):
+                            FOLD: gl.constexpr, STAGES: gl.constexpr, PART: gl.constexpr, HAS_MASK: gl.constexpr,
+                            LK4: gl.constexpr, LK8: gl.constexpr, LV4: gl.constexpr, LV8: gl.constexpr):
+        """Grid ``(B * H, splits)``; partials go to slot ``split`` of ``num_splits``. ``PART`` 0 (host mode): split
+        ``s`` takes tokens ``[s * per_split, ...)`` of ``T``, all quantized. Graph mode, lengths ``[T, TKQ, TVQ]``
+        read from ``LENS``: ``PART`` 1, splits ``[0, main_splits)`` share the whole key groups below both quantized
+        lengths; ``PART`` 2 (its own launch, so the main loop keeps its registers), splits
+        ``[main_splits, num_splits)`` take the rest (:func:`_tail_loop`)."""
         pid = gl.program_id(0)  # b * H + h
-        split = gl.program_id(1)
+        split = gl.program_id(1) + (main_splits if PART == 2 else 0)
         b = pid // H
         h = pid % H
-        NKT: gl.constexpr = BLOCK // 16  # key tiles per step
-        NVT: gl.constexpr = BLOCK // 32  # value tiles per step
-        KW: gl.constexpr = D // 32       # key words per lane and tile
-        VW: gl.constexpr = D // 16       # value words per lane and tile
-
-        # the query heads of this KV head, (D, 8) as the B operand
+        # the query heads of this KV head, (D, 8) as the B operand, fp16 (the softmax scale joins per group)
         c_b = gl.arange(0, D, layout=gl.SliceLayout(1, _BOP))
         h_b = gl.arange(0, 8, layout=gl.SliceLayout(0, _BOP))
         qmask = (h_b < G)[None, :] & (c_b < D)[:, None]
         qv = gl.load(Q + b * sq_b + (h * G + h_b[None, :]) * sq_h + c_b[:, None], mask=qmask, other=0.0)
-        # held as fp16 (half the registers of fp32); the softmax scale joins the key scale per group
         t_s = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, _MMA))
         if FOLD:  # the unpack reads code * 4**m, m = bits 3-4 of the channel (keys) / token (values)
             kfac = gl.exp2(-2.0 * ((c_b >> 3) & 3).to(gl.float32))
@@ -287,66 +339,47 @@ if HAS_GLUON:
             kfac = gl.full([D], 1.0, gl.float32, layout=gl.SliceLayout(1, _BOP))
             vfac = gl.full([BLOCK], 1.0, gl.float32, layout=gl.SliceLayout(1, _MMA))
 
-        m_i = gl.full([8], float("-inf"), gl.float32, layout=gl.SliceLayout(0, _MMA))
+        m_i = gl.full([8], -1.0e30, gl.float32, layout=gl.SliceLayout(0, _MMA))
         # running sums of p and p * zero per head, kept as per-lane partials (8 token lanes x 8 heads): the token
         # registers are summed each step, the lanes once at the end
         l_acc = _lane_partials(gl.zeros([BLOCK, 8], gl.float32, layout=_MMA), BLOCK)
         z_acc = l_acc
         o = gl.zeros([D, 8], gl.float32, layout=_MMA)
-        s0 = gl.zeros([BLOCK, 8], gl.float32, layout=_MMA)
 
-        start = split * per_split
-        end = gl.minimum(start + per_split, T)
-        kf_bh = KF + pid * (T // 16) * (32 * KW)
-        vf_bh = VF + pid * (T // 32) * (32 * VW)
-        if STAGES > 1:
-            o, m_i, l_acc, z_acc = _pipelined_loop(
-                qv, kfac, vfac, t_s, c_b, o, m_i, l_acc, z_acc, s0, KS, KZ, VS, VZ, kf_bh, vf_bh, pid, T, start, end,
-                qk_scale, D, BLOCK, KG, FOLD, STAGES, LK4, LK8, LV4, LV8)
+        kf_bh = KF + pid * skf
+        vf_bh = VF + pid * svf
+        ks_bh = KS + pid * sks
+        kz_bh = KZ + pid * sks
+        vs_bh = VS + pid * svs
+        vz_bh = VZ + pid * svs
+        mask_b = MASK + b * smask_b
+        if PART == 0:
+            start = gl.multiple_of(split * per_split, KG)
+            end = gl.minimum(start + per_split, T)
+            o, m_i, l_acc, z_acc = _main_loop(
+                qv, kfac, vfac, t_s, c_b, o, m_i, l_acc, z_acc, ks_bh, kz_bh, vs_bh, vz_bh, kf_bh, vf_bh,
+                mask_b, start, end, qk_scale, D, BLOCK, KG, FOLD, STAGES, HAS_MASK, LK4, LK8, LV4, LV8)
         else:
-            if PREFETCH:  # the next step's words and value scales are in flight while this step computes
-                kw_n = _load_words(kf_bh + (start // 16) * (32 * KW), NKT, KW, LK4)
-                vw_n = _load_words(vf_bh + (start // 32) * (32 * VW), NVT, VW, LV4)
-                vs_n = gl.load(VS + pid * T + start + t_s)
-                vz_n = gl.load(VZ + pid * T + start + t_s)
-            for g0 in range(start, end, KG):
-                ks = gl.load(KS + (pid * (T // KG) + g0 // KG) * D + c_b).to(gl.float32) * (kfac * qk_scale)
-                kz = gl.load(KZ + (pid * (T // KG) + g0 // KG) * D + c_b).to(gl.float32) * qk_scale
-                qk = (qv.to(gl.float32) * ks[:, None]).to(gl.float16)
-                bias = gl.convert_layout(gl.sum(qv.to(gl.float32) * kz[:, None], axis=0), gl.SliceLayout(0, _MMA))
-                for t0 in range(g0, g0 + KG, BLOCK):
-                    if PREFETCH:
-                        kw, vw, vs_raw, vz_raw = kw_n, vw_n, vs_n, vz_n
-                        t_nx = gl.minimum(t0 + BLOCK, end - BLOCK)  # the last step reloads its own block
-                        kw_n = _load_words(kf_bh + (t_nx // 16) * (32 * KW), NKT, KW, LK4)
-                        vw_n = _load_words(vf_bh + (t_nx // 32) * (32 * VW), NVT, VW, LV4)
-                        vs_n = gl.load(VS + pid * T + t_nx + t_s)
-                        vz_n = gl.load(VZ + pid * T + t_nx + t_s)
-                    else:
-                        kw = _load_words(kf_bh + (t0 // 16) * (32 * KW), NKT, KW, LK4)
-                        vw = _load_words(vf_bh + (t0 // 32) * (32 * VW), NVT, VW, LV4)
-                        vs_raw = gl.load(VS + pid * T + t0 + t_s)
-                        vz_raw = gl.load(VZ + pid * T + t0 + t_s)
-                    kc = _words_to_codes(kw, [0, 1, 3, 2], [NKT, 1, 8, KW, 1, 1, 4, 1], [NKT, 2, 8, KW, 2, 2, 4, 2],
-                                         LK8, [BLOCK, D], _AOP, FOLD)
-                    s = mma_v2(kc, qk, s0) + bias[None, :]
-                    m_new = gl.maximum(m_i, gl.max(s, axis=0))
-                    alpha = gl.exp2(m_i - m_new)
-                    p = gl.exp2(s - m_new[None, :])
-                    vsc = vs_raw.to(gl.float32) * vfac
-                    vze = vz_raw.to(gl.float32)
-                    alpha_l = gl.convert_layout(alpha, gl.SliceLayout(0, l_acc.type.layout))
-                    l_acc = l_acc * alpha_l[None, :] + _lane_partials(p, BLOCK)
-                    z_acc = z_acc * alpha_l[None, :] + _lane_partials(p * vze[:, None], BLOCK)
-                    pv = (p * vsc[:, None]).to(gl.float16)
-                    # accumulator (tokens, heads) -> B operand (tokens, heads): an 8x8 transpose per register
-                    pt = gl.inline_asm_elementwise(_TRANSPOSE, "=r,r", [pv], dtype=gl.float16, is_pure=True, pack=2)
-                    pt = gl.reshape(gl.permute(gl.reshape(pt, [BLOCK // 8, 8, 8]), [0, 2, 1]), [BLOCK, 8])
-                    pt = gl.convert_layout(pt, _BOP)
-                    vc = _words_to_codes(vw, [3, 1, 0, 2], [VW, 1, 8, NVT, 1, 1, 4, 1], [VW, 2, 8, NVT, 2, 2, 4, 2],
-                                         LV8, [D, BLOCK], _AOP, FOLD)
-                    o = mma_v2(vc, pt, o * alpha[None, :])
-                    m_i = m_new
+            T = gl.load(LENS)
+            TKQ = gl.load(LENS + 1)
+            TVQ = gl.load(LENS + 2)
+            main_end = (gl.minimum(TKQ, TVQ) // KG) * KG
+            if PART == 1:
+                per = gl.cdiv(gl.cdiv(main_end, main_splits), KG) * KG
+                start = split * per
+                end = gl.minimum(start + per, main_end)
+                o, m_i, l_acc, z_acc = _main_loop(
+                    qv, kfac, vfac, t_s, c_b, o, m_i, l_acc, z_acc, ks_bh, kz_bh, vs_bh, vz_bh, kf_bh, vf_bh,
+                    mask_b, start, end, qk_scale, D, BLOCK, KG, FOLD, STAGES, HAS_MASK, LK4, LK8, LV4, LV8)
+            else:
+                n_tail = num_splits - main_splits
+                per = gl.cdiv(gl.cdiv(T - main_end, n_tail), BLOCK) * BLOCK
+                lo = main_end + (split - main_splits) * per
+                hi = gl.minimum(lo + per, T)
+                o, m_i, l_acc, z_acc = _tail_loop(
+                    qv, kfac, vfac, t_s, c_b, o, m_i, l_acc, z_acc, ks_bh, kz_bh, vs_bh, vz_bh, kf_bh, vf_bh,
+                    mask_b, KR + b * srb + h * srh, VR + b * srb + h * srh, srt, lo, hi, TKQ, TVQ, RING, qk_scale,
+                    D, BLOCK, KG, FOLD, HAS_MASK, LK4, LK8, LV4, LV8)
 
         l_i = gl.convert_layout(gl.sum(l_acc, axis=0), gl.SliceLayout(0, _MMA))
         if FOLD:
@@ -378,70 +411,132 @@ _RESIDENT: dict = {}
 
 
 def _resident_per_sm(kernel) -> int:
-    """Programs (one warp each) an SM holds at once for this compiled kernel, from its register count: the split
-    count is sized to whole waves of these, as a program that starts in a second, near-empty wave doubles the time."""
+    """Programs (one warp each) an SM holds at once for this compiled kernel, from its registers and shared memory
+    (Hopper: 64K registers, 227 KiB of shared memory, 32 blocks per SM)."""
     try:
         kernel._init_handles()
-        regs = int(kernel.n_regs)
+        regs, smem = int(kernel.n_regs), int(kernel.metadata.shared)
     except Exception:  # pragma: no cover - a Triton without these attributes: assume the worst case
-        regs = 255
+        regs, smem = 255, 0
     per_warp = -(-max(regs, 1) * 32 // 256) * 256  # allocation unit: 256 registers per warp
-    return max(1, min(32, 65536 // per_warp))
+    return max(1, min(32, 65536 // per_warp, 232448 // max(smem, 1)))
+
+
+def _wave_splits(heads: int, slots: int, groups: int) -> int:
+    """Splits per (sequence, KV head) for ``groups`` key groups, minimising (waves of ``slots`` resident programs)
+    x (groups per split), the critical path when every wave runs full programs, plus the merge's work (a split's
+    partial result is written and read back: ~half a key group's bytes). A split count that leaves a second,
+    near-empty wave would double the time."""
+    def cost(s: int) -> tuple[float, int]:
+        per = -(-groups // s)
+        s = -(-groups // per)
+        return -(-heads * s // slots) * per + 0.5 * s * heads / slots, s
+    return min(range(1, max(1, min(groups, 512)) + 1), key=cost)
+
+
+def _launch(q, kf, vf, ks, kz, vs, vz, T: int, per_split: int, num_splits: int, scale, block: int, key_group: int,
+            fold: bool, stages: int, maxnreg: int, workspace, out, graph: tuple | None = None,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+    from . import decode_attention as _da
+    from ._triton import next_pow2
+
+    B, Hq, D = q.shape
+    H = kf.shape[1]
+    dev = q.device
+    maskt, sm_b = _da.mask_arg(mask, B, kf.shape[2] * frag.KEY_TILE, graph is not None, dev)
+    if graph is None:
+        lens, kr, vr, ring, main_splits = _da._dummy(dev, torch.int32), _da._dummy(dev, q.dtype), None, 1, num_splits
+        vr, rst = kr, (0, 0, 0)
+    else:
+        lens, kr, vr, ring, main_splits = graph
+        rst = kr.stride()[:3]
+    m_ws, l_ws, acc_ws = workspace if workspace is not None else _da.partials_workspace(B, Hq, num_splits, D, dev)
+    args = (q, kf, vf, ks, kz, vs, vz, m_ws, l_ws, acc_ws, kr, vr, maskt, lens,
+            q.stride(0), q.stride(1), kf.stride(1), vf.stride(1), ks.stride(1), vs.stride(1), *rst, sm_b,
+            H, T, per_split, num_splits, main_splits, ring, (D ** -0.5 if scale is None else scale) * math.log2(math.e))
+    for part, splits in (((0, num_splits),) if graph is None else ((1, main_splits), (2, num_splits - main_splits))):
+        _frag_decode_kernel[(B * H, splits)](*args, **_consts(Hq // H, D, block, key_group, fold, stages, maxnreg,
+                                                              part, mask is not None))
+    if out is None:
+        out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
+    _da._decode_reduce_kernel[(B * Hq,)](m_ws, l_ws, acc_ws, out, out.stride(0), out.stride(1), Hq, num_splits,
+                                         D=D, S_PAD=next_pow2(num_splits), num_warps=4)
+    return out
+
+
+def _consts(G: int, D: int, block: int, key_group: int, fold: bool, stages: int, maxnreg: int, part: int,
+            has_mask: bool) -> dict:
+    return dict(G=G, D=D, BLOCK=block, KG=key_group, FOLD=fold, STAGES=stages, PART=part, HAS_MASK=has_mask,
+                **_layouts(D, block), num_warps=LAUNCH["num_warps"], **({"maxnreg": maxnreg} if maxnreg else {}))
+
+
+def _check_launch(q: torch.Tensor, H: int, block: int, key_group: int, stages: int) -> None:
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the fragment-order kernel takes fp16/bf16 queries, got {q.dtype}")
+    Hq = q.shape[1]
+    if Hq % H or Hq // H > 8:
+        raise ValueError(f"{Hq} query heads over {H} KV heads: needs a multiple with at most 8 per KV head")
+    if block not in (64, 128) or key_group % block:
+        raise ValueError(f"block {block} must be 64 or 128 and divide the key group {key_group}")
+    if stages < 2:
+        raise ValueError(f"stages must be >= 2 (the cp.async pipeline), got {stages}")
+
+
+def splits_for(q: torch.Tensor, kv: FragKV, block: int | None = None, waves: float | None = None,
+               fold: bool | None = None, stages: int | None = None, maxnreg: int | None = None,
+               graph: bool = False, has_mask: bool = False) -> int:
+    """Splits per KV head: :func:`_wave_splits` over the resident programs (one warp each; how many an SM holds
+    comes from the compiled kernel's registers and shared memory), or, with ``waves``, that many waves' worth."""
+    from .decode_attention import _sm_count, partials_workspace
+
+    block, waves = block or LAUNCH["block"], waves or LAUNCH["waves"]
+    fold = LAUNCH["fold"] if fold is None else bool(fold)
+    stages = stages or LAUNCH["stages"]
+    maxnreg = LAUNCH["maxnreg"] if maxnreg is None else maxnreg
+    B, Hq, D = q.shape
+    H = kv.kf.shape[1]
+    key = (str(q.device), Hq // H, D, block, fold, stages, maxnreg, graph, has_mask)
+    if key not in _RESIDENT:  # compile once to read the register count
+        from . import decode_attention as _da
+
+        dev = q.device
+        ws = partials_workspace(B, Hq, 3, D, dev)
+        i32, f16, i8 = _da._dummy(dev, torch.int32), _da._dummy(dev, torch.float16), _da._dummy(dev, torch.int8)
+        _RESIDENT[key] = _resident_per_sm(_frag_decode_kernel.warmup(
+            q, kv.kf, kv.vf, kv.k_scale, kv.k_zero, kv.v_scale, kv.v_zero, *ws, f16, f16, i8, i32,
+            q.stride(0), q.stride(1), kv.kf.stride(1), kv.vf.stride(1), kv.k_scale.stride(1), kv.v_scale.stride(1),
+            0, 0, 0, 0, H, kv.tokens, kv.tokens, 3, 2, 1, 1.0, grid=(1,),
+            **_consts(Hq // H, D, block, kv.key_group, fold, stages, maxnreg, int(graph), has_mask)))
+    slots = _sm_count(q.device.index or 0) * _RESIDENT[key]
+    if waves:
+        return max(1, int(waves * slots) // (B * H))
+    return _wave_splits(B * H, slots, kv.tokens // kv.key_group)
 
 
 def decode_attention_frag(q: torch.Tensor, kv: FragKV, scale: float | None = None, num_splits: int | None = None,
                           block: int | None = None, waves: float | None = None, fold: bool | None = None,
-                          maxnreg: int | None = None, prefetch: bool | None = None, stages: int | None = None,
+                          stages: int | None = None, maxnreg: int | None = None,
                           workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                           out: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of ``q (B, Hq, D)`` fp16 over ``kv`` (all ``T`` tokens). Returns ``(B, Hq, D)`` fp16.
+    """Attention of ``q (B, Hq, D)`` fp16 over ``kv`` (all ``T`` tokens quantized). Returns ``(B, Hq, D)`` fp16.
 
-    ``waves``: how many full waves of resident programs the splits make (default :data:`LAUNCH`); ``maxnreg``:
-    register cap per thread (more programs per SM, possibly spills); ``prefetch``: load the next step's codes
-    while computing this one (more registers, latency hidden within a program); ``stages > 1``: instead, keep that
-    many steps in flight through shared memory (cp.async), no extra registers."""
-    from .decode_attention import _decode_reduce_kernel, _sm_count, partials_workspace
-    from ._triton import next_pow2
-
+    Launch options (defaults: :data:`LAUNCH`): ``block`` tokens per step; ``waves`` of resident programs the
+    splits make (:func:`splits_for`); ``fold``: the one-shift unpack (``4**m`` folded into query and
+    probabilities); ``stages`` steps in flight through shared memory; ``maxnreg`` register cap per thread."""
     if not HAS_GLUON:
         raise RuntimeError("decode_attention_frag needs Triton's Gluon (Triton >= 3.5)")
-    block = block or LAUNCH["block"]
-    waves = waves or LAUNCH["waves"]
-    maxnreg = LAUNCH["maxnreg"] if maxnreg is None else maxnreg
+    block, stages = block or LAUNCH["block"], stages or LAUNCH["stages"]
     fold = LAUNCH["fold"] if fold is None else bool(fold)
-    prefetch = LAUNCH["prefetch"] if prefetch is None else bool(prefetch)
-    stages = LAUNCH["stages"] if stages is None else int(stages)
-    if stages > 1 and block < 64:
-        raise ValueError("the cp.async pipeline (stages > 1) copies value scales 4 bytes per lane: block >= 64")
-    B, Hq, D = q.shape
+    maxnreg = LAUNCH["maxnreg"] if maxnreg is None else maxnreg
     H, T = kv.kf.shape[1], kv.tokens
-    if q.dtype != torch.float16:
-        raise ValueError(f"decode_attention_frag takes fp16 queries, got {q.dtype}")
-    if Hq % H or Hq // H > 8:
-        raise ValueError(f"{Hq} query heads over {H} KV heads: needs a multiple with at most 8 per KV head")
-    if block not in (32, 64, 128) or kv.key_group % block or T % kv.key_group:
-        raise ValueError(f"block {block} must be 32/64/128, dividing the key group {kv.key_group}, which divides T={T}")
+    _check_launch(q, H, block, kv.key_group, stages)
+    if T % kv.key_group:
+        raise ValueError(f"T={T} must be a multiple of the key group {kv.key_group}")
     q = q.contiguous()
-    consts = dict(G=Hq // H, D=D, BLOCK=block, KG=kv.key_group, FOLD=fold, PREFETCH=prefetch, STAGES=stages, **_layouts(D, block),
-                  num_warps=LAUNCH["num_warps"], **({"maxnreg": maxnreg} if maxnreg else {}))
     if num_splits is None:
-        key = (str(q.device), Hq // H, D, block, fold, prefetch, stages, maxnreg)
-        if key not in _RESIDENT:  # compile once to read the register count
-            ws = partials_workspace(B, Hq, 3, D, q.device)
-            _RESIDENT[key] = _resident_per_sm(_frag_decode_kernel.warmup(
-                q, kv.kf, kv.vf, kv.k_scale, kv.k_zero, kv.v_scale, kv.v_zero, *ws,
-                q.stride(0), q.stride(1), H, T, T, 3, 1.0, grid=(1,), **consts))
-        num_splits = max(1, int(waves * _sm_count(q.device.index or 0) * _RESIDENT[key]) // (B * H))
+        num_splits = splits_for(q, kv, block, waves, fold, stages, maxnreg)
     per_split = -(-T // max(1, min(num_splits, T // kv.key_group)))
     per_split = -(-per_split // kv.key_group) * kv.key_group
     num_splits = -(-T // per_split)
-    m_ws, l_ws, acc_ws = workspace if workspace is not None else partials_workspace(B, Hq, num_splits, D, q.device)
-    _frag_decode_kernel[(B * H, num_splits)](
-        q, kv.kf, kv.vf, kv.k_scale, kv.k_zero, kv.v_scale, kv.v_zero, m_ws, l_ws, acc_ws,
-        q.stride(0), q.stride(1), H, T, per_split, num_splits,
-        (D ** -0.5 if scale is None else scale) * math.log2(math.e), **consts)
-    if out is None:
-        out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
-    _decode_reduce_kernel[(B * Hq,)](m_ws, l_ws, acc_ws, out, out.stride(0), out.stride(1), Hq, num_splits,
-                                     D=D, S_PAD=next_pow2(num_splits), num_warps=4)
-    return out
+    return _launch(q, kv.kf, kv.vf, kv.k_scale, kv.k_zero, kv.v_scale, kv.v_zero, T, per_split, num_splits, scale,
+                   block, kv.key_group, fold, stages, maxnreg, workspace, out)

@@ -59,10 +59,11 @@ if HAS_TRITON:
                      VP, svp_b, svp_h, svp_t, VS, VZ, svs_b, svs_h, svs_t,
                      LENS, H,
                      D: tl.constexpr, R: tl.constexpr, RING: tl.constexpr, KG: tl.constexpr, KBITS: tl.constexpr,
-                     VG: tl.constexpr, VBITS: tl.constexpr, STRIDED: tl.constexpr):
+                     VG: tl.constexpr, VBITS: tl.constexpr, STRIDED: tl.constexpr, FRAG: tl.constexpr = False):
         """Per (b, h): flush what is due (base layer's rule, applied after the previous append), then write the
         new token into the rings. ``lens`` is read only (``_lens_kernel`` advances it afterwards).
-        ``STRIDED``: the strided layout (``strided.py``), else KIVI's storage layout (key dim 2 = groups)."""
+        ``STRIDED``: the strided layout (``strided.py``); ``FRAG``: 2-bit codes in fragment order (``frag.py``;
+        ``KP``/``VP`` int32 words, strides per (b, h) in ``skp_h``/``svp_h``); else KIVI's storage layout."""
         pid = tl.program_id(0)
         b = pid // H
         h = pid % H
@@ -86,13 +87,29 @@ if HAS_TRITON:
             s = tl.where(s > 0, s, 1.0)
             y = tl.math.div_rn(xg - zero.to(tl.float32)[:, None], s[:, None])
             c = tl.minimum(tl.maximum((y + 12582912.0) - 12582912.0, 0.0), VHI * 1.0).to(tl.int32)
-            if STRIDED:  # channel j * VDP + byte -> slot j of that byte
-                c3 = tl.reshape(c, [VPPB, VDP])
-                packed = tl.sum(c3 << (tl.arange(0, VPPB) * VBITS)[:, None], axis=0).to(tl.uint8)
-            else:  # KIVI: channel byte * VPPB + j -> slot j
-                c3 = tl.reshape(c, [VDP, VPPB])
-                packed = tl.sum(c3 << (tl.arange(0, VPPB) * VBITS)[None, :], axis=1).to(tl.uint8)
-            tl.store(VP + b * svp_b + h * svp_h + TVQ * svp_t + tl.arange(0, VDP), packed)
+            if FRAG:  # channels c and c + 8 of this token share a word: (lane 4 * (c % 8) + q, word c // 16)
+                VW: tl.constexpr = D // 16
+                t0 = TVQ % 2
+                tq = (TVQ // 2) % 4
+                fld = (TVQ // 8) % 2 + 2 * ((TVQ // 16) % 2)
+                c3 = tl.reshape(c, [VW, 2, 8])  # (word, c3, g)
+                bits3 = 16 * t0 + 2 * (fld + 4 * tl.arange(0, 2))
+                word = tl.sum(c3 << bits3[None, :, None], axis=1)  # (VW, 8): two codes each
+                wi = tl.arange(0, VW)[:, None]
+                gi = tl.arange(0, 8)[None, :]
+                wp = VP + b * svp_b + h * svp_h + (TVQ // 32) * (32 * VW) + (4 * gi + tq) * VW + wi
+                if (t0 == 0) & (fld == 0):  # the word's first token: it may hold an earlier sequence's codes
+                    tl.store(wp, word)
+                else:
+                    tl.store(wp, tl.load(wp) | word)
+            else:
+                if STRIDED:  # channel j * VDP + byte -> slot j of that byte
+                    c3 = tl.reshape(c, [VPPB, VDP])
+                    packed = tl.sum(c3 << (tl.arange(0, VPPB) * VBITS)[:, None], axis=0).to(tl.uint8)
+                else:  # KIVI: channel byte * VPPB + j -> slot j
+                    c3 = tl.reshape(c, [VDP, VPPB])
+                    packed = tl.sum(c3 << (tl.arange(0, VPPB) * VBITS)[None, :], axis=1).to(tl.uint8)
+                tl.store(VP + b * svp_b + h * svp_h + TVQ * svp_t + tl.arange(0, VDP), packed)
             g = tl.arange(0, NG)
             tl.store(VS + b * svs_b + h * svs_h + TVQ * svs_t + g, scale)
             tl.store(VZ + b * svs_b + h * svs_h + TVQ * svs_t + g, zero)
@@ -112,7 +129,17 @@ if HAS_TRITON:
                 s = tl.where(s > 0, s, 1.0)
                 y = tl.math.div_rn(x - zero.to(tl.float32)[None, :], s[None, :])
                 c = tl.minimum(tl.maximum((y + 12582912.0) - 12582912.0, 0.0), KHI * 1.0).to(tl.int32)
-                if STRIDED:  # per token, channels strided over the bit slots
+                if FRAG:  # 16-token tiles; (t8, c4, c3, c0) of one (tile, g, word, q) share a word
+                    KW: tl.constexpr = D // 32
+                    sh = (16 * (d & 1) + 2 * (((d >> 3) & 1) + 2 * ((d >> 4) & 1)))[None, :] + 8 * ((tk >> 3) & 1)[:, None]
+                    w8 = tl.reshape(c << sh, [KG // 16, 2, 8, KW, 2, 2, 4, 2])
+                    w8 = tl.sum(tl.sum(tl.sum(tl.sum(w8, axis=7), axis=5), axis=4), axis=1)  # (tile, g, w, q)
+                    i_t = tl.arange(0, KG // 16)[:, None, None, None]
+                    i_g = tl.arange(0, 8)[None, :, None, None]
+                    i_w = tl.arange(0, KW)[None, None, :, None]
+                    i_q = tl.arange(0, 4)[None, None, None, :]
+                    tl.store(KP + b * skp_b + h * skp_h + (t0 // 16 + i_t) * (32 * KW) + (4 * i_g + i_q) * KW + i_w, w8)
+                elif STRIDED:  # per token, channels strided over the bit slots
                     c3 = tl.reshape(c, [KG, KPPB, KDP])
                     packed = tl.sum(c3 << (tl.arange(0, KPPB) * KBITS)[None, :, None], axis=1).to(tl.uint8)
                     kk = tl.arange(0, KDP)
@@ -349,8 +376,11 @@ class StaticKiviLayer(_StaticBase):
                  waves: int = 16) -> None:
         super().__init__(capacity)
         self.waves = waves  # main splits: enough programs for ~waves x (one program per SM)
-        if layout not in ("strided", "kivi"):
-            raise ValueError(f"layout must be 'strided' or 'kivi', got {layout!r}")
+        if layout not in ("strided", "kivi", "frag"):
+            raise ValueError(f"layout must be 'strided', 'kivi' or 'frag', got {layout!r}")
+        if layout == "frag" and (bits != 2 or group % 64):
+            raise ValueError(f"layout 'frag' holds 2-bit codes with key groups of a multiple of 64 tokens, got "
+                             f"bits={bits}, group={group}: use layout='kivi'")
         self.layout = layout
         if residual < group or residual % group:
             raise ValueError(f"graph mode needs residual ({residual}) a positive multiple of group ({group})")
@@ -359,6 +389,7 @@ class StaticKiviLayer(_StaticBase):
         # it, keys at most R: R + 2 rows never overwrite a token still needed
         self.ring = residual + 2
         self.tail_splits = tail_splits
+        self._frag_splits: tuple[int, int] | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, _, D = key_states.shape
@@ -367,20 +398,28 @@ class StaticKiviLayer(_StaticBase):
             raise ValueError(f"graph mode: bits={self.bits}, group={self.group}, head_dim={D} not in the strided layout")
         if self.layout == "kivi" and not (self.bits in (2, 4, 8) and kernel_supports(self.bits, self.group, D)):
             raise ValueError(f"graph mode: bits={self.bits}, group={self.group}, head_dim={D} not served by the kernels")
+        if self.layout == "frag" and (self.group != D or D % 64):
+            raise ValueError(f"layout 'frag' quantizes each value token as one group: group ({self.group}) must equal "
+                             f"head_dim ({D}), a multiple of 64; use layout='kivi'")
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch, self.num_heads, self.head_dim = B, H, D
         cap = -(-self.capacity // self.group) * self.group
         self.capacity = cap
         dev, dp = self.device, packed_size(D, self.bits)
         strided = self.layout == "strided"
-        if strided:
+        if self.layout == "frag":  # int32 words, 16-token key tiles and 32-token value tiles (frag.py)
+            self.kp = torch.zeros(B, H, cap // 16, 32, D // 32, dtype=torch.int32, device=dev)
+        elif strided:
             self.kp = torch.zeros(B, H, cap, dp, dtype=torch.uint8, device=dev)
         else:
             self.kp = torch.zeros(B, H, cap // self.group, D, packed_size(self.group, self.bits), dtype=torch.uint8,
                                   device=dev)
         self.ks = torch.zeros(B, H, cap // self.group, D, dtype=self.scale_dtype, device=dev)
         self.kz = torch.zeros_like(self.ks)
-        self.vp = torch.zeros(B, H, cap, dp, dtype=torch.uint8, device=dev)
+        if self.layout == "frag":
+            self.vp = torch.zeros(B, H, cap // 32, 32, D // 16, dtype=torch.int32, device=dev)
+        else:
+            self.vp = torch.zeros(B, H, cap, dp, dtype=torch.uint8, device=dev)
         self.vs = torch.zeros(B, H, cap, D // self.group, dtype=self.scale_dtype, device=dev)
         self.vz = torch.zeros_like(self.vs)
         rdt = half_dtype(key_states.dtype)
@@ -389,10 +428,12 @@ class StaticKiviLayer(_StaticBase):
         self.lens = torch.zeros(3, dtype=torch.int32, device=dev)
         self.splits = _splits(B * H, dev, waves=self.waves, tokens=cap) + self.tail_splits
         cls = StridedQuantizedTensor if strided else QuantizedTensor
-        self.kv = PackedKV(cls(self.kp, self.ks, self.kz, self.bits, "token", self.group, cap, D, key_states.dtype),
-                           self.kr,
-                           cls(self.vp, self.vs, self.vz, self.bits, "channel", self.group, cap, D, key_states.dtype),
-                           self.vr)
+        if self.layout != "frag":
+            self.kv = PackedKV(cls(self.kp, self.ks, self.kz, self.bits, "token", self.group, cap, D, key_states.dtype),
+                               self.kr,
+                               cls(self.vp, self.vs, self.vz, self.bits, "channel", self.group, cap, D,
+                                   key_states.dtype),
+                               self.vr)
         self.is_initialized = True
 
     def _flush_rule(self, n: int) -> tuple[int, int]:
@@ -406,6 +447,46 @@ class StaticKiviLayer(_StaticBase):
         tkq, tvq = self._flush_rule(n)
         half = self.kr.dtype
         r = slice(batch_start, batch_start + k.shape[0])
+        if self.layout == "frag":
+            self._prefill_frag(k, v, r, tkq, tvq)
+        else:
+            self._prefill_packed(k, v, r, tkq, tvq)
+        lo = min(tkq, tvq)
+        rows = torch.arange(lo, n, device=k.device) % self.ring
+        self.kr[r, :, rows] = k[:, :, lo:].to(half)
+        self.vr[r, :, rows] = v[:, :, lo:].to(half)
+        self.lens.copy_(torch.tensor([n, tkq, tvq], dtype=torch.int32))
+        self.seen = n
+
+    def _prefill_frag(self, k: torch.Tensor, v: torch.Tensor, r: slice, tkq: int, tvq: int) -> None:
+        """KIVI's quantizer (the same kernel as layout 'kivi'), then its codes reordered (frag.py), a few rows at
+        a time (the reorder's int64 temporaries); the value tile left partial is zero-filled for the steps."""
+        from . import frag
+
+        half, g = self.kr.dtype, self.group
+        rows = max(1, 2**27 // max(1, self.num_heads * max(tkq, tvq, 1) * self.head_dim))
+        for b0 in range(0, k.shape[0], rows):
+            kb, vb = k[b0:b0 + rows], v[b0:b0 + rows]
+            rb = slice(r.start + b0, r.start + b0 + kb.shape[0])
+            if tkq:
+                kq = quantize_pack(kb[:, :, :tkq].to(half), 2, "token", g, self.scale_dtype)
+                self.ks[rb, :, :tkq // g].copy_(kq.scale)
+                self.kz[rb, :, :tkq // g].copy_(kq.zero)
+                kc = kq.codes()  # (b, H, tkq/g, D, g)
+                kc = kc.permute(0, 1, 2, 4, 3).reshape(kb.shape[0], self.num_heads, tkq, self.head_dim)
+                self.kp[rb, :, :tkq // 16].copy_(frag.pack_keys(kc))
+            if tvq:
+                vq = quantize_pack(vb[:, :, :tvq].to(half), 2, "channel", g, self.scale_dtype)
+                self.vs[rb, :, :tvq].copy_(vq.scale)
+                self.vz[rb, :, :tvq].copy_(vq.zero)
+                vc = vq.codes()
+                pad = -tvq % 32
+                if pad:
+                    vc = torch.nn.functional.pad(vc, (0, 0, 0, pad))
+                self.vp[rb, :, :(tvq + pad) // 32].copy_(frag.pack_values(vc))
+
+    def _prefill_packed(self, k: torch.Tensor, v: torch.Tensor, r: slice, tkq: int, tvq: int) -> None:
+        half = self.kr.dtype
         qpack = quantize_pack_strided if self.layout == "strided" else quantize_pack
         kp_rows = tkq if self.layout == "strided" else tkq // self.group
         if tkq:
@@ -414,12 +495,6 @@ class StaticKiviLayer(_StaticBase):
         if tvq:
             qpack(v[:, :, :tvq].to(half), self.bits, "channel", self.group, self.scale_dtype,
                   out=(self.vp[r, :, :tvq], self.vs[r, :, :tvq], self.vz[r, :, :tvq]))
-        lo = min(tkq, tvq)
-        rows = torch.arange(lo, n, device=k.device) % self.ring
-        self.kr[r, :, rows] = k[:, :, lo:].to(half)
-        self.vr[r, :, rows] = v[:, :, lo:].to(half)
-        self.lens.copy_(torch.tensor([n, tkq, tvq], dtype=torch.int32))
-        self.seen = n
 
     def _step(self, k: torch.Tensor, v: torch.Tensor) -> None:
         B, H, _, D = k.shape
@@ -432,16 +507,43 @@ class StaticKiviLayer(_StaticBase):
                                self.kp, *self.kp.stride()[:3], self.ks, self.kz, *self.ks.stride()[:3],
                                self.vp, *self.vp.stride()[:3], self.vs, self.vz, *self.vs.stride()[:3],
                                self.lens, H, D=D, R=self.residual, RING=self.ring, KG=self.group, KBITS=self.bits,
-                               VG=self.group, VBITS=self.bits, STRIDED=self.layout == "strided", num_warps=4)
+                               VG=self.group, VBITS=self.bits, STRIDED=self.layout == "strided",
+                               FRAG=self.layout == "frag", num_warps=4)
         _lens_kernel[(1,)](self.lens, R=self.residual, NEW=1, num_warps=1)
 
     def attend(self, q: torch.Tensor, scale: float | None) -> torch.Tensor:
+        if self.layout == "frag":
+            return self._attend_frag(q, scale)
         fn = decode_attention_strided if self.layout == "strided" else decode_attention
         return fn(q, self.kv, mask=self.pad_mask, scale=scale, lens=self.lens, ring=self.ring, num_splits=self.splits,
                   main_splits=self.splits - self.tail_splits, workspace=self._workspace(q))
 
+    def _attend_frag(self, q: torch.Tensor, scale: float | None) -> torch.Tensor:
+        """The Gluon kernel over the fragment-ordered codes (decode_frag.py): main splits sized to one wave of
+        resident programs over the capacity's heads, ``tail_splits`` programs for the residual tail."""
+        from . import decode_frag as df
+
+        if q.dtype == torch.float32:  # an fp32 model (CPU-style evaluation on a GPU): the query in the residual's
+            return self._attend_frag(q.to(self.kr.dtype), scale).float()  # 16 bits, as the residual already is
+        B, H, cap = self.batch, self.num_heads, self.capacity
+        if not self._frag_splits:
+            kv = df.FragKV(self.kp, self.vp, self.ks, self.kz, self.vs.view(B, H, cap), self.vz.view(B, H, cap),
+                           self.group)
+            main = df.splits_for(q, kv, graph=True, has_mask=self.pad_mask is not None)
+            self._frag_splits = (max(1, min(main, cap // self.group)), self.tail_splits)
+        main, tail = self._frag_splits
+        if self._ws is None or self._ws[0].shape != (B, q.shape[1], main + tail):
+            self._ws = _da.partials_workspace(B, q.shape[1], main + tail, self.head_dim, q.device)
+        df._check_launch(q, H, df.LAUNCH["block"], self.group, df.LAUNCH["stages"])
+        return df._launch(q, self.kp, self.vp, self.ks, self.kz, self.vs.view(B, H, cap), self.vz.view(B, H, cap),
+                          0, 0, main + tail, scale, df.LAUNCH["block"], self.group, df.LAUNCH["fold"],
+                          df.LAUNCH["stages"], df.LAUNCH["maxnreg"], self._ws, None,
+                          graph=(self.lens, self.kr, self.vr, self.ring, main), mask=self.pad_mask)
+
     def state(self) -> PackedKV:
         """The held tokens as a host-mode :class:`PackedKV` (syncs: for tests and inspection only)."""
+        if self.layout == "frag":
+            return self._state_frag()
         T, tkq, tvq = (int(x) for x in self.lens.tolist())
         cls = StridedQuantizedTensor if self.layout == "strided" else QuantizedTensor
         kp_rows = tkq if self.layout == "strided" else tkq // self.group
@@ -449,6 +551,26 @@ class StaticKiviLayer(_StaticBase):
                  self.bits, "token", self.group, tkq, self.head_dim, self.dtype) if tkq else None
         vq = cls(self.vp[:, :, :tvq], self.vs[:, :, :tvq], self.vz[:, :, :tvq], self.bits, "channel", self.group,
                  tvq, self.head_dim, self.dtype) if tvq else None
+        kr = self.kr[:, :, torch.arange(tkq, T, device=self.kr.device) % self.ring] if T > tkq else None
+        vr = self.vr[:, :, torch.arange(tvq, T, device=self.vr.device) % self.ring] if T > tvq else None
+        return PackedKV(kq, kr, vq, vr)
+
+    def _state_frag(self) -> PackedKV:
+        """:meth:`state` for layout 'frag': the codes put back in KIVI's storage layout (same codes, same scales)."""
+        from ..storage import pack
+        from . import frag
+
+        T, tkq, tvq = (int(x) for x in self.lens.tolist())
+        B, H, D, g = self.batch, self.num_heads, self.head_dim, self.group
+        kq = vq = None
+        if tkq:
+            kc = frag.unpack_keys(self.kp[:, :, :tkq // 16]).reshape(B, H, tkq // g, g, D).transpose(-1, -2)
+            kq = QuantizedTensor(pack(kc.contiguous(), 2), self.ks[:, :, :tkq // g], self.kz[:, :, :tkq // g], 2,
+                                 "token", g, tkq, D, self.dtype)
+        if tvq:
+            vc = frag.unpack_values(self.vp[:, :, :-(-tvq // 32)])[:, :, :tvq]
+            vq = QuantizedTensor(pack(vc.contiguous(), 2), self.vs[:, :, :tvq], self.vz[:, :, :tvq], 2, "channel", g,
+                                 tvq, D, self.dtype)
         kr = self.kr[:, :, torch.arange(tkq, T, device=self.kr.device) % self.ring] if T > tkq else None
         vr = self.vr[:, :, torch.arange(tvq, T, device=self.vr.device) % self.ring] if T > tvq else None
         return PackedKV(kq, kr, vq, vr)
