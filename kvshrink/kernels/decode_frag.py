@@ -437,9 +437,11 @@ def _wave_splits(heads: int, slots: int, groups: int) -> int:
 def _launch(q, kf, vf, ks, kz, vs, vz, T: int, per_split: int, num_splits: int, scale, block: int, key_group: int,
             fold: bool, stages: int, maxnreg: int, workspace, out, graph: tuple | None = None,
             mask: torch.Tensor | None = None) -> torch.Tensor:
-    from . import decode_attention as _da
+    import importlib
+
     from ._triton import next_pow2
 
+    _da = importlib.import_module(".decode_attention", __package__)  # the package's name is the function
     B, Hq, D = q.shape
     H = kf.shape[1]
     dev = q.device
@@ -497,8 +499,9 @@ def splits_for(q: torch.Tensor, kv: FragKV, block: int | None = None, waves: flo
     H = kv.kf.shape[1]
     key = (str(q.device), Hq // H, D, block, fold, stages, maxnreg, graph, has_mask)
     if key not in _RESIDENT:  # compile once to read the register count
-        from . import decode_attention as _da
+        import importlib
 
+        _da = importlib.import_module(".decode_attention", __package__)
         dev = q.device
         ws = partials_workspace(B, Hq, 3, D, dev)
         i32, f16, i8 = _da._dummy(dev, torch.int32), _da._dummy(dev, torch.float16), _da._dummy(dev, torch.int8)
