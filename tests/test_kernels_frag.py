@@ -184,3 +184,17 @@ def test_wave_splits_fill_whole_waves():
     # 936 heads (117 sequences x 8): 5 splits of 13 groups in 3 waves, not 32 tiny splits (merge work)
     assert _wave_splits(936, 1584, 64) == 5
     assert _wave_splits(1, 1584, 1) == 1
+
+
+@pytest.mark.parametrize("dtype,group,want_gpu", [(torch.bfloat16, 64, "frag"), (torch.float16, 64, "frag"),
+                                                  (torch.float32, 64, "kivi"), (torch.bfloat16, 32, "kivi")])
+def test_static_layer_auto_layout(dtype, group, want_gpu):
+    """The graph layer's default layout: the fragment order for 16-bit models where it applies (2 bits, one value
+    group per token), KIVI's layout otherwise (fp32 models keep fp32 dot products) and on machines without a GPU."""
+    from kvshrink.kernels.graph import StaticKiviLayer
+
+    dev = "cuda" if GPU else "cpu"
+    layer = StaticKiviLayer(256, bits=2, group=group, residual=64)
+    x = torch.randn(1, 2, 80, 64, device=dev).to(dtype)
+    layer.update(x, x)
+    assert layer.layout == (want_gpu if GPU else "kivi")

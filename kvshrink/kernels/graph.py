@@ -216,12 +216,13 @@ if HAS_TRITON:
         tl.store(ACC_OUT + o[None, :] * D + d[:, None], acc, mask=hmask[None, :])
 
 
-def _frag_applies(bits: int, group: int, head_dim: int, device: torch.device) -> bool:
-    """Whether layout ``"auto"`` takes the fragment order: 2 bits, one value group per token, an sm_80+ NVIDIA GPU
-    and Triton's Gluon."""
+def _frag_applies(bits: int, group: int, head_dim: int, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether layout ``"auto"`` takes the fragment order: 2 bits, one value group per token, a 16-bit model (an
+    fp32 model keeps the KIVI-layout kernel's fp32 dot products), an sm_80+ NVIDIA GPU and Triton's Gluon."""
     from .decode_frag import HAS_GLUON
 
-    return (bits == 2 and group == head_dim and head_dim % 64 == 0 and device.type == "cuda" and HAS_GLUON
+    return (bits == 2 and group == head_dim and head_dim % 64 == 0 and dtype in (torch.float16, torch.bfloat16)
+            and device.type == "cuda" and HAS_GLUON
             and torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
@@ -381,7 +382,7 @@ class StaticKiviLayer(_StaticBase):
     2-bit codes in the tensor cores' fragment order read by the Gluon kernel (``frag.py``, ``decode_frag.py``;
     2.2-2.7x faster than the KIVI-layout kernel on the H200), ``"kivi"`` (KIVI's storage layout, Triton kernel),
     ``"strided"``, or ``"auto"`` (default): ``"frag"`` where it applies (2 bits, one value group per token:
-    ``group == head_dim``, a multiple of 64; an NVIDIA GPU of sm_80 or later with Gluon), else ``"kivi"``. Same
+    ``group == head_dim``, a multiple of 64; a 16-bit model on an sm_80+ NVIDIA GPU with Gluon), else ``"kivi"``. Same
     codes, scales and bytes in every layout. ``waves``: main splits per KV head such that ~``waves`` programs per SM
     run over the quantized tokens (KIVI/strided kernels; the frag kernel sizes its own); ``tail_splits`` programs
     take the residual/partial-block tail."""
@@ -409,7 +410,8 @@ class StaticKiviLayer(_StaticBase):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, _, D = key_states.shape
         if self.layout == "auto":
-            self.layout = "frag" if _frag_applies(self.bits, self.group, D, key_states.device) else "kivi"
+            self.layout = "frag" if _frag_applies(self.bits, self.group, D, key_states.device, key_states.dtype) \
+                else "kivi"
         if self.layout == "strided" and not (strided_supported(self.bits, self.group, "token", D)
                                              and strided_supported(self.bits, self.group, "channel", D)):
             raise ValueError(f"graph mode: bits={self.bits}, group={self.group}, head_dim={D} not in the strided layout")
