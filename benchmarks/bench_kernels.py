@@ -614,6 +614,16 @@ def sec_quant(res: dict, model) -> None:
         out[f"g{group}_prefill_kivi_kernel_cache_ms"] = bench(prefill_kivi, warmup=1, rep=5)
         disable(model)
         out[f"g{group}_prefill_overhead_frac"] = out[f"g{group}_prefill_kivi_kernel_cache_ms"] / out["prefill_fp16_ms"] - 1
+    # the graph layer's prefill per layout (quantize + pack + rings; 'frag' adds the reorder of frag.py, in torch)
+    from kvshrink.kernels.graph import StaticKiviLayer
+
+    for layout in ("kivi", "frag"):
+        def prefill_static():
+            layer = StaticKiviLayer(T + 64, bits=2, group=128, residual=128, layout=layout)
+            layer.update(k, k)
+        out[f"g128_static_{layout}_prefill_ms_all_layers"] = L * bench(prefill_static, warmup=2, rep=10)
+        out[f"g128_static_{layout}_frac_of_prefill"] = out[f"g128_static_{layout}_prefill_ms_all_layers"] / \
+            out["prefill_fp16_ms"]
     res["quant"] = out
     log("quant " + json.dumps(out))
 
