@@ -23,9 +23,9 @@ import torch  # noqa: E402
 from bench_kernels import D, DECODE_CONFIGS, HKV, HQ, copies_for, git_commit, make_packed, sdpa_decode_fn  # noqa: E402
 from tune_decode import graph_ms  # noqa: E402
 
-#: block:fold:waves:maxnreg:stages (waves 0: decode_frag's wave-filling split count); the first is the default
+#: block:fold:waves:maxnreg:stages:lazy (waves 0: decode_frag's wave-filling split count); the first is the default
 #: (decode_frag.LAUNCH)
-VARIANTS = "64:1:0:0:3,64:0:0:0:3,64:1:1:0:3,64:1:0:0:2,64:1:0:0:4,64:1:0:128:3,128:1:0:0:3"
+VARIANTS = "64:1:0:0:3:0,64:1:0:0:3:1,64:1:0:0:2:0,64:1:0:0:2:1,64:0:0:0:3:0,64:1:1:0:3:0,128:1:0:0:3:1"
 
 
 def full_cache(B: int, T: int, seed: int):
@@ -47,7 +47,7 @@ def full_cache(B: int, T: int, seed: int):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/frag_decode.json")
-    ap.add_argument("--variants", default=VARIANTS, help="block:fold:waves:maxnreg:stages, comma-separated")
+    ap.add_argument("--variants", default=VARIANTS, help="block:fold:waves:maxnreg:stages:lazy, comma-separated")
     ap.add_argument("--configs", default="", help="BxT, comma-separated (default: issue 9's five)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -78,8 +78,9 @@ def main() -> int:
         row["bytes"] = caches[0][0].nbytes() + 4 * B * HQ * D
         row["kivi_full_ms"] = graph_ms([lambda j=j: decode_attention(qs[j], caches[j][0]) for j in range(len(caches))])
         runs = []
-        for block, fold, waves, maxnreg, stages in variants:
-            var = dict(block=int(block), fold=bool(fold), waves=waves or None, maxnreg=int(maxnreg), stages=int(stages))
+        for block, fold, waves, maxnreg, stages, lazy in variants:
+            var = dict(block=int(block), fold=bool(fold), waves=waves or None, maxnreg=int(maxnreg), stages=int(stages),
+                       lazy=bool(lazy))
             try:
                 ms = graph_ms([lambda j=j: decode_attention_frag(qs[j], caches[j][1], **var) for j in range(len(caches))])
             except Exception as e:  # noqa: BLE001 - record and go on
@@ -96,7 +97,7 @@ def main() -> int:
             for r in runs:
                 if "ms" in r:
                     out = decode_attention_frag(qs[0], caches[0][1], **{k: r[k] for k in
-                                                                        ("block", "fold", "waves", "maxnreg", "stages")})
+                                                                        ("block", "fold", "waves", "maxnreg", "stages", "lazy")})
                     r["rel_err"] = float((out.float() - ref).norm() / ref.norm())
             del ref
         del caches, qs

@@ -163,20 +163,21 @@ def test_decode_frag_matches_reference(D, G, block, fold):
 @pytest.mark.skipif(not GPU, reason="needs an NVIDIA GPU (sm_80+) and Gluon")
 @pytest.mark.parametrize("block", [64, 128])
 @pytest.mark.parametrize("stages", [2, 3, 4])
-@pytest.mark.parametrize("maxnreg", [0, 128])
-def test_decode_frag_launch_options_keep_the_result(block, stages, maxnreg):
-    """The pipeline depth, a register cap and the split count change the schedule, not the math; splits of a
-    single key group (fewer steps than pipeline stages) included."""
+@pytest.mark.parametrize("maxnreg,lazy", [(0, False), (128, False), (0, True)])
+def test_decode_frag_launch_options_keep_the_result(block, stages, maxnreg, lazy):
+    """The pipeline depth, a register cap, lazy rescaling and the split count change the schedule, not the math;
+    splits of a single key group (fewer steps than pipeline stages) included. The query is scaled up so the running
+    max moves by more than the lazy threshold within a split."""
     from kvshrink.kernels.decode_frag import decode_attention_frag
 
     B, H, G, D, T = 3, 2, 4, 128, 1024
     kq, vq = _kivi(B, H, T, D, seed=7)
     f = FragKV.from_kivi(kq, vq)
     f = FragKV(*(x.cuda() for x in (f.kf, f.vf, f.k_scale, f.k_zero, f.v_scale, f.v_zero)), f.key_group)
-    q = torch.randn(B, H * G, D, device="cuda").half()
+    q = 3 * torch.randn(B, H * G, D, device="cuda").half()
     ref = decode_frag_ref(q, f)
     for kw in ({"num_splits": 8}, {"num_splits": 3}, {"waves": 1}, {}):
-        out = decode_attention_frag(q, f, block=block, stages=stages, maxnreg=maxnreg, **kw)
+        out = decode_attention_frag(q, f, block=block, stages=stages, maxnreg=maxnreg, lazy=lazy, **kw)
         assert ((out.float() - ref).norm() / ref.norm()).item() < 3e-3, kw
 
 

@@ -92,8 +92,9 @@ def decode_frag_ref(q: torch.Tensor, kv: FragKV, scale: float | None = None) -> 
 
 
 #: launch defaults (see :func:`decode_attention_frag`): tokens per softmax step, waves of resident programs (None:
-#: :func:`_wave_splits`), warps per program, the folded unpack, register cap (0: the compiler's), pipeline depth
-LAUNCH: dict = {"block": 64, "waves": None, "num_warps": 1, "fold": True, "maxnreg": 0, "stages": 3}
+#: :func:`_wave_splits`), warps per program, the folded unpack, register cap (0: the compiler's), pipeline depth,
+#: lazy rescaling of the running max (:func:`_main_loop`)
+LAUNCH: dict = {"block": 64, "waves": None, "num_warps": 1, "fold": True, "maxnreg": 0, "stages": 3, "lazy": False}
 
 
 if HAS_GLUON:
@@ -211,10 +212,11 @@ if HAS_GLUON:
     def _main_loop(qv, kfac, vfac, t_s, c_b, o, m_i, l_acc, z_acc, ks_bh, kz_bh, vs_bh, vz_bh, kf_bh, vf_bh,
                    mask_b, start, end, qk_scale, D: gl.constexpr, BLOCK: gl.constexpr, KG: gl.constexpr,
                    FOLD: gl.constexpr, STAGES: gl.constexpr, HAS_MASK: gl.constexpr, LK4: gl.constexpr,
-                   LK8: gl.constexpr, LV4: gl.constexpr, LV8: gl.constexpr):
+                   LK8: gl.constexpr, LV4: gl.constexpr, LV8: gl.constexpr, LAZY: gl.constexpr):
         """Tokens ``[start, end)`` (whole key groups, all quantized) with ``STAGES - 1`` steps of codes and value
         scales in flight (cp.async into shared memory). Each lane reads back exactly the words it copied; the
-        scales, read by every lane, are fenced by a barrier (one warp: cheap)."""
+        scales, read by every lane, are fenced by a barrier (one warp: cheap). ``LAZY``: the running max moves
+        (and the accumulators are rescaled) only when a head's max grows by more than 2**4, so p <= 16."""
         NKT: gl.constexpr = BLOCK // 16
         NVT: gl.constexpr = BLOCK // 32
         KW: gl.constexpr = D // 32
@@ -256,9 +258,24 @@ if HAS_GLUON:
             s = mma_v2(_key_codes(kw, D, BLOCK, FOLD, LK8), qk, s0) + bias[None, :]
             if HAS_MASK:
                 s = gl.where(keep[:, None], s, float("-inf"))
-            m_i, alpha, p, l_acc, z_acc = _softmax_step(s, m_i, l_acc, z_acc, vze, vsc, BLOCK)
+            if LAZY:
+                m_blk = gl.max(s, axis=0)
+                if gl.max(m_blk - m_i, axis=0) > 4.0:
+                    m_new = gl.maximum(m_i, m_blk)
+                    alpha = gl.exp2(m_i - m_new)
+                    alpha_l = gl.convert_layout(alpha, gl.SliceLayout(0, l_acc.type.layout))
+                    o = o * alpha[None, :]
+                    l_acc = l_acc * alpha_l[None, :]
+                    z_acc = z_acc * alpha_l[None, :]
+                    m_i = m_new
+                p = gl.exp2(s - m_i[None, :])
+                l_acc = l_acc + _lane_partials(p, BLOCK)
+                z_acc = z_acc + _lane_partials(p * vze[:, None], BLOCK)
+            else:
+                m_i, alpha, p, l_acc, z_acc = _softmax_step(s, m_i, l_acc, z_acc, vze, vsc, BLOCK)
+                o = o * alpha[None, :]
             pt = _transpose_p((p * vsc[:, None]).to(gl.float16), BLOCK)
-            o = mma_v2(_value_codes(vw, D, BLOCK, FOLD, LV8), pt, o * alpha[None, :])
+            o = mma_v2(_value_codes(vw, D, BLOCK, FOLD, LV8), pt, o)
         async_copy.wait_group(0)
         return o, m_i, l_acc, z_acc
 
@@ -316,7 +333,7 @@ if HAS_GLUON:
                             main_splits, RING, qk_scale,
                             G: gl.constexpr, D: gl.constexpr, BLOCK: gl.constexpr, KG: gl.constexpr,
                             FOLD: gl.constexpr, STAGES: gl.constexpr, PART: gl.constexpr, HAS_MASK: gl.constexpr,
-                            LK4: gl.constexpr, LK8: gl.constexpr, LV4: gl.constexpr, LV8: gl.constexpr):
+                            LAZY: gl.constexpr, LK4: gl.constexpr, LK8: gl.constexpr, LV4: gl.constexpr, LV8: gl.constexpr):
         """Grid ``(B * H, splits)``; partials go to slot ``split`` of ``num_splits``. ``PART`` 0 (host mode): split
         ``s`` takes tokens ``[s * per_split, ...)`` of ``T``, all quantized. Graph mode, lengths ``[T, TKQ, TVQ]``
         read from ``LENS``: ``PART`` 1, splits ``[0, main_splits)`` share the whole key groups below both quantized
@@ -358,7 +375,7 @@ if HAS_GLUON:
             end = gl.minimum(start + per_split, T)
             o, m_i, l_acc, z_acc = _main_loop(
                 qv, kfac, vfac, t_s, c_b, o, m_i, l_acc, z_acc, ks_bh, kz_bh, vs_bh, vz_bh, kf_bh, vf_bh,
-                mask_b, start, end, qk_scale, D, BLOCK, KG, FOLD, STAGES, HAS_MASK, LK4, LK8, LV4, LV8)
+                mask_b, start, end, qk_scale, D, BLOCK, KG, FOLD, STAGES, HAS_MASK, LK4, LK8, LV4, LV8, LAZY)
         else:
             T = gl.load(LENS)
             TKQ = gl.load(LENS + 1)
@@ -370,7 +387,7 @@ if HAS_GLUON:
                 end = gl.minimum(start + per, main_end)
                 o, m_i, l_acc, z_acc = _main_loop(
                     qv, kfac, vfac, t_s, c_b, o, m_i, l_acc, z_acc, ks_bh, kz_bh, vs_bh, vz_bh, kf_bh, vf_bh,
-                    mask_b, start, end, qk_scale, D, BLOCK, KG, FOLD, STAGES, HAS_MASK, LK4, LK8, LV4, LV8)
+                    mask_b, start, end, qk_scale, D, BLOCK, KG, FOLD, STAGES, HAS_MASK, LK4, LK8, LV4, LV8, LAZY)
             else:
                 n_tail = num_splits - main_splits
                 per = gl.cdiv(gl.cdiv(T - main_end, n_tail), BLOCK) * BLOCK
@@ -436,7 +453,7 @@ def _wave_splits(heads: int, slots: int, groups: int) -> int:
 
 def _launch(q, kf, vf, ks, kz, vs, vz, T: int, per_split: int, num_splits: int, scale, block: int, key_group: int,
             fold: bool, stages: int, maxnreg: int, workspace, out, graph: tuple | None = None,
-            mask: torch.Tensor | None = None) -> torch.Tensor:
+            mask: torch.Tensor | None = None, lazy: bool = False) -> torch.Tensor:
     import importlib
 
     from ._triton import next_pow2
@@ -458,7 +475,7 @@ def _launch(q, kf, vf, ks, kz, vs, vz, T: int, per_split: int, num_splits: int, 
             H, T, per_split, num_splits, main_splits, ring, (D ** -0.5 if scale is None else scale) * math.log2(math.e))
     for part, splits in (((0, num_splits),) if graph is None else ((1, main_splits), (2, num_splits - main_splits))):
         _frag_decode_kernel[(B * H, splits)](*args, **_consts(Hq // H, D, block, key_group, fold, stages, maxnreg,
-                                                              part, mask is not None))
+                                                              part, mask is not None, lazy))
     if out is None:
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
     _da._decode_reduce_kernel[(B * Hq,)](m_ws, l_ws, acc_ws, out, out.stride(0), out.stride(1), Hq, num_splits,
@@ -467,8 +484,9 @@ def _launch(q, kf, vf, ks, kz, vs, vz, T: int, per_split: int, num_splits: int, 
 
 
 def _consts(G: int, D: int, block: int, key_group: int, fold: bool, stages: int, maxnreg: int, part: int,
-            has_mask: bool) -> dict:
+            has_mask: bool, lazy: bool = False) -> dict:
     return dict(G=G, D=D, BLOCK=block, KG=key_group, FOLD=fold, STAGES=stages, PART=part, HAS_MASK=has_mask,
+                LAZY=lazy,
                 **_layouts(D, block), num_warps=LAUNCH["num_warps"], **({"maxnreg": maxnreg} if maxnreg else {}))
 
 
@@ -486,7 +504,7 @@ def _check_launch(q: torch.Tensor, H: int, block: int, key_group: int, stages: i
 
 def splits_for(q: torch.Tensor, kv: FragKV, block: int | None = None, waves: float | None = None,
                fold: bool | None = None, stages: int | None = None, maxnreg: int | None = None,
-               graph: bool = False, has_mask: bool = False) -> int:
+               graph: bool = False, has_mask: bool = False, lazy: bool | None = None) -> int:
     """Splits per KV head: :func:`_wave_splits` over the resident programs (one warp each; how many an SM holds
     comes from the compiled kernel's registers and shared memory), or, with ``waves``, that many waves' worth."""
     from .decode_attention import _sm_count, partials_workspace
@@ -495,9 +513,10 @@ def splits_for(q: torch.Tensor, kv: FragKV, block: int | None = None, waves: flo
     fold = LAUNCH["fold"] if fold is None else bool(fold)
     stages = stages or LAUNCH["stages"]
     maxnreg = LAUNCH["maxnreg"] if maxnreg is None else maxnreg
+    lazy = LAUNCH["lazy"] if lazy is None else bool(lazy)
     B, Hq, D = q.shape
     H = kv.kf.shape[1]
-    key = (str(q.device), Hq // H, D, block, fold, stages, maxnreg, graph, has_mask)
+    key = (str(q.device), Hq // H, D, block, fold, stages, maxnreg, graph, has_mask, lazy)
     if key not in _RESIDENT:  # compile once to read the register count
         import importlib
 
@@ -509,7 +528,7 @@ def splits_for(q: torch.Tensor, kv: FragKV, block: int | None = None, waves: flo
             q, kv.kf, kv.vf, kv.k_scale, kv.k_zero, kv.v_scale, kv.v_zero, *ws, f16, f16, i8, i32,
             q.stride(0), q.stride(1), kv.kf.stride(1), kv.vf.stride(1), kv.k_scale.stride(1), kv.v_scale.stride(1),
             0, 0, 0, 0, H, kv.tokens, kv.tokens, 3, 2, 1, 1.0, grid=(1,),
-            **_consts(Hq // H, D, block, kv.key_group, fold, stages, maxnreg, int(graph), has_mask)))
+            **_consts(Hq // H, D, block, kv.key_group, fold, stages, maxnreg, int(graph), has_mask, lazy)))
     slots = _sm_count(q.device.index or 0) * _RESIDENT[key]
     if waves:
         return max(1, int(waves * slots) // (B * H))
@@ -518,28 +537,30 @@ def splits_for(q: torch.Tensor, kv: FragKV, block: int | None = None, waves: flo
 
 def decode_attention_frag(q: torch.Tensor, kv: FragKV, scale: float | None = None, num_splits: int | None = None,
                           block: int | None = None, waves: float | None = None, fold: bool | None = None,
-                          stages: int | None = None, maxnreg: int | None = None,
+                          stages: int | None = None, maxnreg: int | None = None, lazy: bool | None = None,
                           workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                           out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of ``q (B, Hq, D)`` fp16 over ``kv`` (all ``T`` tokens quantized). Returns ``(B, Hq, D)`` fp16.
 
     Launch options (defaults: :data:`LAUNCH`): ``block`` tokens per step; ``waves`` of resident programs the
     splits make (:func:`splits_for`); ``fold``: the one-shift unpack (``4**m`` folded into query and
-    probabilities); ``stages`` steps in flight through shared memory; ``maxnreg`` register cap per thread."""
+    probabilities); ``stages`` steps in flight through shared memory; ``maxnreg`` register cap per thread;
+    ``lazy``: rescale only when the running max grows by more than 2**4."""
     if not HAS_GLUON:
         raise RuntimeError("decode_attention_frag needs Triton's Gluon (Triton >= 3.5)")
     block, stages = block or LAUNCH["block"], stages or LAUNCH["stages"]
     fold = LAUNCH["fold"] if fold is None else bool(fold)
     maxnreg = LAUNCH["maxnreg"] if maxnreg is None else maxnreg
+    lazy = LAUNCH["lazy"] if lazy is None else bool(lazy)
     H, T = kv.kf.shape[1], kv.tokens
     _check_launch(q, H, block, kv.key_group, stages)
     if T % kv.key_group:
         raise ValueError(f"T={T} must be a multiple of the key group {kv.key_group}")
     q = q.contiguous()
     if num_splits is None:
-        num_splits = splits_for(q, kv, block, waves, fold, stages, maxnreg)
+        num_splits = splits_for(q, kv, block, waves, fold, stages, maxnreg, lazy=lazy)
     per_split = -(-T // max(1, min(num_splits, T // kv.key_group)))
     per_split = -(-per_split // kv.key_group) * kv.key_group
     num_splits = -(-T // per_split)
     return _launch(q, kv.kf, kv.vf, kv.k_scale, kv.k_zero, kv.v_scale, kv.v_zero, T, per_split, num_splits, scale,
-                   block, kv.key_group, fold, stages, maxnreg, workspace, out)
+                   block, kv.key_group, fold, stages, maxnreg, workspace, out, lazy=lazy)

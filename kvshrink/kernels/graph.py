@@ -548,7 +548,7 @@ class StaticKiviLayer(_StaticBase):
         if not self._frag_splits:
             kv = df.FragKV(self.kp, self.vp, self.ks, self.kz, self.vs.view(B, H, cap), self.vz.view(B, H, cap),
                            self.group)
-            main = df.splits_for(q, kv, graph=True, has_mask=self.pad_mask is not None)
+            main = df.splits_for(q, kv, graph=True, has_mask=self.pad_mask is not None)  # LAUNCH's settings
             self._frag_splits = (max(1, min(main, cap // self.group)), self.tail_splits)
         main, tail = self._frag_splits
         if self._ws is None or self._ws[0].shape != (B, q.shape[1], main + tail):
@@ -557,7 +557,8 @@ class StaticKiviLayer(_StaticBase):
         return df._launch(q, self.kp, self.vp, self.ks, self.kz, self.vs.view(B, H, cap), self.vz.view(B, H, cap),
                           0, 0, main + tail, scale, df.LAUNCH["block"], self.group, df.LAUNCH["fold"],
                           df.LAUNCH["stages"], df.LAUNCH["maxnreg"], self._ws, None,
-                          graph=(self.lens, self.kr, self.vr, self.ring, main), mask=self.pad_mask)
+                          graph=(self.lens, self.kr, self.vr, self.ring, main), mask=self.pad_mask,
+                          lazy=df.LAUNCH["lazy"])
 
     def state(self) -> PackedKV:
         """The held tokens as a host-mode :class:`PackedKV` (syncs: for tests and inspection only)."""
