@@ -25,7 +25,7 @@ from tune_decode import graph_ms  # noqa: E402
 
 #: block:fold:waves:maxnreg:stages:lazy (waves 0: decode_frag's wave-filling split count); the first is the default
 #: (decode_frag.LAUNCH)
-VARIANTS = "64:1:0:0:3:0,64:1:0:0:3:1,64:1:0:0:2:0,64:1:0:0:2:1,64:0:0:0:3:0,64:1:1:0:3:0,128:1:0:0:3:1"
+VARIANTS = "64:1:0:0:2:1,64:1:0:0:3:0,64:1:0:0:3:1,64:0:0:0:2:1,128:1:0:0:2:1"
 
 
 def full_cache(B: int, T: int, seed: int):

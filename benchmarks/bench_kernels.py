@@ -1186,8 +1186,8 @@ def sec_graph_frag(res: dict, model, T: int, steps: int, group: int) -> None:
             del cache
             torch.cuda.empty_cache()
 
-    for kind, layout, tail, lazy in (("fp16", None, 4, False), ("kivi", "kivi", 4, False), ("kivi", "frag", 4, False),
-                                     ("kivi", "frag", 4, True), ("kivi", "frag", 2, False), ("fp16", None, 4, False)):
+    for kind, layout, tail, lazy in (("fp16", None, 4, False), ("kivi", "kivi", 4, False), ("kivi", "frag", 4, True),
+                                     ("kivi", "frag", 2, True), ("kivi", "frag", 4, False), ("fp16", None, 4, False)):
         record_graph_run(out["runs"], {"cache": kind, "layout": layout, "B": Bf, "tail_splits": tail, "lazy": lazy},
                          lambda: run(kind, layout, tail, lazy))
     ok = [r for r in out["runs"] if "tokens_per_s" in r]

@@ -203,3 +203,22 @@ def test_static_layer_auto_layout(dtype, group, want_gpu):
     x = torch.randn(1, 2, 80, 64, device=dev).to(dtype)
     layer.update(x, x)
     assert layer.layout == (want_gpu if GPU else "kivi")
+
+
+@pytest.mark.parametrize("D,group,T,tokens", [(64, 64, 128, 128), (128, 128, 256, 200), (64, 128, 256, 33)])
+def test_repack_kernels_match_the_torch_reorder(D, group, T, tokens):
+    """The prefill's Triton reorder (KIVI bytes -> fragment words) is bit-identical to frag.pack_* on the codes;
+    a partial last value tile holds zeros past ``tokens``."""
+    from kvshrink.kernels.frag_pack import repack_keys, repack_values
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(2, 3, T, D).half().to(dev)
+    kq = quantize(x, 2, "token", group)
+    vq = quantize(x[:, :, :tokens], 2, "channel", D)
+    kw = repack_keys(kq.packed, group, torch.empty(2, 3, T // 16, 32, D // 32, dtype=torch.int32, device=dev))
+    kc = kq.codes().permute(0, 1, 2, 4, 3).reshape(2, 3, T, D)
+    assert torch.equal(kw, frag.pack_keys(kc))
+    n = -(-tokens // 32)
+    vw = repack_values(vq.packed, tokens, torch.full((2, 3, n, 32, D // 16), -1, dtype=torch.int32, device=dev))
+    vc = torch.nn.functional.pad(vq.codes(), (0, 0, 0, 32 * n - tokens))
+    assert torch.equal(vw, frag.pack_values(vc))

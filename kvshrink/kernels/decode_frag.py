@@ -94,7 +94,7 @@ def decode_frag_ref(q: torch.Tensor, kv: FragKV, scale: float | None = None) -> 
 #: launch defaults (see :func:`decode_attention_frag`): tokens per softmax step, waves of resident programs (None:
 #: :func:`_wave_splits`), warps per program, the folded unpack, register cap (0: the compiler's), pipeline depth,
 #: lazy rescaling of the running max (:func:`_main_loop`)
-LAUNCH: dict = {"block": 64, "waves": None, "num_warps": 1, "fold": True, "maxnreg": 0, "stages": 3, "lazy": False}
+LAUNCH: dict = {"block": 64, "waves": None, "num_warps": 1, "fold": True, "maxnreg": 0, "stages": 2, "lazy": True}
 
 
 if HAS_GLUON:

@@ -478,31 +478,23 @@ class StaticKiviLayer(_StaticBase):
         self.seen = n
 
     def _prefill_frag(self, k: torch.Tensor, v: torch.Tensor, r: slice, tkq: int, tvq: int) -> None:
-        """KIVI's quantizer (the same kernel as layout 'kivi'), then its codes reordered (frag.py), a few rows at
-        a time (the reorder's int64 temporaries); the value tile left partial is zero-filled for the steps."""
-        from . import frag
+        """KIVI's quantizer (the same kernel, codes, scales as layout 'kivi'; scales and zeros straight into the
+        buffers), then the codes reordered into fragment words (:mod:`.frag_pack`); the value tile left partial is
+        zero-filled for the decode steps to OR into."""
+        from .frag_pack import repack_keys, repack_values
 
-        half, g = self.kr.dtype, self.group
-        rows = max(1, 2**27 // max(1, self.num_heads * max(tkq, tvq, 1) * self.head_dim))
-        for b0 in range(0, k.shape[0], rows):
-            kb, vb = k[b0:b0 + rows], v[b0:b0 + rows]
-            rb = slice(r.start + b0, r.start + b0 + kb.shape[0])
-            if tkq:
-                kq = quantize_pack(kb[:, :, :tkq].to(half), 2, "token", g, self.scale_dtype)
-                self.ks[rb, :, :tkq // g].copy_(kq.scale)
-                self.kz[rb, :, :tkq // g].copy_(kq.zero)
-                kc = kq.codes()  # (b, H, tkq/g, D, g)
-                kc = kc.permute(0, 1, 2, 4, 3).reshape(kb.shape[0], self.num_heads, tkq, self.head_dim)
-                self.kp[rb, :, :tkq // 16].copy_(frag.pack_keys(kc))
-            if tvq:
-                vq = quantize_pack(vb[:, :, :tvq].to(half), 2, "channel", g, self.scale_dtype)
-                self.vs[rb, :, :tvq].copy_(vq.scale)
-                self.vz[rb, :, :tvq].copy_(vq.zero)
-                vc = vq.codes()
-                pad = -tvq % 32
-                if pad:
-                    vc = torch.nn.functional.pad(vc, (0, 0, 0, pad))
-                self.vp[rb, :, :(tvq + pad) // 32].copy_(frag.pack_values(vc))
+        half, g, H, D = self.kr.dtype, self.group, self.num_heads, self.head_dim
+        n_rows = k.shape[0]
+        if tkq:
+            tmp = torch.empty(n_rows, H, tkq // g, D, g // 4, dtype=torch.uint8, device=k.device)
+            quantize_pack(k[:, :, :tkq].to(half), 2, "token", g, self.scale_dtype,
+                          out=(tmp, self.ks[r, :, :tkq // g], self.kz[r, :, :tkq // g]))
+            repack_keys(tmp, g, self.kp[r, :, :tkq // 16])
+        if tvq:
+            tmp = torch.empty(n_rows, H, tvq, D // 4, dtype=torch.uint8, device=k.device)
+            quantize_pack(v[:, :, :tvq].to(half), 2, "channel", g, self.scale_dtype,
+                          out=(tmp, self.vs[r, :, :tvq], self.vz[r, :, :tvq]))
+            repack_values(tmp, tvq, self.vp[r, :, :-(-tvq // 32)])
 
     def _prefill_packed(self, k: torch.Tensor, v: torch.Tensor, r: slice, tkq: int, tvq: int) -> None:
         half = self.kr.dtype
