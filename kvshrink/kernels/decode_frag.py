@@ -13,13 +13,17 @@ shared-memory layout conversions and register moves, ~40 instructions per token 
 * The probabilities leave the first product in its accumulator layout; ``movmatrix`` transposes them into the
   second product's B operand in registers (8 instructions per 64 tokens).
 
-One warp per program, online softmax in exp2 units, split-K over the tokens; the partials are merged by the
-existing reduce kernel (:func:`.decode_attention._decode_reduce_kernel`), in the same format.
+One warp per program (every layout here is stated for one warp), online softmax in exp2 units, split-K over the
+tokens; the partials are merged by the existing reduce kernel (:func:`.decode_attention._decode_reduce_kernel`),
+in the same format. docs/KERNELS.md "Session 9" has the measurements.
 
-Scope (an experiment, docs/KERNELS.md "Session 9"): 2-bit keys (group = a multiple of ``BLOCK``) and values (one
-group per token), fp16 queries, whole tiles without residual tokens or masks. Reference:
-:func:`decode_frag_ref` (unpack, then :func:`.reference.decode_attention_ref`). Needs Gluon (Triton >= 3.5) and an
-sm_80+ GPU; Triton's interpreter does not run Gluon.
+Scope: 2-bit keys (groups of a multiple of ``BLOCK`` tokens) and values (one group per token), fp16/bf16
+queries. Host mode (:func:`decode_attention_frag`): every token quantized (:class:`FragKV`). Graph mode
+(``StaticKiviLayer(layout="frag")``): lengths on the device, the newest tokens in a 16-bit ring, padding masks.
+References: :func:`decode_frag_ref` (unpack, then :func:`.reference.decode_attention_ref`); the graph layer's
+state against KIVI's layout. The query times a key scale, and p times a value scale, are fp16 operands: a query
+whose ``|q * scale * softmax scale|`` passes 65504 would overflow (real attention queries stay far below).
+Needs Gluon (Triton >= 3.5) and an sm_80+ NVIDIA GPU; Triton's interpreter does not run Gluon.
 """
 from __future__ import annotations
 
@@ -91,10 +95,10 @@ def decode_frag_ref(q: torch.Tensor, kv: FragKV, scale: float | None = None) -> 
     return decode_attention_ref(q, PackedKV(None, k, None, v), scale=scale)
 
 
-#: launch defaults (see :func:`decode_attention_frag`): tokens per softmax step, waves of resident programs (None:
-#: :func:`_wave_splits`), warps per program, the folded unpack, register cap (0: the compiler's), pipeline depth,
-#: lazy rescaling of the running max (:func:`_main_loop`)
-LAUNCH: dict = {"block": 64, "waves": None, "num_warps": 1, "fold": True, "maxnreg": 0, "stages": 2, "lazy": True}
+#: launch defaults (see :func:`decode_attention_frag`; from the H200 sweep of session 9): tokens per softmax step,
+#: waves of resident programs (None: :func:`_wave_splits`), the folded unpack, register cap (0: the compiler's),
+#: pipeline depth, lazy rescaling of the running max (:func:`_main_loop`)
+LAUNCH: dict = {"block": 64, "waves": None, "fold": True, "maxnreg": 0, "stages": 2, "lazy": True}
 
 
 if HAS_GLUON:
@@ -188,7 +192,7 @@ if HAS_GLUON:
         async_copy.commit_group()
 
     @gluon.jit
-    def _softmax_step(s, m_i, l_acc, z_acc, vze, vsc, BLOCK: gl.constexpr):
+    def _softmax_step(s, m_i, l_acc, z_acc, vze, BLOCK: gl.constexpr):
         """Online softmax over one step's scores ``(BLOCK, 8)`` (exp2 units): the new max, the rescale factor, the
         probabilities, and the running sums of ``p`` and ``p * zero`` (per-lane partials)."""
         m_new = gl.maximum(m_i, gl.max(s, axis=0))  # m_i starts finite: masked steps give p = 0, alpha = 1
@@ -272,7 +276,7 @@ if HAS_GLUON:
                 l_acc = l_acc + _lane_partials(p, BLOCK)
                 z_acc = z_acc + _lane_partials(p * vze[:, None], BLOCK)
             else:
-                m_i, alpha, p, l_acc, z_acc = _softmax_step(s, m_i, l_acc, z_acc, vze, vsc, BLOCK)
+                m_i, alpha, p, l_acc, z_acc = _softmax_step(s, m_i, l_acc, z_acc, vze, BLOCK)
                 o = o * alpha[None, :]
             pt = _transpose_p((p * vsc[:, None]).to(gl.float16), BLOCK)
             o = mma_v2(_value_codes(vw, D, BLOCK, FOLD, LV8), pt, o)
@@ -317,7 +321,7 @@ if HAS_GLUON:
             quant_v = tok < TVQ
             vsc = gl.where(quant_v, gl.load(vs_bh + tok).to(gl.float32) * vfac, 0.0)
             vze = gl.where(quant_v, gl.load(vz_bh + tok).to(gl.float32), 0.0)
-            m_i, alpha, p, l_acc, z_acc = _softmax_step(s, m_i, l_acc, z_acc, vze, vsc, BLOCK)
+            m_i, alpha, p, l_acc, z_acc = _softmax_step(s, m_i, l_acc, z_acc, vze, BLOCK)
             pq = _transpose_p((p * vsc[:, None]).to(gl.float16), BLOCK)
             pr = _transpose_p(gl.where(quant_v[:, None], 0.0, p).to(RDT), BLOCK)
             vc = _value_codes(gl.load(vf_bh + (t0 // 32) * (32 * VW) + voff), D, BLOCK, FOLD, LV8)
@@ -487,10 +491,17 @@ def _consts(G: int, D: int, block: int, key_group: int, fold: bool, stages: int,
             has_mask: bool, lazy: bool = False) -> dict:
     return dict(G=G, D=D, BLOCK=block, KG=key_group, FOLD=fold, STAGES=stages, PART=part, HAS_MASK=has_mask,
                 LAZY=lazy,
-                **_layouts(D, block), num_warps=LAUNCH["num_warps"], **({"maxnreg": maxnreg} if maxnreg else {}))
+                **_layouts(D, block), num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}))
+
+
+#: head dims the kernel was built and tested for (its register tiles grow with D; the ring tail's load layout
+#: covers up to 256)
+HEAD_DIMS = (64, 128)
 
 
 def _check_launch(q: torch.Tensor, H: int, block: int, key_group: int, stages: int) -> None:
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"the fragment-order kernel serves head_dim {HEAD_DIMS}, got {q.shape[-1]}")
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"the fragment-order kernel takes fp16/bf16 queries, got {q.dtype}")
     Hq = q.shape[1]

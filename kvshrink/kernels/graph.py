@@ -219,9 +219,9 @@ if HAS_TRITON:
 def _frag_applies(bits: int, group: int, head_dim: int, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether layout ``"auto"`` takes the fragment order: 2 bits, one value group per token, a 16-bit model (an
     fp32 model keeps the KIVI-layout kernel's fp32 dot products), an sm_80+ NVIDIA GPU and Triton's Gluon."""
-    from .decode_frag import HAS_GLUON
+    from .decode_frag import HAS_GLUON, HEAD_DIMS
 
-    return (bits == 2 and group == head_dim and head_dim % 64 == 0 and dtype in (torch.float16, torch.bfloat16)
+    return (bits == 2 and group == head_dim and head_dim in HEAD_DIMS and dtype in (torch.float16, torch.bfloat16)
             and device.type == "cuda" and HAS_GLUON
             and torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 0))
 
@@ -382,7 +382,7 @@ class StaticKiviLayer(_StaticBase):
     2-bit codes in the tensor cores' fragment order read by the Gluon kernel (``frag.py``, ``decode_frag.py``;
     2.2-2.7x faster than the KIVI-layout kernel on the H200), ``"kivi"`` (KIVI's storage layout, Triton kernel),
     ``"strided"``, or ``"auto"`` (default): ``"frag"`` where it applies (2 bits, one value group per token:
-    ``group == head_dim``, a multiple of 64; a 16-bit model on an sm_80+ NVIDIA GPU with Gluon), else ``"kivi"``. Same
+    ``group == head_dim``, 64 or 128; a 16-bit model on an sm_80+ NVIDIA GPU with Gluon), else ``"kivi"``. Same
     codes, scales and bytes in every layout. ``waves``: main splits per KV head such that ~``waves`` programs per SM
     run over the quantized tokens (KIVI/strided kernels; the frag kernel sizes its own); ``tail_splits`` programs
     take the residual/partial-block tail."""
@@ -417,9 +417,12 @@ class StaticKiviLayer(_StaticBase):
             raise ValueError(f"graph mode: bits={self.bits}, group={self.group}, head_dim={D} not in the strided layout")
         if self.layout == "kivi" and not (self.bits in (2, 4, 8) and kernel_supports(self.bits, self.group, D)):
             raise ValueError(f"graph mode: bits={self.bits}, group={self.group}, head_dim={D} not served by the kernels")
-        if self.layout == "frag" and (self.group != D or D % 64):
-            raise ValueError(f"layout 'frag' quantizes each value token as one group: group ({self.group}) must equal "
-                             f"head_dim ({D}), a multiple of 64; use layout='kivi'")
+        if self.layout == "frag":
+            from .decode_frag import HEAD_DIMS
+
+            if self.group != D or D not in HEAD_DIMS:
+                raise ValueError(f"layout 'frag' quantizes each value token as one group: group ({self.group}) must "
+                                 f"equal head_dim ({D}), one of {HEAD_DIMS}; use layout='kivi'")
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch, self.num_heads, self.head_dim = B, H, D
         cap = -(-self.capacity // self.group) * self.group
