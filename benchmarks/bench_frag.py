@@ -10,7 +10,6 @@ main loops compared) and on the cache decoding leaves (128 residual tokens in fp
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import sys
@@ -20,8 +19,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
 
-from bench_kernels import D, DECODE_CONFIGS, HKV, HQ, copies_for, git_commit, make_packed, sdpa_decode_fn  # noqa: E402
-from tune_decode import graph_ms  # noqa: E402
+from bench_kernels import D, DECODE_CONFIGS, HKV, HQ, copies_for, make_packed  # noqa: E402
+from tune_decode import graph_ms, run_meta, sdpa_ms  # noqa: E402
 
 #: block:fold:waves:maxnreg:stages:lazy (waves 0: decode_frag's wave-filling split count); the first is the default
 #: (decode_frag.LAUNCH)
@@ -53,25 +52,14 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
-    import triton
-
     from kvshrink.kernels import decode_attention
     from kvshrink.kernels.decode_frag import decode_attention_frag, decode_frag_ref
 
     configs = [tuple(map(int, c.split("x"))) for c in args.configs.split(",")] if args.configs else DECODE_CONFIGS
     variants = [tuple(map(float, v.split(":"))) for v in args.variants.split(",")]
-    res = {"device": torch.cuda.get_device_name(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-           "git_commit": git_commit(), "torch": torch.__version__, "triton": triton.__version__,
-           "timing": "CUDA graph of one call per input copy, median of 20 replays / copies", "rows": []}
+    res = run_meta()
     for B, T in configs:
-        row = {"B": B, "T": T}
-        n = copies_for(2 * B * HKV * T * D * 2)
-        qs = [torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.float16) for _ in range(n)]
-        ks = [torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16) for _ in range(n)]
-        vs = [torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16) for _ in range(n)]
-        row["sdpa_ms"] = graph_ms([sdpa_decode_fn(qs[i], ks[i], vs[i]) for i in range(n)])
-        del qs, ks, vs
-        torch.cuda.empty_cache()
+        row = {"B": B, "T": T, "sdpa_ms": sdpa_ms(B, T)}
 
         caches = [full_cache(B, T, seed=i) for i in range(copies_for(B * HKV * T * 72))]
         qs = [torch.randn(B, HQ, D, device="cuda", dtype=torch.float16) for _ in caches]

@@ -58,6 +58,28 @@ def graph_ms(calls, reps: int = 20) -> float:
     return statistics.median(times)
 
 
+def run_meta() -> dict:
+    """The run's metadata (device, date, commit, versions, timing method) and an empty ``rows`` list."""
+    import triton
+
+    return {"device": torch.cuda.get_device_name(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit(),
+            "torch": torch.__version__, "triton": triton.__version__,
+            "timing": "CUDA graph of one call per input copy, median of 20 replays / copies", "rows": []}
+
+
+def sdpa_ms(B: int, T: int) -> float:
+    """fp16 SDPA flash decode over ``B x T`` tokens (issue 9's heads), timed in a CUDA graph over rotated copies."""
+    n = copies_for(2 * B * HKV * T * D * 2)
+    qs = [torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.float16) for _ in range(n)]
+    ks = [torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16) for _ in range(n)]
+    vs = [torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16) for _ in range(n)]
+    ms = graph_ms([sdpa_decode_fn(qs[i], ks[i], vs[i]) for i in range(n)])
+    del qs, ks, vs
+    torch.cuda.empty_cache()
+    return ms
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/decode_tune.json")
@@ -69,8 +91,6 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
-    import triton
-
     from kvshrink.kernels import decode_attention, decode_attention_ref
 
     if args.variants:
@@ -79,18 +99,9 @@ def main() -> int:
             blk, *rest = map(int, v.split(":"))
             VARIANTS.setdefault(blk, []).append(tuple(rest))
 
-    res = {"device": torch.cuda.get_device_name(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-           "git_commit": git_commit(), "torch": torch.__version__, "triton": triton.__version__,
-           "timing": "CUDA graph of one call per input copy, median of 20 replays / copies", "rows": []}
+    res = run_meta()
     for B, T in DECODE_CONFIGS:
-        row = {"B": B, "T": T}
-        n = copies_for(2 * B * HKV * T * D * 2)
-        qs = [torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.float16) for _ in range(n)]
-        ks = [torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16) for _ in range(n)]
-        vs = [torch.randn(B, HKV, T, D, device="cuda", dtype=torch.float16) for _ in range(n)]
-        row["sdpa_ms"] = graph_ms([sdpa_decode_fn(qs[i], ks[i], vs[i]) for i in range(n)])
-        del qs, ks, vs
-        torch.cuda.empty_cache()
+        row = {"B": B, "T": T, "sdpa_ms": sdpa_ms(B, T)}
         for group in map(int, args.groups.split(",")):
             block = 128 if group >= 128 else 64
             kvs = [make_packed(B, T, 2, group, seed=i) for i in range(copies_for(make_packed_bytes(B, T, group)))]
