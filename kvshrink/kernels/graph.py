@@ -380,7 +380,7 @@ class StaticDenseLayer(_StaticBase):
 class StaticKiviLayer(_StaticBase):
     """KIVI with fixed buffers, residual rings and device lengths (see module docstring). ``layout``: ``"frag"``,
     2-bit codes in the tensor cores' fragment order read by the Gluon kernel (``frag.py``, ``decode_frag.py``;
-    2.2-2.7x faster than the KIVI-layout kernel on the H200), ``"kivi"`` (KIVI's storage layout, Triton kernel),
+    2.2-2.8x faster than the KIVI-layout kernel on the H200), ``"kivi"`` (KIVI's storage layout, Triton kernel),
     ``"strided"``, or ``"auto"`` (default): ``"frag"`` where it applies (2 bits, one value group per token:
     ``group == head_dim``, 64 or 128; a 16-bit model on an sm_80+ NVIDIA GPU with Gluon), else ``"kivi"``. Same
     codes, scales and bytes in every layout. ``waves``: main splits per KV head such that ~``waves`` programs per SM
