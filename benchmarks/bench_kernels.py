@@ -614,7 +614,7 @@ def sec_quant(res: dict, model) -> None:
         out[f"g{group}_prefill_kivi_kernel_cache_ms"] = bench(prefill_kivi, warmup=1, rep=5)
         disable(model)
         out[f"g{group}_prefill_overhead_frac"] = out[f"g{group}_prefill_kivi_kernel_cache_ms"] / out["prefill_fp16_ms"] - 1
-    # the graph layer's prefill per layout (quantize + pack + rings; 'frag' adds the reorder of frag.py, in torch)
+    # the graph layer's prefill per layout (quantize + pack + rings; 'frag' adds frag_pack's Triton reorder)
     from kvshrink.kernels.graph import StaticKiviLayer
 
     for layout in ("kivi", "frag"):

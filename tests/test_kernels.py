@@ -642,6 +642,9 @@ def test_static_frag_layer_stores_what_the_kivi_layout_stores(dtype):
     ref = StaticKiviLayer(n0 + steps + 5, bits=2, group=D, residual=R, layout="kivi")
     got = StaticKiviLayer(n0 + steps + 5, bits=2, group=D, residual=R, layout="frag")
     ul = UniformLayer(2, "token", "channel", D, D, R)
+    got.lazy_initialization(k[:, :, :1], v[:, :, :1])
+    got.kp.fill_(-1)  # every bit set, as a buffer an earlier sequence left behind: prefill and the steps' first
+    got.vp.fill_(-1)  # token of each value word must overwrite, not OR into, what is there
     for layer in (ref, got, ul):
         layer.update(k[:, :, :n0], v[:, :, :n0])
     for i in range(n0, n0 + steps):
@@ -668,7 +671,8 @@ def test_static_frag_layer_refuses_what_it_cannot_hold():
 
     with pytest.raises(ValueError, match="2-bit codes"):
         StaticKiviLayer(256, bits=4, group=64, residual=64, layout="frag")
-    layer = StaticKiviLayer(256, bits=2, group=32, residual=64, layout="kivi")
+    with pytest.raises(ValueError, match="tail_splits >= 1"):
+        StaticKiviLayer(256, bits=2, group=64, residual=64, layout="frag", tail_splits=0)
     with pytest.raises(ValueError, match="multiple of 64"):
         StaticKiviLayer(256, bits=2, group=32, residual=64, layout="frag")
     layer = StaticKiviLayer(256, bits=2, group=64, residual=64, layout="frag")

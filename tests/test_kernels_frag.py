@@ -191,15 +191,18 @@ def test_wave_splits_fill_whole_waves():
     assert _wave_splits(1, 1584, 1) == 1
 
 
-@pytest.mark.parametrize("dtype,group,want_gpu", [(torch.bfloat16, 64, "frag"), (torch.float16, 64, "frag"),
-                                                  (torch.float32, 64, "kivi"), (torch.bfloat16, 32, "kivi")])
-def test_static_layer_auto_layout(dtype, group, want_gpu):
+@pytest.mark.parametrize("dtype,group,qheads,want_gpu", [
+    (torch.bfloat16, 64, 8, "frag"), (torch.float16, 64, 16, "frag"), (torch.float32, 64, 8, "kivi"),
+    (torch.bfloat16, 32, 8, "kivi"), (torch.bfloat16, 64, 32, "kivi"), (torch.bfloat16, 64, None, "kivi")])
+def test_static_layer_auto_layout(dtype, group, qheads, want_gpu):
     """The graph layer's default layout: the fragment order for 16-bit models where it applies (2 bits, one value
-    group per token), KIVI's layout otherwise (fp32 models keep fp32 dot products) and on machines without a GPU."""
+    group per token, at most 8 query heads per KV head and known to be so), KIVI's layout otherwise (fp32 models
+    keep fp32 dot products; 16 query heads per KV head; a layer not told its query heads) and on machines without
+    a GPU."""
     from kvshrink.kernels.graph import StaticKiviLayer
 
     dev = "cuda" if GPU else "cpu"
-    layer = StaticKiviLayer(256, bits=2, group=group, residual=64)
+    layer = StaticKiviLayer(256, bits=2, group=group, residual=64, query_heads=qheads)
     x = torch.randn(1, 2, 80, 64, device=dev).to(dtype)
     layer.update(x, x)
     assert layer.layout == (want_gpu if GPU else "kivi")
@@ -222,3 +225,46 @@ def test_repack_kernels_match_the_torch_reorder(D, group, T, tokens):
     vw = repack_values(vq.packed, tokens, torch.full((2, 3, n, 32, D // 16), -1, dtype=torch.int32, device=dev))
     vc = torch.nn.functional.pad(vq.codes(), (0, 0, 0, 32 * n - tokens))
     assert torch.equal(vw, frag.pack_values(vc))
+
+
+_COMPILE = """
+import sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from kvshrink.kernels import decode_frag as F
+part, has_mask = int(sys.argv[1]), sys.argv[2] == "1"
+names = ["Q", "KF", "VF", "KS", "KZ", "VS", "VZ", "M_OUT", "L_OUT", "ACC_OUT", "KR", "VR", "MASK", "LENS", "sq_b",
+         "sq_h", "skf", "svf", "sks", "svs", "srb", "srh", "srt", "smask_b", "H", "T", "per_split", "num_splits",
+         "main_splits", "RING", "qk_scale"]
+ptr = dict(Q="*fp16", KF="*i32", VF="*i32", KS="*fp16", KZ="*fp16", VS="*fp16", VZ="*fp16", M_OUT="*fp32",
+           L_OUT="*fp32", ACC_OUT="*fp32", KR="*bf16", VR="*bf16", MASK="*i8", LENS="*i32")
+sig = {n: ptr.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
+const = F._consts(4, 128, 64, 128, True, 2, 0, part, has_mask, True)
+opts = {"num_warps": const.pop("num_warps")}
+sig.update({k: "constexpr" for k in const})
+# what the launcher specializes at run time: 16-byte aligned buffers, strides of whole tiles and capacities
+aligned = set(ptr) | {"sq_b", "sq_h", "skf", "svf", "sks", "svs", "srb", "srh", "srt", "smask_b", "T", "per_split"}
+attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in aligned}
+k = triton.compile(GluonASTSource(fn=F._frag_decode_kernel, signature=sig, constexprs=const, attrs=attrs),
+                   target=GPUTarget("cuda", 90, 32), options=opts)
+ptx = k.asm["ptx"]
+print("OK", len(k.asm["cubin"]) > 0, "mma.sync.aligned.m16n8k16" in ptx, "cp.async" in ptx)
+"""
+
+
+@pytest.mark.skipif(not HAS_GLUON, reason="needs Triton's Gluon")
+@pytest.mark.parametrize("part,has_mask", [(0, False), (1, True), (2, True)])
+def test_gluon_kernel_compiles_for_sm90_with_this_triton(part, has_mask):
+    """The kernel cannot run without a GPU, but it compiles for sm_90 with Triton's bundled ptxas (in a fresh
+    process: this module runs Triton interpreted): it catches an API the installed Triton renamed (Gluon moves
+    fast) before a GPU does."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _COMPILE, str(part), str(int(has_mask))], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith("OK"))
+    # a cubin, the tensor-core MMA, and the cp.async pipeline in the main loops only
+    assert line == f"OK True True {part != 2}"

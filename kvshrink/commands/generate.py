@@ -20,8 +20,9 @@ def add_parser(sub):
     p.add_argument("--graph", action="store_true",
                    help="CUDA only: decode with one step captured in a CUDA graph and replayed (static cache; kivi, "
                         "rotatekv or none; no sliding-window models) instead of model.generate's eager steps; "
-                        "kivi:bits=2 with group = head_dim (e.g. group=128,residual=128) on a 16-bit model takes the "
-                        "fastest kernel (codes in the tensor cores' fragment order)")
+                        "kivi:bits=2 with group = head_dim (64 or 128; e.g. group=128,residual=128) on a 16-bit model "
+                        "with at most 8 query heads per KV head takes the fastest kernel (codes in the tensor cores' "
+                        "fragment order)")
     return p
 
 

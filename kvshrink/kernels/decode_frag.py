@@ -21,8 +21,10 @@ Scope: 2-bit keys (groups of a multiple of ``BLOCK`` tokens) and values (one gro
 queries. Host mode (:func:`decode_attention_frag`): every token quantized (:class:`FragKV`). Graph mode
 (``StaticKiviLayer(layout="frag")``): lengths on the device, the newest tokens in a 16-bit ring, padding masks.
 References: :func:`decode_frag_ref` (unpack, then :func:`.reference.decode_attention_ref`); the graph layer's
-state against KIVI's layout. The query times a key scale, and p times a value scale, are fp16 operands: a query
-whose ``|q * scale * softmax scale|`` passes 65504 would overflow (real attention queries stay far below).
+state against KIVI's layout. The query times a key scale, and p times a value scale, are fp16 operands: the
+tightest limit is ``p * value scale * 16`` with lazy rescaling (p <= 16), inf past a value scale of ~256 (a
+token's 2-bit value range above ~768; ~12,000 without lazy rescaling); keys overflow only past
+``|q * key scale| ~ 5e5``.
 Needs Gluon (Triton >= 3.5) and an sm_80+ NVIDIA GPU; Triton's interpreter does not run Gluon.
 """
 from __future__ import annotations
@@ -102,6 +104,9 @@ LAUNCH: dict = {"block": 64, "waves": None, "fold": True, "maxnreg": 0, "stages"
 
 
 if HAS_GLUON:
+    # Gluon renamed these in Triton 3.9 (the GPU machine runs 3.6): one name for either
+    _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+    _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
     _MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
     _AOP = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=_MMA.value, k_width=2))
     _BOP = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=_MMA.value, k_width=2))
@@ -185,10 +190,10 @@ if HAS_GLUON:
     def _issue_step(ksm, vsm, ssm, zsm, kf_bh, vf_bh, vs_bh, vz_bh, t, koff, voff, soff,
                     KW: gl.constexpr, VW: gl.constexpr):
         """cp.async one step's key words, value words, value scales and zeros into one pipeline stage."""
-        async_copy.async_copy_global_to_shared(ksm, kf_bh + (t // 16) * (32 * KW) + koff)
-        async_copy.async_copy_global_to_shared(vsm, vf_bh + (t // 32) * (32 * VW) + voff)
-        async_copy.async_copy_global_to_shared(ssm, vs_bh + t + soff)
-        async_copy.async_copy_global_to_shared(zsm, vz_bh + t + soff)
+        _cp_async(ksm, kf_bh + (t // 16) * (32 * KW) + koff)
+        _cp_async(vsm, vf_bh + (t // 32) * (32 * VW) + voff)
+        _cp_async(ssm, vs_bh + t + soff)
+        _cp_async(zsm, vz_bh + t + soff)
         async_copy.commit_group()
 
     @gluon.jit
@@ -241,7 +246,8 @@ if HAS_GLUON:
             for i in gl.static_range(STAGES - 1):
                 _issue_step(ksm.index(i), vsm.index(i), ssm.index(i), zsm.index(i), kf_bh, vf_bh, vs_bh, vz_bh,
                             start + gl.minimum(i, n - 1) * BLOCK, koff, voff, soff, KW, VW)
-        qk, bias = _group_query(qv, ks_bh + (start // KG) * D, kz_bh + (start // KG) * D, c_b, kfac, qk_scale)
+        g0 = gl.maximum(gl.minimum(start, end - 1), 0) // KG  # an empty split reads a group inside the buffer
+        qk, bias = _group_query(qv, ks_bh + g0 * D, kz_bh + g0 * D, c_b, kfac, qk_scale)
         for i in range(n):
             t0 = start + i * BLOCK
             if (t0 % KG == 0) & (i > 0):
@@ -250,12 +256,12 @@ if HAS_GLUON:
                 keep = gl.load(mask_b + t0 + t_s) != 0
             st = i % STAGES
             async_copy.wait_group(STAGES - 2)
-            gl.thread_barrier()
+            _barrier()
             kw = ksm.index(st).load(LK4)
             vw = vsm.index(st).load(LV4)
             vsc = ssm.index(st).load(gl.SliceLayout(1, _MMA)).to(gl.float32) * vfac
             vze = zsm.index(st).load(gl.SliceLayout(1, _MMA)).to(gl.float32)
-            gl.thread_barrier()
+            _barrier()
             nx = (i + STAGES - 1) % STAGES  # the stage read one step ago
             _issue_step(ksm.index(nx), vsm.index(nx), ssm.index(nx), zsm.index(nx), kf_bh, vf_bh, vs_bh, vz_bh,
                         start + gl.minimum(i + STAGES - 1, n - 1) * BLOCK, koff, voff, soff, KW, VW)
@@ -468,8 +474,8 @@ def _launch(q, kf, vf, ks, kz, vs, vz, T: int, per_split: int, num_splits: int, 
     dev = q.device
     maskt, sm_b = _da.mask_arg(mask, B, kf.shape[2] * frag.KEY_TILE, graph is not None, dev)
     if graph is None:
-        lens, kr, vr, ring, main_splits = _da._dummy(dev, torch.int32), _da._dummy(dev, q.dtype), None, 1, num_splits
-        vr, rst = kr, (0, 0, 0)
+        lens, kr, ring, main_splits, rst = _da._dummy(dev, torch.int32), _da._dummy(dev, q.dtype), 1, num_splits, (0, 0, 0)
+        vr = kr
     else:
         lens, kr, vr, ring, main_splits = graph
         rst = kr.stride()[:3]

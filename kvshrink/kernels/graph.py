@@ -216,12 +216,15 @@ if HAS_TRITON:
         tl.store(ACC_OUT + o[None, :] * D + d[:, None], acc, mask=hmask[None, :])
 
 
-def _frag_applies(bits: int, group: int, head_dim: int, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether layout ``"auto"`` takes the fragment order: 2 bits, one value group per token, a 16-bit model (an
-    fp32 model keeps the KIVI-layout kernel's fp32 dot products), an sm_80+ NVIDIA GPU and Triton's Gluon."""
+def _frag_applies(bits: int, group: int, head_dim: int, device: torch.device, dtype: torch.dtype,
+                  heads_per_kv: int | None) -> bool:
+    """Whether layout ``"auto"`` takes the fragment order: 2 bits, one value group per token, at most 8 query heads
+    per KV head (known: the layer is told, e.g. by :func:`make_static_cache`), a 16-bit model (an fp32 model keeps
+    the KIVI-layout kernel's fp32 dot products), an sm_80+ NVIDIA GPU and Triton's Gluon."""
     from .decode_frag import HAS_GLUON, HEAD_DIMS
 
     return (bits == 2 and group == head_dim and head_dim in HEAD_DIMS and dtype in (torch.float16, torch.bfloat16)
+            and heads_per_kv is not None and heads_per_kv <= 8
             and device.type == "cuda" and HAS_GLUON
             and torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 0))
 
@@ -382,15 +385,19 @@ class StaticKiviLayer(_StaticBase):
     2-bit codes in the tensor cores' fragment order read by the Gluon kernel (``frag.py``, ``decode_frag.py``;
     2.2-2.8x faster than the KIVI-layout kernel on the H200), ``"kivi"`` (KIVI's storage layout, Triton kernel),
     ``"strided"``, or ``"auto"`` (default): ``"frag"`` where it applies (2 bits, one value group per token:
-    ``group == head_dim``, 64 or 128; a 16-bit model on an sm_80+ NVIDIA GPU with Gluon), else ``"kivi"``. Same
+    ``group == head_dim``, 64 or 128; ``query_heads`` given and at most 8 per KV head; a 16-bit model on an sm_80+
+    NVIDIA GPU with Gluon), else ``"kivi"``. Same
     codes, scales and bytes in every layout. ``waves``: main splits per KV head such that ~``waves`` programs per SM
     run over the quantized tokens (KIVI/strided kernels; the frag kernel sizes its own); ``tail_splits`` programs
     take the residual/partial-block tail."""
 
     def __init__(self, capacity: int, bits: int = 2, group: int = 128, residual: int = 128,
                  scale_dtype: torch.dtype = torch.float16, tail_splits: int = 4, layout: str = "auto",
-                 waves: int = 16) -> None:
+                 waves: int = 16, query_heads: int | None = None) -> None:
         super().__init__(capacity)
+        if tail_splits < 1:  # the residual ring is attended only by the tail programs
+            raise ValueError(f"graph mode needs tail_splits >= 1 (the 16-bit residual's programs), got {tail_splits}")
+        self.query_heads = query_heads
         self.waves = waves  # main splits: enough programs for ~waves x (one program per SM)
         if layout not in ("strided", "kivi", "frag", "auto"):
             raise ValueError(f"layout must be 'auto', 'frag', 'kivi' or 'strided', got {layout!r}")
@@ -410,8 +417,9 @@ class StaticKiviLayer(_StaticBase):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, _, D = key_states.shape
         if self.layout == "auto":
-            self.layout = "frag" if _frag_applies(self.bits, self.group, D, key_states.device, key_states.dtype) \
-                else "kivi"
+            ratio = None if self.query_heads is None else self.query_heads // H
+            self.layout = "frag" if _frag_applies(self.bits, self.group, D, key_states.device, key_states.dtype,
+                                                  ratio) else "kivi"
         if self.layout == "strided" and not (strided_supported(self.bits, self.group, "token", D)
                                              and strided_supported(self.bits, self.group, "channel", D)):
             raise ValueError(f"graph mode: bits={self.bits}, group={self.group}, head_dim={D} not in the strided layout")
@@ -540,6 +548,7 @@ class StaticKiviLayer(_StaticBase):
         if q.dtype == torch.float32:  # an fp32 model (CPU-style evaluation on a GPU): the query in the residual's
             return self._attend_frag(q.to(self.kr.dtype), scale).float()  # 16 bits, as the residual already is
         B, H, cap = self.batch, self.num_heads, self.capacity
+        df._check_launch(q, H, df.LAUNCH["block"], self.group, df.LAUNCH["stages"])  # before compiling anything
         if not self._frag_splits:
             kv = df.FragKV(self.kp, self.vp, self.ks, self.kz, self.vs.view(B, H, cap), self.vz.view(B, H, cap),
                            self.group)
@@ -548,7 +557,6 @@ class StaticKiviLayer(_StaticBase):
         main, tail = self._frag_splits
         if self._ws is None or self._ws[0].shape != (B, q.shape[1], main + tail):
             self._ws = _da.partials_workspace(B, q.shape[1], main + tail, self.head_dim, q.device)
-        df._check_launch(q, H, df.LAUNCH["block"], self.group, df.LAUNCH["stages"])
         return df._launch(q, self.kp, self.vp, self.ks, self.kz, self.vs.view(B, H, cap), self.vz.view(B, H, cap),
                           0, 0, main + tail, scale, df.LAUNCH["block"], self.group, df.LAUNCH["fold"],
                           df.LAUNCH["stages"], df.LAUNCH["maxnreg"], self._ws, None,
@@ -612,6 +620,9 @@ def make_static_cache(model: torch.nn.Module, capacity: int, kind: str = "kivi",
         raise ValueError(f"kind must be 'kivi', 'dense' or 'rotatekv', got {kind!r}")
 
     n = model.config.num_hidden_layers
+    if kind == "kivi":  # the query-head count decides whether layout "auto" can take the fragment order
+        cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+        kw.setdefault("query_heads", getattr(cfg, "num_attention_heads", None))
     layers = [StaticKiviLayer(capacity, **kw) if kind == "kivi" else StaticDenseLayer(capacity) for _ in range(n)]
     enable(model)
     return Cache(layers=layers)
