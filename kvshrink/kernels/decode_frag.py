@@ -461,14 +461,20 @@ def _wave_splits(heads: int, slots: int, groups: int) -> int:
     return min(range(1, max(1, min(groups, 512)) + 1), key=cost)
 
 
+def _decode_attention_module():
+    """The module of the KIVI-layout kernel (its merge kernel, workspaces, masks): the package's attribute of that
+    name is the function, so import the module by its path."""
+    import importlib
+
+    return importlib.import_module(".decode_attention", __package__)
+
+
 def _launch(q, kf, vf, ks, kz, vs, vz, T: int, per_split: int, num_splits: int, scale, block: int, key_group: int,
             fold: bool, stages: int, maxnreg: int, workspace, out, graph: tuple | None = None,
             mask: torch.Tensor | None = None, lazy: bool = False) -> torch.Tensor:
-    import importlib
-
     from ._triton import next_pow2
 
-    _da = importlib.import_module(".decode_attention", __package__)  # the package's name is the function
+    _da = _decode_attention_module()
     B, Hq, D = q.shape
     H = kf.shape[1]
     dev = q.device
@@ -535,9 +541,7 @@ def splits_for(q: torch.Tensor, kv: FragKV, block: int | None = None, waves: flo
     H = kv.kf.shape[1]
     key = (str(q.device), Hq // H, D, block, fold, stages, maxnreg, graph, has_mask, lazy)
     if key not in _RESIDENT:  # compile once to read the register count
-        import importlib
-
-        _da = importlib.import_module(".decode_attention", __package__)
+        _da = _decode_attention_module()
         dev = q.device
         ws = partials_workspace(B, Hq, 3, D, dev)
         i32, f16, i8 = _da._dummy(dev, torch.int32), _da._dummy(dev, torch.float16), _da._dummy(dev, torch.int8)

@@ -554,36 +554,36 @@ class StaticKiviLayer(_StaticBase):
                            self.group)
             main = df.splits_for(q, kv, graph=True, has_mask=self.pad_mask is not None)  # LAUNCH's settings
             self._frag_splits = (max(1, min(main, cap // self.group)), self.tail_splits)
+            self.splits = sum(self._frag_splits)  # what _workspace sizes the partial results by
         main, tail = self._frag_splits
-        if self._ws is None or self._ws[0].shape != (B, q.shape[1], main + tail):
-            self._ws = _da.partials_workspace(B, q.shape[1], main + tail, self.head_dim, q.device)
         return df._launch(q, self.kp, self.vp, self.ks, self.kz, self.vs.view(B, H, cap), self.vz.view(B, H, cap),
                           0, 0, main + tail, scale, df.LAUNCH["block"], self.group, df.LAUNCH["fold"],
-                          df.LAUNCH["stages"], df.LAUNCH["maxnreg"], self._ws, None,
+                          df.LAUNCH["stages"], df.LAUNCH["maxnreg"], self._workspace(q), None,
                           graph=(self.lens, self.kr, self.vr, self.ring, main), mask=self.pad_mask,
                           lazy=df.LAUNCH["lazy"])
 
     def state(self) -> PackedKV:
-        """The held tokens as a host-mode :class:`PackedKV` (syncs: for tests and inspection only)."""
-        if self.layout == "frag":
-            return self._state_frag()
+        """The held tokens as a host-mode :class:`PackedKV` (syncs: for tests and inspection only); layout 'frag'
+        gives its codes back in KIVI's storage layout (same codes, same scales)."""
         T, tkq, tvq = (int(x) for x in self.lens.tolist())
-        cls = StridedQuantizedTensor if self.layout == "strided" else QuantizedTensor
-        kp_rows = tkq if self.layout == "strided" else tkq // self.group
-        kq = cls(self.kp[:, :, :kp_rows], self.ks[:, :, :tkq // self.group], self.kz[:, :, :tkq // self.group],
-                 self.bits, "token", self.group, tkq, self.head_dim, self.dtype) if tkq else None
-        vq = cls(self.vp[:, :, :tvq], self.vs[:, :, :tvq], self.vz[:, :, :tvq], self.bits, "channel", self.group,
-                 tvq, self.head_dim, self.dtype) if tvq else None
+        if self.layout == "frag":
+            kq, vq = self._quantized_frag(tkq, tvq)
+        else:
+            cls = StridedQuantizedTensor if self.layout == "strided" else QuantizedTensor
+            kp_rows = tkq if self.layout == "strided" else tkq // self.group
+            kq = cls(self.kp[:, :, :kp_rows], self.ks[:, :, :tkq // self.group], self.kz[:, :, :tkq // self.group],
+                     self.bits, "token", self.group, tkq, self.head_dim, self.dtype) if tkq else None
+            vq = cls(self.vp[:, :, :tvq], self.vs[:, :, :tvq], self.vz[:, :, :tvq], self.bits, "channel", self.group,
+                     tvq, self.head_dim, self.dtype) if tvq else None
         kr = self.kr[:, :, torch.arange(tkq, T, device=self.kr.device) % self.ring] if T > tkq else None
         vr = self.vr[:, :, torch.arange(tvq, T, device=self.vr.device) % self.ring] if T > tvq else None
         return PackedKV(kq, kr, vq, vr)
 
-    def _state_frag(self) -> PackedKV:
-        """:meth:`state` for layout 'frag': the codes put back in KIVI's storage layout (same codes, same scales)."""
+    def _quantized_frag(self, tkq: int, tvq: int) -> tuple[QuantizedTensor | None, QuantizedTensor | None]:
+        """The first ``tkq`` keys and ``tvq`` values of layout 'frag' as KIVI-layout quantized tensors."""
         from ..storage import pack
         from . import frag
 
-        T, tkq, tvq = (int(x) for x in self.lens.tolist())
         B, H, D, g = self.batch, self.num_heads, self.head_dim, self.group
         kq = vq = None
         if tkq:
@@ -594,9 +594,7 @@ class StaticKiviLayer(_StaticBase):
             vc = frag.unpack_values(self.vp[:, :, :-(-tvq // 32)])[:, :, :tvq]
             vq = QuantizedTensor(pack(vc.contiguous(), 2), self.vs[:, :, :tvq], self.vz[:, :, :tvq], 2, "channel", g,
                                  tvq, D, self.dtype)
-        kr = self.kr[:, :, torch.arange(tkq, T, device=self.kr.device) % self.ring] if T > tkq else None
-        vr = self.vr[:, :, torch.arange(tvq, T, device=self.vr.device) % self.ring] if T > tvq else None
-        return PackedKV(kq, kr, vq, vr)
+        return kq, vq
 
     def nbytes(self) -> int:
         if self.lens is None:
