@@ -22,9 +22,18 @@ import torch  # noqa: E402
 from bench_kernels import D, DECODE_CONFIGS, HKV, HQ, copies_for, make_packed  # noqa: E402
 from tune_decode import graph_ms, run_meta, sdpa_ms  # noqa: E402
 
-#: block:fold:waves:maxnreg:stages:lazy (waves 0: decode_frag's wave-filling split count); the first is the default
-#: (decode_frag.LAUNCH)
-VARIANTS = "64:1:0:0:2:1,64:1:0:0:3:0,64:1:0:0:3:1,64:0:0:0:2:1,128:1:0:0:2:1"
+#: block:fold:waves:maxnreg:stages:lazy[:scale_pipe] (waves 0: decode_frag's wave-filling split count; scale_pipe
+#: 1 if left out); the first is the default (decode_frag.LAUNCH), the second session 9's
+VARIANTS = "64:1:0:168:2:1:1,64:1:0:0:2:1:0,64:1:0:168:2:1:0,64:1:0:168:3:1:1,32:1:0:128:3:1:1"
+KEYS = ("block", "fold", "waves", "maxnreg", "stages", "lazy", "scale_pipe")
+
+
+def parse_variant(v: str) -> dict:
+    """``block:fold:waves:maxnreg:stages:lazy[:scale_pipe]`` -> decode_attention_frag's keywords."""
+    var = dict(zip(KEYS, (float(x) for x in (v + ":1" if v.count(":") == 5 else v).split(":"))))
+    return {"block": int(var["block"]), "fold": bool(var["fold"]), "waves": var["waves"] or None,
+            "maxnreg": int(var["maxnreg"]), "stages": int(var["stages"]), "lazy": bool(var["lazy"]),
+            "scale_pipe": bool(var["scale_pipe"])}
 
 
 def full_cache(B: int, T: int, seed: int):
@@ -46,7 +55,8 @@ def full_cache(B: int, T: int, seed: int):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/frag_decode.json")
-    ap.add_argument("--variants", default=VARIANTS, help="block:fold:waves:maxnreg:stages:lazy, comma-separated")
+    ap.add_argument("--variants", default=VARIANTS,
+                    help="block:fold:waves:maxnreg:stages:lazy[:scale_pipe], comma-separated")
     ap.add_argument("--configs", default="", help="BxT, comma-separated (default: issue 9's five)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -56,7 +66,7 @@ def main() -> int:
     from kvshrink.kernels.decode_frag import decode_attention_frag, decode_frag_ref
 
     configs = [tuple(map(int, c.split("x"))) for c in args.configs.split(",")] if args.configs else DECODE_CONFIGS
-    variants = [tuple(map(float, v.split(":"))) for v in args.variants.split(",")]
+    variants = [parse_variant(v) for v in args.variants.split(",")]
     res = run_meta()
     for B, T in configs:
         row = {"B": B, "T": T, "sdpa_ms": sdpa_ms(B, T)}
@@ -66,17 +76,19 @@ def main() -> int:
         row["bytes"] = caches[0][0].nbytes() + 4 * B * HQ * D
         row["kivi_full_ms"] = graph_ms([lambda j=j: decode_attention(qs[j], caches[j][0]) for j in range(len(caches))])
         runs = []
-        for block, fold, waves, maxnreg, stages, lazy in variants:
-            var = dict(block=int(block), fold=bool(fold), waves=waves or None, maxnreg=int(maxnreg), stages=int(stages),
-                       lazy=bool(lazy))
+        for var in variants:
             try:
                 ms = graph_ms([lambda j=j: decode_attention_frag(qs[j], caches[j][1], **var) for j in range(len(caches))])
             except Exception as e:  # noqa: BLE001 - record and go on
                 runs.append({**var, "error": f"{type(e).__name__}: {e}"[:400]})
                 print(f"B={B} T={T} {var}: {runs[-1]['error']}", flush=True)
                 continue
-            runs.append({**var, "ms": ms})
-            print(f"B={B} T={T} frag {var}: {ms:.4f} ms | kivi (same cache) {row['kivi_full_ms']:.4f} | "
+            from kvshrink.kernels import decode_frag as df
+
+            info = next((v for k, v in df._RESIDENT.items() if k[-1] == tuple(sorted(
+                (a, b) for a, b in df.launch_options(**var).items() if a != "waves")) and k[1] == HQ // HKV), {})
+            runs.append({**var, "ms": ms, "compiled": info})
+            print(f"B={B} T={T} frag {var} {info}: {ms:.4f} ms | kivi (same cache) {row['kivi_full_ms']:.4f} | "
                   f"sdpa {row['sdpa_ms']:.4f}", flush=True)
         row["frag_runs"] = runs
         if B * T <= 8 * 32768:  # accuracy of both kernels against the float32 reference, same cache
@@ -84,8 +96,7 @@ def main() -> int:
             row["kivi_rel_err"] = float((decode_attention(qs[0], caches[0][0]).float() - ref).norm() / ref.norm())
             for r in runs:
                 if "ms" in r:
-                    out = decode_attention_frag(qs[0], caches[0][1], **{k: r[k] for k in
-                                                                        ("block", "fold", "waves", "maxnreg", "stages", "lazy")})
+                    out = decode_attention_frag(qs[0], caches[0][1], **{k: r[k] for k in KEYS})
                     r["rel_err"] = float((out.float() - ref).norm() / ref.norm())
             del ref
         del caches, qs

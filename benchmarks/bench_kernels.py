@@ -962,8 +962,26 @@ def pick_launch(res: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------- e2e, graphs
-def time_graph(model, cache, B: int, T: int, steps: int) -> dict:
-    """Capture one greedy step over ``cache`` (holding ``T`` tokens per row) and time ``steps`` replays."""
+def graph_kernel_profile(dec, steps: int = 3) -> dict:
+    """GPU time per replayed step by kernel name (torch.profiler over ``steps`` replays of a captured step), in ms,
+    largest first: where an end-to-end step's time goes."""
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(steps):
+            dec.step()
+        torch.cuda.synchronize()
+    per: dict = {}
+    for e in p.events():
+        if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA"):
+            name = e.name[:80]
+            per[name] = per.get(name, 0.0) + e.device_time_total / 1e3 / steps
+    return dict(sorted(per.items(), key=lambda kv: -kv[1])[:25])
+
+
+def time_graph(model, cache, B: int, T: int, steps: int, profile: bool = False) -> dict:
+    """Capture one greedy step over ``cache`` (holding ``T`` tokens per row) and time ``steps`` replays;
+    ``profile``: also the GPU time per step by kernel (:func:`graph_kernel_profile`)."""
     from kvshrink.kernels.graph import GraphDecoder
 
     tok = torch.randint(0, model.config.vocab_size, (B,), device="cuda")
@@ -979,8 +997,14 @@ def time_graph(model, cache, B: int, T: int, steps: int) -> dict:
         dec.step()
     torch.cuda.synchronize()
     dt = time.perf_counter() - t
-    return {"splits": cache.layers[0].splits, "tokens_per_s": B * steps / dt, "ms_per_step": dt / steps * 1e3,
-            "capture_s": capture_s, "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
+    out = {"splits": cache.layers[0].splits, "tokens_per_s": B * steps / dt, "ms_per_step": dt / steps * 1e3,
+           "capture_s": capture_s, "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
+    if profile:
+        try:
+            out["kernel_ms_per_step"] = graph_kernel_profile(dec)
+        except Exception as e:  # noqa: BLE001 - a profiler that does not see graph kernels: the timing stands
+            out["kernel_ms_per_step"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    return out
 
 
 def record_graph_run(runs: list, meta: dict, measure) -> None:
@@ -1154,7 +1178,11 @@ def sec_graph_asm(res: dict, model, T: int, steps: int, group: int) -> None:
     res["graph_asm"] = out
 
 
-def sec_graph_frag(res: dict, model, T: int, steps: int, group: int) -> None:
+#: decode_frag.LAUNCH overrides that graph_frag runs beside the default (JSON list; --graph-frag-launches)
+GRAPH_FRAG_LAUNCHES = '[{"tail_splits": 2}, {"maxnreg": 0, "scale_pipe": false}, {"scale_pipe": false}]'
+
+
+def sec_graph_frag(res: dict, model, T: int, steps: int, group: int, launches: str = GRAPH_FRAG_LAUNCHES) -> None:
     """CUDA-graph decode tok/s at the 16-bit baseline's largest batch: fp16 (StaticDenseLayer), kivi:bits=2 in
     KIVI's layout (Triton kernel) and in fragment order (layout 'frag': Gluon kernel, decode_frag.py; same codes,
     same bytes), then fp16 again (the baseline's spread); all in one run, side by side."""
@@ -1168,28 +1196,32 @@ def sec_graph_frag(res: dict, model, T: int, steps: int, group: int) -> None:
 
     from kvshrink.kernels.decode_frag import LAUNCH
 
-    def run(kind, layout, tail, lazy):
+    def run(kind, layout, tail, launch):
         kw = {"group": group, "layout": layout, "tail_splits": tail, **({"waves": 32} if layout == "kivi" else {})}
         cache = make_static_cache(model, cap, kind="dense" if kind == "fp16" else "kivi",
                                   **({} if kind == "fp16" else kw))
-        default_lazy, LAUNCH["lazy"] = LAUNCH["lazy"], lazy
+        saved = dict(LAUNCH)
+        LAUNCH.update(launch)
         try:
             fill_static_dense(cache, B=Bf, T=T)
-            r = {"cache": kind, "layout": layout, "B": Bf, "tail_splits": tail, "lazy": lazy,
-                 **time_graph(model, cache, Bf, T, steps), "frag_splits": getattr(cache.layers[0], "_frag_splits", None)}
-            log(f"graph frag {kind} {layout} tail={tail} lazy={lazy} B={Bf}: {r['tokens_per_s']:.0f} tok/s, "
-                f"{r['ms_per_step']:.2f} ms/step")
+            r = {"cache": kind, "layout": layout, "B": Bf, "tail_splits": tail, "launch": dict(LAUNCH),
+                 **time_graph(model, cache, Bf, T, steps, profile=True),
+                 "frag_splits": getattr(cache.layers[0], "_frag_splits", None)}
+            log(f"graph frag {kind} {layout} tail={tail} {launch} B={Bf}: {r['tokens_per_s']:.0f} tok/s, "
+                f"{r['ms_per_step']:.2f} ms/step; kernels {json.dumps(r.get('kernel_ms_per_step'))[:1500]}")
             return r
         finally:
-            LAUNCH["lazy"] = default_lazy
+            LAUNCH.clear()
+            LAUNCH.update(saved)
             disable(model)
             del cache
             torch.cuda.empty_cache()
 
-    for kind, layout, tail, lazy in (("fp16", None, 4, False), ("kivi", "kivi", 4, False), ("kivi", "frag", 4, True),
-                                     ("kivi", "frag", 2, True), ("kivi", "frag", 4, False), ("fp16", None, 4, False)):
-        record_graph_run(out["runs"], {"cache": kind, "layout": layout, "B": Bf, "tail_splits": tail, "lazy": lazy},
-                         lambda: run(kind, layout, tail, lazy))
+    extra = [("kivi", "frag", d.pop("tail_splits", 4), d) for d in json.loads(launches)]
+    for kind, layout, tail, launch in (("fp16", None, 4, {}), ("kivi", "kivi", 4, {}), ("kivi", "frag", 4, {}),
+                                       *extra, ("fp16", None, 4, {})):
+        record_graph_run(out["runs"], {"cache": kind, "layout": layout, "B": Bf, "tail_splits": tail, "launch": launch},
+                         lambda: run(kind, layout, tail, launch))
     ok = [r for r in out["runs"] if "tokens_per_s" in r]
     f16 = max((r["tokens_per_s"] for r in ok if r["cache"] == "fp16"), default=None)
     for layout in ("kivi", "frag"):
@@ -1293,6 +1325,9 @@ def main() -> int:
     ap.add_argument("--e2e-steps", type=int, default=16)
     ap.add_argument("--graph-steps", type=int, default=32)
     ap.add_argument("--e2e-group", type=int, default=128)
+    ap.add_argument("--graph-frag-launches", default=GRAPH_FRAG_LAUNCHES,
+                    help="graph_frag: JSON list of decode_frag.LAUNCH overrides run beside the default (tail_splits "
+                         "sets the graph layer's)")
     ap.add_argument("--graph-rkv-runs", default=GRAPH_RKV_RUNS,
                     help="graph_rkv runs kind:batch, comma-separated (batch: a number, fp16 or max)")
     ap.add_argument("--svariants", default="128:4:3:0:8:1,64:4:2:0:4:1,64:2:2:0:4:1",
@@ -1385,7 +1420,7 @@ def main() -> int:
                     log(f"section graph_asm failed:\n{traceback.format_exc()}")
             if "graph_frag" in only:
                 try:
-                    sec_graph_frag(res, model, args.e2e_T, args.graph_steps, args.e2e_group)
+                    sec_graph_frag(res, model, args.e2e_T, args.graph_steps, args.e2e_group, args.graph_frag_launches)
                     dump()
                 except Exception:  # noqa: BLE001
                     log(f"section graph_frag failed:\n{traceback.format_exc()}")

@@ -4,8 +4,9 @@
         python benchmarks/profile_decode.py --kernel rotatekv --B 8 --T 32768 --variant 32:4:2:4:dot
 
 ``--kernel rotatekv`` (RotateKV's packed cache, :mod:`kvshrink.kernels.rotatekv_decode`), ``kivi`` (KIVI's
-storage layout, :mod:`kvshrink.kernels.decode_attention`) or ``strided`` (the kernel layer's layout,
-:mod:`kvshrink.kernels.decode_strided`); ``--variant`` as bench_kernels.py's ``--rvariants`` / ``--variants``.
+storage layout, :mod:`kvshrink.kernels.decode_attention`), ``strided`` (the kernel layer's layout,
+:mod:`kvshrink.kernels.decode_strided`) or ``frag`` (fragment order, :mod:`kvshrink.kernels.decode_frag`);
+``--variant`` as bench_kernels.py's ``--rvariants`` / ``--variants``, or bench_frag.py's for ``frag``.
 Prints the median time of the launches (events) so a run without a profiler is a quick timing too.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--kernel", choices=("rotatekv", "kivi", "strided"), default="rotatekv")
+    ap.add_argument("--kernel", choices=("rotatekv", "kivi", "strided", "frag"), default="rotatekv")
     ap.add_argument("--B", type=int, default=8)
     ap.add_argument("--T", type=int, default=32768)
     ap.add_argument("--group", type=int, default=128)
@@ -31,7 +32,17 @@ def main() -> int:
     args = ap.parse_args()
     import bench_kernels as bk
 
-    if args.kernel == "rotatekv":
+    if args.kernel == "frag":
+        import bench_frag
+
+        from kvshrink.kernels.decode_frag import decode_attention_frag
+
+        state = bench_frag.full_cache(args.B, args.T, seed=0)[1]
+        var = bench_frag.parse_variant(args.variant or bench_frag.VARIANTS.split(",")[0])
+
+        def fn(q, kv, **kw):
+            return decode_attention_frag(q, kv, **kw)
+    elif args.kernel == "rotatekv":
         from kvshrink.kernels.rotatekv_decode import decode_attention_rotatekv as fn
 
         keys = ("block_n", "num_warps", "num_stages", "waves", "scale_lookup", "maxnreg", "kron")
@@ -43,7 +54,8 @@ def main() -> int:
         fn = decode_attention_strided if args.kernel == "strided" else decode_attention
         keys = ("block_n", "num_warps", "num_stages", "maxnreg", "waves", "pv_rows")
         state = bk.make_packed(args.B, args.T, 2, args.group, strided=args.kernel == "strided")
-    var = {k: (int(v) if v.isdigit() else v) for k, v in zip(keys, args.variant.split(":")) if args.variant}
+    if args.kernel != "frag":
+        var = {k: (int(v) if v.isdigit() else v) for k, v in zip(keys, args.variant.split(":")) if args.variant}
     q = torch.randn(args.B, bk.HQ, bk.D, device="cuda", dtype=torch.float16)
     times = []
     for _ in range(args.launches):

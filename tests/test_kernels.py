@@ -629,13 +629,18 @@ def test_static_kivi_layer_matches_uniform_layer_step_by_step(layout, bits):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_static_frag_layer_stores_what_the_kivi_layout_stores(dtype):
+@pytest.mark.parametrize("block", [None, pytest.param(32, marks=pytest.mark.skipif(
+    DEV != "cuda", reason="the kernel's step size acts on the GPU only"))])
+def test_static_frag_layer_stores_what_the_kivi_layout_stores(dtype, block, monkeypatch):
     """Layout 'frag' (2-bit codes in the tensor cores' fragment order, kernels/frag.py): its prefill and its
     in-kernel flushes (keys a group at a time, values one token at a time into shared words) hold exactly the
     codes, scales and residual rows of the KIVI layout, over partial value tiles and several flushes; on a GPU its
     graph-mode attention (main splits + ring tail, decode_frag.py) matches the reference at every step."""
+    from kvshrink.kernels import decode_frag
     from kvshrink.kernels.graph import StaticKiviLayer
 
+    if block:
+        monkeypatch.setitem(decode_frag.LAUNCH, "block", block)
     B, H, Hq, D, R = 2, 2, 8, 64, 64
     n0, steps = 150, 75  # prefill leaves a partial value tile; steps cross a key flush and value tile edges
     k, v = rand(B, H, n0 + steps, D, dtype=dtype), rand(B, H, n0 + steps, D, dtype=dtype, outliers=False)

@@ -127,9 +127,10 @@ def _run_ptx(ptx: str, word: int) -> list[tuple[float, float]]:
 def test_unpack_ptx_reads_each_field(fold):
     from kvshrink.kernels.decode_frag import _unpack_ptx
 
+    ptx = _unpack_ptx(fold)
     g = torch.Generator().manual_seed(1)
     for word in [0, 0xFFFFFFFF, 0x1B1B1B1B] + torch.randint(0, 2**32, (20,), generator=g, dtype=torch.int64).tolist():
-        out = _run_ptx(_unpack_ptx(fold), word)
+        out = _run_ptx(ptx, word)
         for j in range(8):
             f = j // 2 + 4 * (j % 2)  # register j holds field f (frag.py)
             lo, hi = (word >> 2 * f) & 3, (word >> (16 + 2 * f)) & 3
@@ -141,7 +142,7 @@ def test_unpack_ptx_reads_each_field(fold):
 @pytest.mark.skipif(not GPU, reason="needs an NVIDIA GPU (sm_80+) and Gluon")
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("G", [1, 4, 8])
-@pytest.mark.parametrize("block", [64, 128])
+@pytest.mark.parametrize("block", [32, 64, 128])
 @pytest.mark.parametrize("fold", [False, True])
 def test_decode_frag_matches_reference(D, G, block, fold):
     from kvshrink.kernels.decode_frag import decode_attention_frag
@@ -150,7 +151,7 @@ def test_decode_frag_matches_reference(D, G, block, fold):
     kq, vq = _kivi(B, H, T, D, seed=D + G)
     f = FragKV.from_kivi(kq, vq)
     f = FragKV(*(x.cuda() for x in (f.kf, f.vf, f.k_scale, f.k_zero, f.v_scale, f.v_zero)), f.key_group)
-    q = torch.randn(B, H * G, D, device="cuda").half()
+    q = torch.randn(B, H * G, D, generator=torch.Generator().manual_seed(D + G + block)).half().cuda()
     ref = decode_frag_ref(q, f)
     for splits in (None, 1, 3):
         out = decode_attention_frag(q, f, num_splits=splits, block=block, fold=fold)
@@ -161,9 +162,9 @@ def test_decode_frag_matches_reference(D, G, block, fold):
 
 
 @pytest.mark.skipif(not GPU, reason="needs an NVIDIA GPU (sm_80+) and Gluon")
-@pytest.mark.parametrize("block", [64, 128])
+@pytest.mark.parametrize("block", [32, 64, 128])
 @pytest.mark.parametrize("stages", [2, 3, 4])
-@pytest.mark.parametrize("maxnreg,lazy", [(0, False), (128, False), (0, True)])
+@pytest.mark.parametrize("maxnreg,lazy", [(0, False), (128, False), (0, True), (168, True)])
 def test_decode_frag_launch_options_keep_the_result(block, stages, maxnreg, lazy):
     """The pipeline depth, a register cap, lazy rescaling and the split count change the schedule, not the math;
     splits of a single key group (fewer steps than pipeline stages) included. The query is scaled up so the running
@@ -174,11 +175,25 @@ def test_decode_frag_launch_options_keep_the_result(block, stages, maxnreg, lazy
     kq, vq = _kivi(B, H, T, D, seed=7)
     f = FragKV.from_kivi(kq, vq)
     f = FragKV(*(x.cuda() for x in (f.kf, f.vf, f.k_scale, f.k_zero, f.v_scale, f.v_zero)), f.key_group)
-    q = 3 * torch.randn(B, H * G, D, device="cuda").half()
+    q = 3 * torch.randn(B, H * G, D, generator=torch.Generator().manual_seed(11)).half().cuda()
     ref = decode_frag_ref(q, f)
-    for kw in ({"num_splits": 8}, {"num_splits": 3}, {"waves": 1}, {}):
+    for kw in ({"num_splits": 8}, {"num_splits": 3}, {"waves": 1}, {"scale_pipe": False}, {}):
         out = decode_attention_frag(q, f, block=block, stages=stages, maxnreg=maxnreg, lazy=lazy, **kw)
         assert ((out.float() - ref).norm() / ref.norm()).item() < 3e-3, kw
+
+
+def test_resident_warps_follow_the_per_scheduler_register_file():
+    """ncu's block limit on an H200 (one-warp blocks): 172 registers -> 8 per SM (2 per scheduler), not
+    65536 // (172 * 32 rounded to 256) = 11; 168 -> 12; 128 -> 16; shared memory and the 32-block cap bind too."""
+    from kvshrink.kernels.decode_frag import resident_warps_per_sm
+
+    assert resident_warps_per_sm(172, 9728) == 8
+    assert resident_warps_per_sm(168, 9728) == 12
+    assert resident_warps_per_sm(162, 9728) == 12
+    assert resident_warps_per_sm(128, 9728) == 16
+    assert resident_warps_per_sm(255, 9728) == 8
+    assert resident_warps_per_sm(32, 0) == 32
+    assert resident_warps_per_sm(64, 100_000) == 2
 
 
 def test_wave_splits_fill_whole_waves():
@@ -232,15 +247,15 @@ import sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from kvshrink.kernels import decode_frag as F
-part, has_mask = int(sys.argv[1]), sys.argv[2] == "1"
+part, has_mask, maxnreg = int(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3])
 names = ["Q", "KF", "VF", "KS", "KZ", "VS", "VZ", "M_OUT", "L_OUT", "ACC_OUT", "KR", "VR", "MASK", "LENS", "sq_b",
          "sq_h", "skf", "svf", "sks", "svs", "srb", "srh", "srt", "smask_b", "H", "T", "per_split", "num_splits",
          "main_splits", "RING", "qk_scale"]
 ptr = dict(Q="*fp16", KF="*i32", VF="*i32", KS="*fp16", KZ="*fp16", VS="*fp16", VZ="*fp16", M_OUT="*fp32",
            L_OUT="*fp32", ACC_OUT="*fp32", KR="*bf16", VR="*bf16", MASK="*i8", LENS="*i32")
 sig = {n: ptr.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
-const = F._consts(4, 128, 64, 128, True, 2, 0, part, has_mask, True)
-opts = {"num_warps": const.pop("num_warps")}
+const = F._consts(4, 128, 128, part, has_mask, F.launch_options(maxnreg=maxnreg))
+opts = {k: const.pop(k) for k in ("num_warps", "maxnreg") if k in const}
 sig.update({k: "constexpr" for k in const})
 # what the launcher specializes at run time: 16-byte aligned buffers, strides of whole tiles and capacities
 aligned = set(ptr) | {"sq_b", "sq_h", "skf", "svf", "sks", "svs", "srb", "srh", "srt", "smask_b", "T", "per_split"}
@@ -253,8 +268,8 @@ print("OK", len(k.asm["cubin"]) > 0, "mma.sync.aligned.m16n8k16" in ptx, "cp.asy
 
 
 @pytest.mark.skipif(not HAS_GLUON, reason="needs Triton's Gluon")
-@pytest.mark.parametrize("part,has_mask", [(0, False), (1, True), (2, True)])
-def test_gluon_kernel_compiles_for_sm90_with_this_triton(part, has_mask):
+@pytest.mark.parametrize("part,has_mask,maxnreg", [(0, False, 0), (1, True, 168), (2, True, 168)])
+def test_gluon_kernel_compiles_for_sm90_with_this_triton(part, has_mask, maxnreg):
     """The kernel cannot run without a GPU, but it compiles for sm_90 with Triton's bundled ptxas (in a fresh
     process: this module runs Triton interpreted): it catches an API the installed Triton renamed (Gluon moves
     fast) before a GPU does."""
@@ -262,9 +277,31 @@ def test_gluon_kernel_compiles_for_sm90_with_this_triton(part, has_mask):
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _COMPILE, str(part), str(int(has_mask))], env=env, capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-c", _COMPILE, str(part), str(int(has_mask)), str(maxnreg)], env=env,
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     line = next(x for x in r.stdout.splitlines() if x.startswith("OK"))
     # a cubin, the tensor-core MMA, and the cp.async pipeline in the main loops only
     assert line == f"OK True True {part != 2}"
+
+
+@pytest.mark.skipif(not HAS_GLUON, reason="needs Triton's Gluon")
+def test_launch_options_and_input_checks_name_the_problem():
+    """Options resolve against LAUNCH (an unknown name is refused); a query that does not match the cache, and
+    sliced (non-contiguous) cache tensors, are refused before anything is compiled or launched."""
+    from kvshrink.kernels.decode_frag import LAUNCH, decode_attention_frag, launch_options
+
+    assert launch_options() == LAUNCH
+    assert launch_options(block=128, lazy=False) == {**LAUNCH, "block": 128, "lazy": False}
+    with pytest.raises(TypeError, match="unknown launch option.*'blocks'"):
+        launch_options(blocks=64)
+    kq, vq = _kivi(2, 2, 256, 64, seed=3)
+    f = FragKV.from_kivi(kq, vq)
+    with pytest.raises(ValueError, match="does not match the cache"):
+        decode_attention_frag(torch.randn(3, 8, 64).half(), f)  # batch 3 over a batch-2 cache
+    with pytest.raises(ValueError, match="does not match the cache"):
+        decode_attention_frag(torch.randn(2, 8, 128).half(), f)  # head_dim 128 over 64
+    vs_t = f.v_scale.transpose(1, 2).contiguous().transpose(1, 2)  # same values and shape, strided
+    with pytest.raises(ValueError, match="contiguous"):
+        decode_attention_frag(torch.randn(2, 8, 64).half(), FragKV(f.kf, f.vf, f.k_scale, f.k_zero, vs_t, f.v_zero,
+                                                                    f.key_group))

@@ -97,10 +97,23 @@ def decode_frag_ref(q: torch.Tensor, kv: FragKV, scale: float | None = None) -> 
     return decode_attention_ref(q, PackedKV(None, k, None, v), scale=scale)
 
 
-#: launch defaults (see :func:`decode_attention_frag`; from the H200 sweep of session 9): tokens per softmax step,
-#: waves of resident programs (None: :func:`_wave_splits`), the folded unpack, register cap (0: the compiler's),
-#: pipeline depth, lazy rescaling of the running max (:func:`_main_loop`)
-LAUNCH: dict = {"block": 64, "waves": None, "fold": True, "maxnreg": 0, "stages": 2, "lazy": True}
+#: launch defaults (see :func:`decode_attention_frag`; from the H200 sweeps of sessions 9-10): tokens per softmax
+#: step, waves of resident programs (None: :func:`_wave_splits`), the folded unpack, register cap of the main loop
+#: (0: the compiler's; 168 keeps 3 warps per scheduler, :func:`resident_warps_per_sm`), pipeline depth, lazy
+#: rescaling of the running max, key scales through the cp.async pipeline (:func:`_main_loop`)
+LAUNCH: dict = {"block": 64, "waves": None, "fold": True, "maxnreg": 168, "stages": 2, "lazy": True,
+                "scale_pipe": True}
+
+
+def launch_options(**given) -> dict:
+    """:data:`LAUNCH` with the options given (None = the default), checked for unknown names."""
+    unknown = set(given) - set(LAUNCH)
+    if unknown:
+        raise TypeError(f"unknown launch option(s) {sorted(unknown)}; known: {sorted(LAUNCH)}")
+    opts = {k: (LAUNCH[k] if given.get(k) is None else given[k]) for k in LAUNCH}
+    for k in ("fold", "lazy", "scale_pipe"):
+        opts[k] = bool(opts[k])
+    return opts
 
 
 if HAS_GLUON:
@@ -187,13 +200,18 @@ if HAS_GLUON:
                                LV8, [D, BLOCK], _AOP, FOLD)
 
     @gluon.jit
-    def _issue_step(ksm, vsm, ssm, zsm, kf_bh, vf_bh, vs_bh, vz_bh, t, koff, voff, soff,
-                    KW: gl.constexpr, VW: gl.constexpr):
-        """cp.async one step's key words, value words, value scales and zeros into one pipeline stage."""
+    def _issue_step(ksm, vsm, ssm, zsm, kssm, kzsm, kf_bh, vf_bh, vs_bh, vz_bh, ks_bh, kz_bh, t, koff, voff, soff,
+                    doff, KW: gl.constexpr, VW: gl.constexpr, KG: gl.constexpr, D: gl.constexpr,
+                    SCALE_PIPE: gl.constexpr):
+        """cp.async one step's key words, value words, value scales and zeros into one pipeline stage;
+        ``SCALE_PIPE``: its key group's scales and zeros too (read on the group's first step)."""
         _cp_async(ksm, kf_bh + (t // 16) * (32 * KW) + koff)
         _cp_async(vsm, vf_bh + (t // 32) * (32 * VW) + voff)
         _cp_async(ssm, vs_bh + t + soff)
         _cp_async(zsm, vz_bh + t + soff)
+        if SCALE_PIPE:
+            _cp_async(kssm, ks_bh + (t // KG) * D + doff)
+            _cp_async(kzsm, kz_bh + (t // KG) * D + doff)
         async_copy.commit_group()
 
     @gluon.jit
@@ -209,10 +227,11 @@ if HAS_GLUON:
         return m_new, alpha, p, l_acc, z_acc
 
     @gluon.jit
-    def _group_query(qv, ks_ptr, kz_ptr, c_b, kfac, qk_scale):
-        """The query with one key group's per-channel scale folded in (fp16 B operand), and its zero-point bias."""
-        ks = gl.load(ks_ptr + c_b).to(gl.float32) * (kfac * qk_scale)
-        kz = gl.load(kz_ptr + c_b).to(gl.float32) * qk_scale
+    def _group_query(qv, ks, kz, kfac, qk_scale):
+        """The query with one key group's per-channel scale ``ks`` folded in (fp16 B operand), and its zero-point
+        bias (from ``kz``)."""
+        ks = ks.to(gl.float32) * (kfac * qk_scale)
+        kz = kz.to(gl.float32) * qk_scale
         qk = (qv.to(gl.float32) * ks[:, None]).to(gl.float16)
         bias = gl.convert_layout(gl.sum(qv.to(gl.float32) * kz[:, None], axis=0), gl.SliceLayout(0, _MMA))
         return qk, bias
@@ -221,22 +240,29 @@ if HAS_GLUON:
     def _main_loop(qv, kfac, vfac, t_s, c_b, o, m_i, l_acc, z_acc, ks_bh, kz_bh, vs_bh, vz_bh, kf_bh, vf_bh,
                    mask_b, start, end, qk_scale, D: gl.constexpr, BLOCK: gl.constexpr, KG: gl.constexpr,
                    FOLD: gl.constexpr, STAGES: gl.constexpr, HAS_MASK: gl.constexpr, LK4: gl.constexpr,
-                   LK8: gl.constexpr, LV4: gl.constexpr, LV8: gl.constexpr, LAZY: gl.constexpr):
+                   LK8: gl.constexpr, LV4: gl.constexpr, LV8: gl.constexpr, LAZY: gl.constexpr,
+                   SCALE_PIPE: gl.constexpr):
         """Tokens ``[start, end)`` (whole key groups, all quantized) with ``STAGES - 1`` steps of codes and value
         scales in flight (cp.async into shared memory). Each lane reads back exactly the words it copied; the
         scales, read by every lane, are fenced by a barrier (one warp: cheap). ``LAZY``: the running max moves
-        (and the accumulators are rescaled) only when a head's max grows by more than 2**4, so p <= 16."""
+        (and the accumulators are rescaled) only when a head's max grows by more than 2**4, so p <= 16.
+        ``SCALE_PIPE``: a key group's scales and zeros come through the pipeline too, instead of loads that the
+        group's first step waits for (ncu: ~12% of the warps' stall samples at 8 x 32K, session 10)."""
         NKT: gl.constexpr = BLOCK // 16
         NVT: gl.constexpr = BLOCK // 32
         KW: gl.constexpr = D // 32
         VW: gl.constexpr = D // 16
-        SL: gl.constexpr = gl.BlockedLayout([BLOCK // 32], [32], [1], [0])
+        # value scales/zeros: >= 2 per lane (cp.async moves >= 4 bytes; at BLOCK 32 half the lanes copy twice)
+        SL: gl.constexpr = gl.BlockedLayout([max(BLOCK // 32, 2)], [32], [1], [0])
         plain4: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0])  # per stage; stages outermost
         plain1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
         ksm = gl.allocate_shared_memory(gl.int32, [STAGES, NKT, 8, 4, KW], plain4)
         vsm = gl.allocate_shared_memory(gl.int32, [STAGES, NVT, 8, 4, VW], plain4)
         ssm = gl.allocate_shared_memory(vs_bh.dtype.element_ty, [STAGES, BLOCK], plain1)
         zsm = gl.allocate_shared_memory(vz_bh.dtype.element_ty, [STAGES, BLOCK], plain1)
+        kssm = gl.allocate_shared_memory(ks_bh.dtype.element_ty, [STAGES, D if SCALE_PIPE else 2], plain1)
+        kzsm = gl.allocate_shared_memory(kz_bh.dtype.element_ty, [STAGES, D if SCALE_PIPE else 2], plain1)
+        doff = gl.arange(0, D, layout=gl.BlockedLayout([D // 32], [32], [1], [0]))
         koff = _word_offsets(NKT, KW, LK4)
         voff = _word_offsets(NVT, VW, LV4)
         soff = gl.arange(0, BLOCK, layout=SL)
@@ -244,27 +270,35 @@ if HAS_GLUON:
         n = (end - start) // BLOCK
         if n > 0:
             for i in gl.static_range(STAGES - 1):
-                _issue_step(ksm.index(i), vsm.index(i), ssm.index(i), zsm.index(i), kf_bh, vf_bh, vs_bh, vz_bh,
-                            start + gl.minimum(i, n - 1) * BLOCK, koff, voff, soff, KW, VW)
+                _issue_step(ksm.index(i), vsm.index(i), ssm.index(i), zsm.index(i), kssm.index(i), kzsm.index(i),
+                            kf_bh, vf_bh, vs_bh, vz_bh, ks_bh, kz_bh, start + gl.minimum(i, n - 1) * BLOCK, koff,
+                            voff, soff, doff, KW, VW, KG, D, SCALE_PIPE)
         g0 = gl.maximum(gl.minimum(start, end - 1), 0) // KG  # an empty split reads a group inside the buffer
-        qk, bias = _group_query(qv, ks_bh + g0 * D, kz_bh + g0 * D, c_b, kfac, qk_scale)
+        qk, bias = _group_query(qv, gl.load(ks_bh + g0 * D + c_b), gl.load(kz_bh + g0 * D + c_b), kfac, qk_scale)
         for i in range(n):
             t0 = start + i * BLOCK
-            if (t0 % KG == 0) & (i > 0):
-                qk, bias = _group_query(qv, ks_bh + (t0 // KG) * D, kz_bh + (t0 // KG) * D, c_b, kfac, qk_scale)
+            if not SCALE_PIPE:
+                if (t0 % KG == 0) & (i > 0):
+                    qk, bias = _group_query(qv, gl.load(ks_bh + (t0 // KG) * D + c_b),
+                                            gl.load(kz_bh + (t0 // KG) * D + c_b), kfac, qk_scale)
             if HAS_MASK:
                 keep = gl.load(mask_b + t0 + t_s) != 0
             st = i % STAGES
             async_copy.wait_group(STAGES - 2)
             _barrier()
+            if SCALE_PIPE:  # before the codes are read: the group's registers are not live beside theirs
+                if (t0 % KG == 0) & (i > 0):
+                    qk, bias = _group_query(qv, kssm.index(st).load(c_b.type.layout),
+                                            kzsm.index(st).load(c_b.type.layout), kfac, qk_scale)
             kw = ksm.index(st).load(LK4)
             vw = vsm.index(st).load(LV4)
             vsc = ssm.index(st).load(gl.SliceLayout(1, _MMA)).to(gl.float32) * vfac
             vze = zsm.index(st).load(gl.SliceLayout(1, _MMA)).to(gl.float32)
             _barrier()
             nx = (i + STAGES - 1) % STAGES  # the stage read one step ago
-            _issue_step(ksm.index(nx), vsm.index(nx), ssm.index(nx), zsm.index(nx), kf_bh, vf_bh, vs_bh, vz_bh,
-                        start + gl.minimum(i + STAGES - 1, n - 1) * BLOCK, koff, voff, soff, KW, VW)
+            _issue_step(ksm.index(nx), vsm.index(nx), ssm.index(nx), zsm.index(nx), kssm.index(nx), kzsm.index(nx),
+                        kf_bh, vf_bh, vs_bh, vz_bh, ks_bh, kz_bh, start + gl.minimum(i + STAGES - 1, n - 1) * BLOCK,
+                        koff, voff, soff, doff, KW, VW, KG, D, SCALE_PIPE)
             s = mma_v2(_key_codes(kw, D, BLOCK, FOLD, LK8), qk, s0) + bias[None, :]
             if HAS_MASK:
                 s = gl.where(keep[:, None], s, float("-inf"))
@@ -317,7 +351,8 @@ if HAS_GLUON:
             if HAS_MASK:
                 live = live & (gl.load(mask_b + tok, mask=live, other=0) != 0)
             grp = gl.maximum(gl.minimum(t0, TKQ - 1), 0) // KG  # a step lies in one key group; past TKQ: masked
-            qk, bias = _group_query(qv, ks_bh + grp * D, kz_bh + grp * D, c_b, kfac, qk_scale)
+            qk, bias = _group_query(qv, gl.load(ks_bh + grp * D + c_b), gl.load(kz_bh + grp * D + c_b), kfac,
+                                    qk_scale)
             kc = _key_codes(gl.load(kf_bh + (t0 // 16) * (32 * KW) + koff), D, BLOCK, FOLD, LK8)
             s_q = mma_v2(kc, qk, s0) + bias[None, :]
             rows = ((t0 + tr) % RING)[:, None] * srt + cr[None, :]
@@ -343,7 +378,8 @@ if HAS_GLUON:
                             main_splits, RING, qk_scale,
                             G: gl.constexpr, D: gl.constexpr, BLOCK: gl.constexpr, KG: gl.constexpr,
                             FOLD: gl.constexpr, STAGES: gl.constexpr, PART: gl.constexpr, HAS_MASK: gl.constexpr,
-                            LAZY: gl.constexpr, LK4: gl.constexpr, LK8: gl.constexpr, LV4: gl.constexpr, LV8: gl.constexpr):
+                            LAZY: gl.constexpr, SCALE_PIPE: gl.constexpr, LK4: gl.constexpr, LK8: gl.constexpr,
+                            LV4: gl.constexpr, LV8: gl.constexpr):
         """Grid ``(B * H, splits)``; partials go to slot ``split`` of ``num_splits``. ``PART`` 0 (host mode): split
         ``s`` takes tokens ``[s * per_split, ...)`` of ``T``, all quantized. Graph mode, lengths ``[T, TKQ, TVQ]``
         read from ``LENS``: ``PART`` 1, splits ``[0, main_splits)`` share the whole key groups below both quantized
@@ -385,7 +421,8 @@ if HAS_GLUON:
             end = gl.minimum(start + per_split, T)
             o, m_i, l_acc, z_acc = _main_loop(
                 qv, kfac, vfac, t_s, c_b, o, m_i, l_acc, z_acc, ks_bh, kz_bh, vs_bh, vz_bh, kf_bh, vf_bh,
-                mask_b, start, end, qk_scale, D, BLOCK, KG, FOLD, STAGES, HAS_MASK, LK4, LK8, LV4, LV8, LAZY)
+                mask_b, start, end, qk_scale, D, BLOCK, KG, FOLD, STAGES, HAS_MASK, LK4, LK8, LV4, LV8, LAZY,
+                SCALE_PIPE)
         else:
             T = gl.load(LENS)
             TKQ = gl.load(LENS + 1)
@@ -397,7 +434,8 @@ if HAS_GLUON:
                 end = gl.minimum(start + per, main_end)
                 o, m_i, l_acc, z_acc = _main_loop(
                     qv, kfac, vfac, t_s, c_b, o, m_i, l_acc, z_acc, ks_bh, kz_bh, vs_bh, vz_bh, kf_bh, vf_bh,
-                    mask_b, start, end, qk_scale, D, BLOCK, KG, FOLD, STAGES, HAS_MASK, LK4, LK8, LV4, LV8, LAZY)
+                    mask_b, start, end, qk_scale, D, BLOCK, KG, FOLD, STAGES, HAS_MASK, LK4, LK8, LV4, LV8, LAZY,
+                    SCALE_PIPE)
             else:
                 n_tail = num_splits - main_splits
                 per = gl.cdiv(gl.cdiv(T - main_end, n_tail), BLOCK) * BLOCK
@@ -434,19 +472,30 @@ def _layouts(D: int, block: int) -> dict:
     )
 
 
+#: per compiled main-loop kernel (device, shapes, options): :func:`_compiled_info`
 _RESIDENT: dict = {}
 
 
-def _resident_per_sm(kernel) -> int:
-    """Programs (one warp each) an SM holds at once for this compiled kernel, from its registers and shared memory
-    (Hopper: 64K registers, 227 KiB of shared memory, 32 blocks per SM)."""
+def resident_warps_per_sm(regs: int, smem: int) -> int:
+    """One-warp programs an SM (Hopper/Ampere) holds at once with ``regs`` registers per thread and ``smem`` bytes of
+    shared memory per program. Registers are the binding limit, and they bind per scheduler: each of the 4 holds
+    its own warps in its quarter of the register file (16K), allocated in units of 256 per warp, so 161-168
+    registers fit 3 warps a scheduler (12 per SM) but 169-255 only 2 (8), which is what ncu reports as the block
+    limit (a whole-SM count, 65536 / registers per warp, says 11). Shared memory: 227 KiB per SM, 1 KiB of it
+    reserved by the driver per block; at most 32 blocks."""
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    per_scheduler = min(16, 16384 // per_warp)
+    return max(1, min(32, 4 * per_scheduler, 232448 // (max(smem, 0) + 1024)))
+
+
+def _compiled_info(kernel) -> dict:
+    """Registers, spills and shared memory of a compiled kernel, and :func:`resident_warps_per_sm` of them."""
     try:
         kernel._init_handles()
-        regs, smem = int(kernel.n_regs), int(kernel.metadata.shared)
+        info = {"regs": int(kernel.n_regs), "spills": int(kernel.n_spills), "smem": int(kernel.metadata.shared)}
     except Exception:  # pragma: no cover - a Triton without these attributes: assume the worst case
-        regs, smem = 255, 0
-    per_warp = -(-max(regs, 1) * 32 // 256) * 256  # allocation unit: 256 registers per warp
-    return max(1, min(32, 65536 // per_warp, 232448 // max(smem, 1)))
+        info = {"regs": 255, "spills": -1, "smem": 0}
+    return {**info, "resident": resident_warps_per_sm(info["regs"], info["smem"])}
 
 
 def _wave_splits(heads: int, slots: int, groups: int) -> int:
@@ -469,9 +518,8 @@ def _decode_attention_module():
     return importlib.import_module(".decode_attention", __package__)
 
 
-def _launch(q, kf, vf, ks, kz, vs, vz, T: int, per_split: int, num_splits: int, scale, block: int, key_group: int,
-            fold: bool, stages: int, maxnreg: int, workspace, out, graph: tuple | None = None,
-            mask: torch.Tensor | None = None, lazy: bool = False) -> torch.Tensor:
+def _launch(q, kf, vf, ks, kz, vs, vz, T: int, per_split: int, num_splits: int, scale, key_group: int, opts: dict,
+            workspace, out, graph: tuple | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     from ._triton import next_pow2
 
     _da = _decode_attention_module()
@@ -490,8 +538,7 @@ def _launch(q, kf, vf, ks, kz, vs, vz, T: int, per_split: int, num_splits: int, 
             q.stride(0), q.stride(1), kf.stride(1), vf.stride(1), ks.stride(1), vs.stride(1), *rst, sm_b,
             H, T, per_split, num_splits, main_splits, ring, (D ** -0.5 if scale is None else scale) * math.log2(math.e))
     for part, splits in (((0, num_splits),) if graph is None else ((1, main_splits), (2, num_splits - main_splits))):
-        _frag_decode_kernel[(B * H, splits)](*args, **_consts(Hq // H, D, block, key_group, fold, stages, maxnreg,
-                                                              part, mask is not None, lazy))
+        _frag_decode_kernel[(B * H, splits)](*args, **_consts(Hq // H, D, key_group, part, mask is not None, opts))
     if out is None:
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
     _da._decode_reduce_kernel[(B * Hq,)](m_ws, l_ws, acc_ws, out, out.stride(0), out.stride(1), Hq, num_splits,
@@ -499,11 +546,11 @@ def _launch(q, kf, vf, ks, kz, vs, vz, T: int, per_split: int, num_splits: int, 
     return out
 
 
-def _consts(G: int, D: int, block: int, key_group: int, fold: bool, stages: int, maxnreg: int, part: int,
-            has_mask: bool, lazy: bool = False) -> dict:
-    return dict(G=G, D=D, BLOCK=block, KG=key_group, FOLD=fold, STAGES=stages, PART=part, HAS_MASK=has_mask,
-                LAZY=lazy,
-                **_layouts(D, block), num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}))
+def _consts(G: int, D: int, key_group: int, part: int, has_mask: bool, opts: dict) -> dict:
+    maxnreg = opts["maxnreg"] if part != 2 else 0  # the tail (ring + codes, short) keeps the compiler's count
+    return dict(G=G, D=D, BLOCK=opts["block"], KG=key_group, FOLD=opts["fold"], STAGES=opts["stages"], PART=part,
+                HAS_MASK=has_mask, LAZY=opts["lazy"], SCALE_PIPE=opts["scale_pipe"], **_layouts(D, opts["block"]),
+                num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}))
 
 
 #: head dims the kernel was built and tested for (its register tiles grow with D; the ring tail's load layout
@@ -511,7 +558,7 @@ def _consts(G: int, D: int, block: int, key_group: int, fold: bool, stages: int,
 HEAD_DIMS = (64, 128)
 
 
-def _check_launch(q: torch.Tensor, H: int, block: int, key_group: int, stages: int) -> None:
+def _check_launch(q: torch.Tensor, H: int, key_group: int, opts: dict) -> None:
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"the fragment-order kernel serves head_dim {HEAD_DIMS}, got {q.shape[-1]}")
     if q.dtype not in (torch.float16, torch.bfloat16):
@@ -519,69 +566,73 @@ def _check_launch(q: torch.Tensor, H: int, block: int, key_group: int, stages: i
     Hq = q.shape[1]
     if Hq % H or Hq // H > 8:
         raise ValueError(f"{Hq} query heads over {H} KV heads: needs a multiple with at most 8 per KV head")
-    if block not in (64, 128) or key_group % block:
-        raise ValueError(f"block {block} must be 64 or 128 and divide the key group {key_group}")
-    if stages < 2:
-        raise ValueError(f"stages must be >= 2 (the cp.async pipeline), got {stages}")
+    if opts["block"] not in (32, 64, 128) or key_group % opts["block"]:
+        raise ValueError(f"block {opts['block']} must be 32, 64 or 128 and divide the key group {key_group}")
+    if opts["stages"] < 2:
+        raise ValueError(f"stages must be >= 2 (the cp.async pipeline), got {opts['stages']}")
 
 
-def splits_for(q: torch.Tensor, kv: FragKV, block: int | None = None, waves: float | None = None,
-               fold: bool | None = None, stages: int | None = None, maxnreg: int | None = None,
-               graph: bool = False, has_mask: bool = False, lazy: bool | None = None) -> int:
+def splits_for(q: torch.Tensor, kv: FragKV, graph: bool = False, has_mask: bool = False, **options) -> int:
     """Splits per KV head: :func:`_wave_splits` over the resident programs (one warp each; how many an SM holds
-    comes from the compiled kernel's registers and shared memory), or, with ``waves``, that many waves' worth."""
+    comes from the compiled kernel's registers and shared memory), or, with ``waves``, that many waves' worth.
+    ``options``: as :func:`decode_attention_frag`'s (None: :data:`LAUNCH`)."""
     from .decode_attention import _sm_count, partials_workspace
 
-    block, waves = block or LAUNCH["block"], waves or LAUNCH["waves"]
-    fold = LAUNCH["fold"] if fold is None else bool(fold)
-    stages = stages or LAUNCH["stages"]
-    maxnreg = LAUNCH["maxnreg"] if maxnreg is None else maxnreg
-    lazy = LAUNCH["lazy"] if lazy is None else bool(lazy)
+    opts = launch_options(**options)
     B, Hq, D = q.shape
     H = kv.kf.shape[1]
-    key = (str(q.device), Hq // H, D, block, fold, stages, maxnreg, graph, has_mask, lazy)
+    part = int(graph)
+    key = (str(q.device), Hq // H, D, kv.key_group, q.dtype, kv.v_scale.dtype, part, has_mask,
+           tuple(sorted((k, v) for k, v in opts.items() if k != "waves")))
     if key not in _RESIDENT:  # compile once to read the register count
         _da = _decode_attention_module()
         dev = q.device
         ws = partials_workspace(B, Hq, 3, D, dev)
         i32, f16, i8 = _da._dummy(dev, torch.int32), _da._dummy(dev, torch.float16), _da._dummy(dev, torch.int8)
-        _RESIDENT[key] = _resident_per_sm(_frag_decode_kernel.warmup(
+        _RESIDENT[key] = _compiled_info(_frag_decode_kernel.warmup(
             q, kv.kf, kv.vf, kv.k_scale, kv.k_zero, kv.v_scale, kv.v_zero, *ws, f16, f16, i8, i32,
             q.stride(0), q.stride(1), kv.kf.stride(1), kv.vf.stride(1), kv.k_scale.stride(1), kv.v_scale.stride(1),
             0, 0, 0, 0, H, kv.tokens, kv.tokens, 3, 2, 1, 1.0, grid=(1,),
-            **_consts(Hq // H, D, block, kv.key_group, fold, stages, maxnreg, int(graph), has_mask, lazy)))
-    slots = _sm_count(q.device.index or 0) * _RESIDENT[key]
-    if waves:
-        return max(1, int(waves * slots) // (B * H))
+            **_consts(Hq // H, D, kv.key_group, part, has_mask, opts)))
+    slots = _sm_count(q.device.index or 0) * _RESIDENT[key]["resident"]
+    if opts["waves"]:
+        return max(1, int(opts["waves"] * slots) // (B * H))
     return _wave_splits(B * H, slots, kv.tokens // kv.key_group)
 
 
 def decode_attention_frag(q: torch.Tensor, kv: FragKV, scale: float | None = None, num_splits: int | None = None,
                           block: int | None = None, waves: float | None = None, fold: bool | None = None,
                           stages: int | None = None, maxnreg: int | None = None, lazy: bool | None = None,
+                          scale_pipe: bool | None = None,
                           workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                           out: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of ``q (B, Hq, D)`` fp16 over ``kv`` (all ``T`` tokens quantized). Returns ``(B, Hq, D)`` fp16.
+    """Attention of ``q (B, Hq, D)`` fp16/bf16 over ``kv`` (all ``T`` tokens quantized). Returns ``(B, Hq, D)`` in
+    ``q``'s dtype.
 
-    Launch options (defaults: :data:`LAUNCH`): ``block`` tokens per step; ``waves`` of resident programs the
+    Launch options (None: :data:`LAUNCH`): ``block`` tokens per step; ``waves`` of resident programs the
     splits make (:func:`splits_for`); ``fold``: the one-shift unpack (``4**m`` folded into query and
     probabilities); ``stages`` steps in flight through shared memory; ``maxnreg`` register cap per thread;
-    ``lazy``: rescale only when the running max grows by more than 2**4."""
+    ``lazy``: rescale only when the running max grows by more than 2**4; ``scale_pipe``: each key group's scales
+    and zeros arrive through the pipeline with the codes."""
     if not HAS_GLUON:
         raise RuntimeError("decode_attention_frag needs Triton's Gluon (Triton >= 3.5)")
-    block, stages = block or LAUNCH["block"], stages or LAUNCH["stages"]
-    fold = LAUNCH["fold"] if fold is None else bool(fold)
-    maxnreg = LAUNCH["maxnreg"] if maxnreg is None else maxnreg
-    lazy = LAUNCH["lazy"] if lazy is None else bool(lazy)
+    opts = launch_options(block=block, waves=waves, fold=fold, stages=stages, maxnreg=maxnreg, lazy=lazy,
+                          scale_pipe=scale_pipe)
+    B, Hq, D = q.shape
     H, T = kv.kf.shape[1], kv.tokens
-    _check_launch(q, H, block, kv.key_group, stages)
+    _check_launch(q, H, kv.key_group, opts)
+    if kv.kf.shape[:2] != (B, H) or kv.kf.shape[-1] * 32 != D:
+        raise ValueError(f"query (B={B}, head_dim={D}) does not match the cache's codes {tuple(kv.kf.shape)}")
     if T % kv.key_group:
         raise ValueError(f"T={T} must be a multiple of the key group {kv.key_group}")
     q = q.contiguous()
+    kv_parts = (kv.kf, kv.vf, kv.k_scale, kv.k_zero, kv.v_scale, kv.v_zero)
+    if not all(x.is_contiguous() for x in kv_parts):
+        raise ValueError("decode_attention_frag reads contiguous code, scale and zero tensors (FragKV.from_kivi "
+                         "makes them); call .contiguous() on the ones sliced or transposed")
     if num_splits is None:
-        num_splits = splits_for(q, kv, block, waves, fold, stages, maxnreg, lazy=lazy)
+        num_splits = splits_for(q, kv, **opts)
     per_split = -(-T // max(1, min(num_splits, T // kv.key_group)))
     per_split = -(-per_split // kv.key_group) * kv.key_group
     num_splits = -(-T // per_split)
-    return _launch(q, kv.kf, kv.vf, kv.k_scale, kv.k_zero, kv.v_scale, kv.v_zero, T, per_split, num_splits, scale,
-                   block, kv.key_group, fold, stages, maxnreg, workspace, out, lazy=lazy)
+    return _launch(q, *kv_parts, T, per_split, num_splits, scale, kv.key_group, opts, workspace, out)

@@ -412,7 +412,7 @@ class StaticKiviLayer(_StaticBase):
         # it, keys at most R: R + 2 rows never overwrite a token still needed
         self.ring = residual + 2
         self.tail_splits = tail_splits
-        self._frag_splits: tuple[int, int] | None = None
+        self._frag_splits: tuple[tuple[int, bool], int, int] | None = None  # (batch, masked), main, tail splits
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, _, D = key_states.shape
@@ -548,19 +548,19 @@ class StaticKiviLayer(_StaticBase):
         if q.dtype == torch.float32:  # an fp32 model (CPU-style evaluation on a GPU): the query in the residual's
             return self._attend_frag(q.to(self.kr.dtype), scale).float()  # 16 bits, as the residual already is
         B, H, cap = self.batch, self.num_heads, self.capacity
-        df._check_launch(q, H, df.LAUNCH["block"], self.group, df.LAUNCH["stages"])  # before compiling anything
-        if not self._frag_splits:
+        opts = df.launch_options()  # LAUNCH's settings
+        df._check_launch(q, H, self.group, opts)  # before compiling anything
+        key = (B, self.pad_mask is not None)  # a padding mask compiles another kernel (its own register count)
+        if self._frag_splits is None or self._frag_splits[0] != key:
             kv = df.FragKV(self.kp, self.vp, self.ks, self.kz, self.vs.view(B, H, cap), self.vz.view(B, H, cap),
                            self.group)
-            main = df.splits_for(q, kv, graph=True, has_mask=self.pad_mask is not None)  # LAUNCH's settings
-            self._frag_splits = (max(1, min(main, cap // self.group)), self.tail_splits)
-            self.splits = sum(self._frag_splits)  # what _workspace sizes the partial results by
-        main, tail = self._frag_splits
+            main = df.splits_for(q, kv, graph=True, has_mask=key[1], **opts)
+            self._frag_splits = (key, max(1, min(main, cap // self.group)), self.tail_splits)
+            self.splits = sum(self._frag_splits[1:])  # what _workspace sizes the partial results by
+        _, main, tail = self._frag_splits
         return df._launch(q, self.kp, self.vp, self.ks, self.kz, self.vs.view(B, H, cap), self.vz.view(B, H, cap),
-                          0, 0, main + tail, scale, df.LAUNCH["block"], self.group, df.LAUNCH["fold"],
-                          df.LAUNCH["stages"], df.LAUNCH["maxnreg"], self._workspace(q), None,
-                          graph=(self.lens, self.kr, self.vr, self.ring, main), mask=self.pad_mask,
-                          lazy=df.LAUNCH["lazy"])
+                          0, 0, main + tail, scale, self.group, opts, self._workspace(q), None,
+                          graph=(self.lens, self.kr, self.vr, self.ring, main), mask=self.pad_mask)
 
     def state(self) -> PackedKV:
         """The held tokens as a host-mode :class:`PackedKV` (syncs: for tests and inspection only); layout 'frag'
