@@ -88,8 +88,8 @@ class CompressedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
         if self.check_finite and (key_states.device.type == "cpu" or n > 1):
-            check_finite(key_states, f"keys given to the cache")
-            check_finite(value_states, f"values given to the cache")
+            check_finite(key_states, "keys given to the cache")
+            check_finite(value_states, "values given to the cache")
         if self.simulated:
             self.append(key_states, value_states)
             self.seen += n

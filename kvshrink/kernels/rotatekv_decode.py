@@ -186,7 +186,7 @@ def unsupported_reason(state: RotateKVState, head_dim: int, num_q_heads: int) ->
 
 # ---------------------------------------------------------------------------------------------- kernels
 if HAS_TRITON:
-    from .decode_attention import _codes_to_float, _merge_splits, _rescale, _store_partials
+    from .decode_attention import _codes_to_float, _rescale, _store_partials
 
     @triton.jit
     def _hg_sign(x):

@@ -111,8 +111,6 @@ def tensors_nbytes(tensors: Iterator[Any]) -> tuple[int, int]:
     are counted by their own extent (``numel``), not their base buffer's, which is what a cache that
     slices its storage really keeps alive only if it copies — caches here hold contiguous tensors.
     """
-    import torch
-
     total = total16 = 0
     seen: set[tuple[int, tuple[int, ...], Any]] = set()
     for t in tensors:
