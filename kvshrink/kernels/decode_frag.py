@@ -98,8 +98,8 @@ def decode_frag_ref(q: torch.Tensor, kv: FragKV, scale: float | None = None) -> 
 
 
 #: launch defaults (see :func:`decode_attention_frag`; from the H200 sweeps of sessions 9-10): tokens per softmax
-#: step, waves of resident programs (None: :func:`_wave_splits`), the folded unpack, register cap of the main loop
-#: (0: the compiler's; 168 keeps 3 warps per scheduler, :func:`resident_warps_per_sm`), pipeline depth, lazy
+#: step, waves of resident programs (None: :func:`_wave_splits`), the folded unpack, register cap of the unmasked
+#: main loop (0: the compiler's; 168 keeps 3 warps per scheduler, :func:`resident_warps_per_sm`), pipeline depth, lazy
 #: rescaling of the running max, key scales through the cp.async pipeline (:func:`_main_loop`)
 LAUNCH: dict = {"block": 64, "waves": None, "fold": True, "maxnreg": 168, "stages": 2, "lazy": True,
                 "scale_pipe": True}
@@ -227,13 +227,11 @@ if HAS_GLUON:
         return m_new, alpha, p, l_acc, z_acc
 
     @gluon.jit
-    def _group_query(qv, ks, kz, kfac, qk_scale):
-        """The query with one key group's per-channel scale ``ks`` folded in (fp16 B operand), and its zero-point
-        bias (from ``kz``)."""
-        ks = ks.to(gl.float32) * (kfac * qk_scale)
-        kz = kz.to(gl.float32) * qk_scale
-        qk = (qv.to(gl.float32) * ks[:, None]).to(gl.float16)
-        bias = gl.convert_layout(gl.sum(qv.to(gl.float32) * kz[:, None], axis=0), gl.SliceLayout(0, _MMA))
+    def _group_query(qs, ks, kz, kfac):
+        """The query (``qs``: float32, softmax scale in) with one key group's per-channel scale ``ks`` folded in
+        (fp16 B operand), and its zero-point bias (from ``kz``)."""
+        qk = (qs * (ks.to(gl.float32) * kfac)[:, None]).to(gl.float16)
+        bias = gl.convert_layout(gl.sum(qs * kz.to(gl.float32)[:, None], axis=0), gl.SliceLayout(0, _MMA))
         return qk, bias
 
     @gluon.jit
@@ -274,13 +272,13 @@ if HAS_GLUON:
                             kf_bh, vf_bh, vs_bh, vz_bh, ks_bh, kz_bh, start + gl.minimum(i, n - 1) * BLOCK, koff,
                             voff, soff, doff, KW, VW, KG, D, SCALE_PIPE)
         g0 = gl.maximum(gl.minimum(start, end - 1), 0) // KG  # an empty split reads a group inside the buffer
-        qk, bias = _group_query(qv, gl.load(ks_bh + g0 * D + c_b), gl.load(kz_bh + g0 * D + c_b), kfac, qk_scale)
+        qk, bias = _group_query(qv, gl.load(ks_bh + g0 * D + c_b), gl.load(kz_bh + g0 * D + c_b), kfac)
         for i in range(n):
             t0 = start + i * BLOCK
             if not SCALE_PIPE:
                 if (t0 % KG == 0) & (i > 0):
                     qk, bias = _group_query(qv, gl.load(ks_bh + (t0 // KG) * D + c_b),
-                                            gl.load(kz_bh + (t0 // KG) * D + c_b), kfac, qk_scale)
+                                            gl.load(kz_bh + (t0 // KG) * D + c_b), kfac)
             if HAS_MASK:
                 keep = gl.load(mask_b + t0 + t_s) != 0
             st = i % STAGES
@@ -289,7 +287,7 @@ if HAS_GLUON:
             if SCALE_PIPE:  # before the codes are read: the group's registers are not live beside theirs
                 if (t0 % KG == 0) & (i > 0):
                     qk, bias = _group_query(qv, kssm.index(st).load(c_b.type.layout),
-                                            kzsm.index(st).load(c_b.type.layout), kfac, qk_scale)
+                                            kzsm.index(st).load(c_b.type.layout), kfac)
             kw = ksm.index(st).load(LK4)
             vw = vsm.index(st).load(LV4)
             vsc = ssm.index(st).load(gl.SliceLayout(1, _MMA)).to(gl.float32) * vfac
@@ -338,7 +336,7 @@ if HAS_GLUON:
         RDT: gl.constexpr = kr_bh.dtype.element_ty
         s0 = gl.zeros([BLOCK, 8], gl.float32, layout=_MMA)
         o0 = gl.zeros([D, 8], gl.float32, layout=_MMA)
-        q16 = (qv.to(gl.float32) * qk_scale).to(RDT)
+        q16 = qv.to(RDT)
         koff = _word_offsets(NKT, KW, LK4)
         voff = _word_offsets(NVT, VW, LV4)
         # ring rows (tokens, D) read coalesced, 16 bytes per lane, then laid out for the tensor cores
@@ -351,8 +349,7 @@ if HAS_GLUON:
             if HAS_MASK:
                 live = live & (gl.load(mask_b + tok, mask=live, other=0) != 0)
             grp = gl.maximum(gl.minimum(t0, TKQ - 1), 0) // KG  # a step lies in one key group; past TKQ: masked
-            qk, bias = _group_query(qv, gl.load(ks_bh + grp * D + c_b), gl.load(kz_bh + grp * D + c_b), kfac,
-                                    qk_scale)
+            qk, bias = _group_query(qv, gl.load(ks_bh + grp * D + c_b), gl.load(kz_bh + grp * D + c_b), kfac)
             kc = _key_codes(gl.load(kf_bh + (t0 // 16) * (32 * KW) + koff), D, BLOCK, FOLD, LK8)
             s_q = mma_v2(kc, qk, s0) + bias[None, :]
             rows = ((t0 + tr) % RING)[:, None] * srt + cr[None, :]
@@ -393,7 +390,8 @@ if HAS_GLUON:
         c_b = gl.arange(0, D, layout=gl.SliceLayout(1, _BOP))
         h_b = gl.arange(0, 8, layout=gl.SliceLayout(0, _BOP))
         qmask = (h_b < G)[None, :] & (c_b < D)[:, None]
-        qv = gl.load(Q + b * sq_b + (h * G + h_b[None, :]) * sq_h + c_b[:, None], mask=qmask, other=0.0)
+        qv = gl.load(Q + b * sq_b + (h * G + h_b[None, :]) * sq_h + c_b[:, None], mask=qmask,
+                     other=0.0).to(gl.float32) * qk_scale  # float32, softmax scale (log2 units) in
         t_s = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, _MMA))
         if FOLD:  # the unpack reads code * 4**m, m = bits 3-4 of the channel (keys) / token (values)
             kfac = gl.exp2(-2.0 * ((c_b >> 3) & 3).to(gl.float32))
@@ -547,7 +545,10 @@ def _launch(q, kf, vf, ks, kz, vs, vz, T: int, per_split: int, num_splits: int, 
 
 
 def _consts(G: int, D: int, key_group: int, part: int, has_mask: bool, opts: dict) -> dict:
-    maxnreg = opts["maxnreg"] if part != 2 else 0  # the tail (ring + codes, short) keeps the compiler's count
+    # the cap binds the unmasked main loop only: the tail (ring + codes, short) and masked launches (~190 registers:
+    # capped at 168 they spill and measured no faster, 0.0710 vs 0.0708 ms at 8 x 32K, 0.0450 vs 0.0429 at 1 x 128K)
+    # keep the compiler's count
+    maxnreg = opts["maxnreg"] if part != 2 and not has_mask else 0
     return dict(G=G, D=D, BLOCK=opts["block"], KG=key_group, FOLD=opts["fold"], STAGES=opts["stages"], PART=part,
                 HAS_MASK=has_mask, LAZY=opts["lazy"], SCALE_PIPE=opts["scale_pipe"], **_layouts(D, opts["block"]),
                 num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}))
@@ -611,7 +612,8 @@ def decode_attention_frag(q: torch.Tensor, kv: FragKV, scale: float | None = Non
 
     Launch options (None: :data:`LAUNCH`): ``block`` tokens per step; ``waves`` of resident programs the
     splits make (:func:`splits_for`); ``fold``: the one-shift unpack (``4**m`` folded into query and
-    probabilities); ``stages`` steps in flight through shared memory; ``maxnreg`` register cap per thread;
+    probabilities); ``stages`` steps in flight through shared memory; ``maxnreg`` register cap per thread (main
+    loop without a padding mask, :func:`_consts`);
     ``lazy``: rescale only when the running max grows by more than 2**4; ``scale_pipe``: each key group's scales
     and zeros arrive through the pipeline with the codes."""
     if not HAS_GLUON:
