@@ -1217,7 +1217,11 @@ def sec_graph_frag(res: dict, model, T: int, steps: int, group: int, launches: s
             del cache
             torch.cuda.empty_cache()
 
+    from kvshrink.kernels.decode_frag import launch_options
+
     extra = [("kivi", "frag", d.pop("tail_splits", 4), d) for d in json.loads(launches)]
+    for *_, d in extra:
+        launch_options(**d)  # an unknown option name fails here, before any model work
     for kind, layout, tail, launch in (("fp16", None, 4, {}), ("kivi", "kivi", 4, {}), ("kivi", "frag", 4, {}),
                                        *extra, ("fp16", None, 4, {})):
         record_graph_run(out["runs"], {"cache": kind, "layout": layout, "B": Bf, "tail_splits": tail, "launch": launch},
