@@ -250,11 +250,14 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, scaling: float, q_pos: torch.Tensor,
-                    softcap: float | None = None, chunk: int = 256) -> torch.Tensor:
+                    softcap: float | None = None, chunk: int = 256,
+                    key_valid: torch.Tensor | None = None) -> torch.Tensor:
     """Causal softmax attention of queries ``q (B, Hq, n, D)`` at absolute positions ``q_pos (n,)`` over
     keys ``k (B, Hkv, T, D)`` at positions ``0..T-1``; summed over the query heads sharing a KV head
     (GQA), returned as ``(B, Hkv, n, T)`` float32. Queries are processed ``chunk`` at a time to bound
-    memory (this is the cost SDPA avoids; callers use few probe queries)."""
+    memory (this is the cost SDPA avoids; callers use few probe queries). ``key_valid (B, T)`` (False at
+    padding) masks keys as the model's attention mask does; a query that sees no valid key (a padding
+    position of a left-padded row) gets all-zero probabilities."""
     B, Hq, n, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     rep = Hq // Hkv
@@ -266,8 +269,12 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, scaling: float, q_pos: tor
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         mask = torch.arange(T, device=k.device)[None, :] > q_pos[s:s + chunk, None].to(k.device)
+        if key_valid is not None:
+            mask = mask[None, None] | ~key_valid.to(k.device)[:, None, None, :]
         logits = logits.masked_fill(mask, float("-inf"))
         p = logits.softmax(-1)
+        if key_valid is not None:  # rows with no valid key: softmax of all -inf is NaN
+            p = p.nan_to_num(0.0)
         out.append(p.reshape(B, Hkv, rep, -1, T).sum(2))
     return torch.cat(out, dim=2)
 
@@ -307,6 +314,8 @@ class QueryProbe:
         # stored pre-RoPE keys again; set on the first capture when the probe was installed with rope=True
         self.rope_fn: Callable[[torch.Tensor, torch.dtype], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.rope_source: Any = None
+        # the model call's 2-D attention mask (B, past + new; 0 = padding), set by a model pre-hook
+        self.padding_mask: torch.Tensor | None = None
 
     @property
     def ready(self) -> bool:
@@ -321,6 +330,14 @@ class QueryProbe:
 
     def clear(self) -> None:
         self.hidden = self.cos = self.sin = self.position_ids = None
+
+    def key_valid(self, tokens: int) -> torch.Tensor | None:
+        """``(B, tokens)`` bool, False at the padding of the held + new tokens, or None without padding (or
+        with a mask that does not cover them: a cache fed without the model's attention mask)."""
+        pm = self.padding_mask
+        if pm is None or pm.shape[-1] != tokens or bool(pm.all()):
+            return None
+        return pm.bool()
 
     @property
     def scaling(self) -> float:
@@ -359,8 +376,8 @@ class QueryProbe:
 
 def install_query_probes(model: torch.nn.Module, cache: Any, want: type, rope: bool = False) -> list:
     """Give every cache layer of type ``want`` (looked up through policy wrappers via ``.inner``) a
-    :class:`QueryProbe` fed by a forward pre-hook on its attention module; it captures only calls that use
-    this ``cache``. With ``rope``, forward hooks on the rotary modules (:class:`kvshrink.rope.RopeSource`)
+    :class:`QueryProbe` fed by a forward pre-hook on its attention module, and the call's 2-D padding mask by
+    a pre-hook on the model; both capture only calls that use this ``cache``. With ``rope``, forward hooks on the rotary modules (:class:`kvshrink.rope.RopeSource`)
     let the probe recompute (cos, sin) for stored positions. Returns hook handles."""
     import weakref
 
@@ -373,6 +390,7 @@ def install_query_probes(model: torch.nn.Module, cache: Any, want: type, rope: b
         source = RopeSource()
         handles = [m.register_forward_hook(source.hook, with_kwargs=True) for m in rotary_modules(model)]
     cache_ref = weakref.ref(cache)
+    probes: list[QueryProbe] = []
     for idx, layer in enumerate(cache.layers):
         target = layer
         while target is not None and not isinstance(target, want):
@@ -382,6 +400,7 @@ def install_query_probes(model: torch.nn.Module, cache: Any, want: type, rope: b
         probe = QueryProbe()
         probe.rope_source = source
         target.probe = probe
+        probes.append(probe)
 
         def hook(module, args, kwargs, probe=probe):
             pkv = cache_in(kwargs)
@@ -393,6 +412,15 @@ def install_query_probes(model: torch.nn.Module, cache: Any, want: type, rope: b
                 probe.capture(module, hidden, pos, kwargs.get("position_ids"))
 
         handles.append(modules[idx].register_forward_pre_hook(hook, with_kwargs=True))
+    def model_hook(module, args, kwargs):  # the call's 2-D padding mask, for every probe of this cache
+        if cache_in(kwargs) is not cache_ref():
+            return
+        mask = kwargs.get("attention_mask")
+        mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        for probe in probes:
+            probe.padding_mask = mask
+
+    handles.append(model.register_forward_pre_hook(model_hook, with_kwargs=True))
     return handles
 
 

@@ -464,6 +464,46 @@ def test_zipcache_probes_approximate_and_salient_tokens_are_more_precise(tiny):
         assert err[mask].mean() < err[~mask].mean()
 
 
+def test_attention_probs_masks_padding_keys():
+    from kvshrink.quant_utils import attention_probs
+
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(2, 4, 6, 8, generator=g), torch.randn(2, 2, 6, 8, generator=g)
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[0, :2] = False  # row 0: two tokens of left padding
+    p = attention_probs(q, k, 0.5, torch.arange(6), key_valid=valid)
+    assert torch.equal(p[0, :, :2], torch.zeros_like(p[0, :, :2]))  # padding queries see no key: zeros, not NaN
+    assert (p[0, :, :, :2] == 0).all()  # padding keys receive nothing
+    # the real tokens of row 0 attend exactly as the same tokens without padding do
+    alone = attention_probs(q[:1, :, 2:], k[:1, :, 2:], 0.5, torch.arange(4))
+    assert torch.allclose(p[:1, :, 2:, 2:], alone, atol=1e-6)
+    assert torch.allclose(p[1], attention_probs(q[1:], k[1:], 0.5, torch.arange(6))[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", ["zipcache:probe_recent=1", "mikv:recent=0.5,heavy=0.5"])
+def test_attention_scored_quantizers_ignore_left_padding(tiny, spec):
+    """ZipCache's saliency and MiKV's importance come from attention the cache recomputes: with a left-padded
+    batch it must mask the padding as the model does (the 2-D attention mask reaches the probes), so a padded
+    row scores its real tokens exactly as the same tokens alone, and its padding scores nothing."""
+    model = tiny("llama", attn="eager")
+    P = 8
+    a, b = _ids(batch=1, length=24, seed=1), _ids(batch=1, length=24 + P, seed=2)
+    ids = torch.cat([torch.cat([torch.zeros(1, P, dtype=torch.long), a], 1), b])
+    mask = torch.ones_like(ids)
+    mask[0, :P] = 0
+    padded, alone = make_cache(model, spec), make_cache(model, spec)
+    for layer in _full_layers(padded) + _full_layers(alone):
+        layer.keep_scores = True
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=padded)
+        model(a, past_key_values=alone)
+    for lp, la in zip(_full_layers(padded), _full_layers(alone)):
+        sp, sa = (lp.last_score, la.last_score) if spec.startswith("zipcache") else (lp.hi_score, la.hi_score)
+        assert torch.isfinite(sp).all()
+        assert (sp[0, :, :P] == 0).all()
+        assert torch.allclose(sp[0, :, P:], sa[0], atol=1e-4), (sp[0, :, P:] - sa[0]).abs().max()
+
+
 def test_zipcache_decoding_buffer_and_cst_normalisers(tiny):
     model = tiny("llama")
     _, cache = _run(model, "zipcache:stream=4", _ids(length=39), split=30)

@@ -115,10 +115,14 @@ class MiKVLayer(StateLayer):
             raise RuntimeError(f"mikv: the attention module saw {q.shape[2]} tokens but the cache was given {n} (an "
                                "eviction policy composed in front of it?); mikv keeps every token by design, so use "
                                "it without an evicting policy")
-        acc = attention_probs(q, keys, probe.scaling, seen + torch.arange(n), probe.softcap).sum(2)  # (B,H,T)
+        valid = probe.key_valid(seen + n)  # (B, T) False at padding, or None
+        acc = attention_probs(q, keys, probe.scaling, seen + torch.arange(n), probe.softcap,
+                              key_valid=valid).sum(2)  # (B,H,T); padding receives and gives nothing
         if self.use_balance and self.balance is None:
-            qmax = q.float().abs().reshape(B, H, -1, n, D).amax(dim=(2, 3)).clamp_min(1e-5)
-            kmax = k.float().abs().amax(dim=2).clamp_min(1e-5)
+            real = 1.0 if valid is None else valid[:, None, seen:, None].to(k.device, torch.float32)  # (B,1,n,1)
+            qmax = (q.float().abs().reshape(B, H, -1, n, D) * (real if valid is None else real[:, :, None])
+                    ).amax(dim=(2, 3)).clamp_min(1e-5)
+            kmax = (k.float().abs() * real).amax(dim=2).clamp_min(1e-5)
             self.balance = (kmax / qmax).sqrt().unsqueeze(2).to(torch.float16)
         # the importance of tokens already at high precision grows; new tokens join the high-precision part
         mask = unpack_mask(self.mask, seen) if self.mask is not None else torch.zeros(B, H, 0, dtype=torch.bool,

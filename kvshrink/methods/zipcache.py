@@ -152,7 +152,8 @@ class ZipCacheLayer(StateLayer):
             idx = self.probe_positions(n)
             q = probe.queries(idx)
             q_pos = (T_all - n) + idx
-            p = attention_probs(q, keys, probe.scaling, q_pos, probe.softcap)[..., T_all - n:]  # (B,H,P,n)
+            p = attention_probs(q, keys, probe.scaling, q_pos, probe.softcap,
+                                key_valid=probe.key_valid(T_all))[..., T_all - n:]  # (B,H,P,n); padding: 0
             seen_by = (idx[:, None] >= torch.arange(n)[None, :]).sum(0).clamp_min(1).to(p.device)
             score = p.sum(2) / seen_by
             self._compress(k, v, score)
@@ -160,7 +161,8 @@ class ZipCacheLayer(StateLayer):
             return
         # decoding: exact attention of this one query over the held tokens; keep the buffer's part
         q = probe.queries()
-        p = attention_probs(q, keys, probe.scaling, torch.tensor([T_all - 1]), probe.softcap)[:, :, 0]  # (B,H,T)
+        p = attention_probs(q, keys, probe.scaling, torch.tensor([T_all - 1]), probe.softcap,
+                            key_valid=probe.key_valid(T_all))[:, :, 0]  # (B,H,T)
         nb = 0 if self.k_buf is None else self.k_buf.shape[2]
         tail = p[..., T_all - nb - 1:]
         kk, vv = k.to(half_dtype(k.dtype)), v.to(half_dtype(v.dtype))
