@@ -377,8 +377,9 @@ class QueryProbe:
 def install_query_probes(model: torch.nn.Module, cache: Any, want: type, rope: bool = False) -> list:
     """Give every cache layer of type ``want`` (looked up through policy wrappers via ``.inner``) a
     :class:`QueryProbe` fed by a forward pre-hook on its attention module, and the call's 2-D padding mask by
-    a pre-hook on the model; both capture only calls that use this ``cache``. With ``rope``, forward hooks on the rotary modules (:class:`kvshrink.rope.RopeSource`)
-    let the probe recompute (cos, sin) for stored positions. Returns hook handles."""
+    a pre-hook on the model; both capture only calls that use this ``cache``. With ``rope``, forward hooks on the
+    rotary modules (:class:`kvshrink.rope.RopeSource`) let the probe recompute (cos, sin) for stored positions.
+    Returns hook handles."""
     import weakref
 
     from .rope import RopeSource, rotary_modules
@@ -412,6 +413,7 @@ def install_query_probes(model: torch.nn.Module, cache: Any, want: type, rope: b
                 probe.capture(module, hidden, pos, kwargs.get("position_ids"))
 
         handles.append(modules[idx].register_forward_pre_hook(hook, with_kwargs=True))
+
     def model_hook(module, args, kwargs):  # the call's 2-D padding mask, for every probe of this cache
         if cache_in(kwargs) is not cache_ref():
             return

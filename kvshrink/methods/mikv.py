@@ -119,10 +119,10 @@ class MiKVLayer(StateLayer):
         acc = attention_probs(q, keys, probe.scaling, seen + torch.arange(n), probe.softcap,
                               key_valid=valid).sum(2)  # (B,H,T); padding receives and gives nothing
         if self.use_balance and self.balance is None:
-            real = 1.0 if valid is None else valid[:, None, seen:, None].to(k.device, torch.float32)  # (B,1,n,1)
-            qmax = (q.float().abs().reshape(B, H, -1, n, D) * (real if valid is None else real[:, :, None])
-                    ).amax(dim=(2, 3)).clamp_min(1e-5)
-            kmax = (k.float().abs() * real).amax(dim=2).clamp_min(1e-5)
+            k_real = 1.0 if valid is None else valid[:, None, seen:, None].to(k.device, torch.float32)  # (B,1,n,1)
+            q_real = 1.0 if valid is None else k_real[:, :, None]  # (B,1,1,n,1) over q's (B,H,G,n,D)
+            qmax = (q.float().abs().reshape(B, H, -1, n, D) * q_real).amax(dim=(2, 3)).clamp_min(1e-5)
+            kmax = (k.float().abs() * k_real).amax(dim=2).clamp_min(1e-5)
             self.balance = (kmax / qmax).sqrt().unsqueeze(2).to(torch.float16)
         # the importance of tokens already at high precision grows; new tokens join the high-precision part
         mask = unpack_mask(self.mask, seen) if self.mask is not None else torch.zeros(B, H, 0, dtype=torch.bool,
