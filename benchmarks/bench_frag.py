@@ -83,10 +83,9 @@ def main() -> int:
                 runs.append({**var, "error": f"{type(e).__name__}: {e}"[:400]})
                 print(f"B={B} T={T} {var}: {runs[-1]['error']}", flush=True)
                 continue
-            from kvshrink.kernels import decode_frag as df
+            from kvshrink.kernels.decode_frag import compiled_info
 
-            info = next((v for k, v in df._RESIDENT.items() if k[-1] == tuple(sorted(
-                (a, b) for a, b in df.launch_options(**var).items() if a != "waves")) and k[1] == HQ // HKV), {})
+            info = compiled_info(qs[0], caches[0][1], **var)
             runs.append({**var, "ms": ms, "compiled": info})
             print(f"B={B} T={T} frag {var} {info}: {ms:.4f} ms | kivi (same cache) {row['kivi_full_ms']:.4f} | "
                   f"sdpa {row['sdpa_ms']:.4f}", flush=True)

@@ -24,6 +24,15 @@ def cache_in(kwargs: dict) -> Any:
     return None
 
 
+def call_padding_mask(kwargs: dict) -> Any:
+    """The 2-D ``attention_mask`` (batch, past + new; 0 = padding) a hooked model call was given, else None (no
+    mask, or a 4-D one already expanded)."""
+    import torch
+
+    mask = kwargs.get("attention_mask")
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
 @functools.lru_cache(maxsize=None)
 def _cache_name(forward) -> str:
     try:

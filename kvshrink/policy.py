@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import SpecError
-from .hf_compat import cache_in
+from .hf_compat import cache_in, call_padding_mask
 from .layer import CompressedLayer
 from .storage import check_finite
 
@@ -559,8 +559,7 @@ def install_policy_hooks(model: torch.nn.Module, cache: Any) -> list:
         c = ref()
         if c is None or cache_in(kwargs) is not c:
             return
-        mask = kwargs.get("attention_mask")
-        mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        mask = call_padding_mask(kwargs)
         for layer in c.layers:
             for p in _chain(layer):
                 p.padding_mask = mask

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .hf_compat import cache_in
+from .hf_compat import cache_in, call_padding_mask
 from .layer import CompressedLayer
 from .layer import half_dtype  # noqa: F401  (re-exported)
 from .storage import QuantizedTensor
@@ -417,8 +417,7 @@ def install_query_probes(model: torch.nn.Module, cache: Any, want: type, rope: b
     def model_hook(module, args, kwargs):  # the call's 2-D padding mask, for every probe of this cache
         if cache_in(kwargs) is not cache_ref():
             return
-        mask = kwargs.get("attention_mask")
-        mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        mask = call_padding_mask(kwargs)
         for probe in probes:
             probe.padding_mask = mask
 

@@ -573,11 +573,11 @@ def _check_launch(q: torch.Tensor, H: int, key_group: int, opts: dict) -> None:
         raise ValueError(f"stages must be >= 2 (the cp.async pipeline), got {opts['stages']}")
 
 
-def splits_for(q: torch.Tensor, kv: FragKV, graph: bool = False, has_mask: bool = False, **options) -> int:
-    """Splits per KV head: :func:`_wave_splits` over the resident programs (one warp each; how many an SM holds
-    comes from the compiled kernel's registers and shared memory), or, with ``waves``, that many waves' worth.
-    ``options``: as :func:`decode_attention_frag`'s (None: :data:`LAUNCH`)."""
-    from .decode_attention import _sm_count, partials_workspace
+def compiled_info(q: torch.Tensor, kv: FragKV, graph: bool = False, has_mask: bool = False, **options) -> dict:
+    """Registers, spills, shared memory and resident programs per SM (:func:`_compiled_info`) of the main-loop
+    kernel these inputs and options launch; compiled once per key and cached (``options``: as
+    :func:`decode_attention_frag`'s, None: :data:`LAUNCH`)."""
+    from .decode_attention import partials_workspace
 
     opts = launch_options(**options)
     B, Hq, D = q.shape
@@ -595,7 +595,18 @@ def splits_for(q: torch.Tensor, kv: FragKV, graph: bool = False, has_mask: bool 
             q.stride(0), q.stride(1), kv.kf.stride(1), kv.vf.stride(1), kv.k_scale.stride(1), kv.v_scale.stride(1),
             0, 0, 0, 0, H, kv.tokens, kv.tokens, 3, 2, 1, 1.0, grid=(1,),
             **_consts(Hq // H, D, kv.key_group, part, has_mask, opts)))
-    slots = _sm_count(q.device.index or 0) * _RESIDENT[key]["resident"]
+    return _RESIDENT[key]
+
+
+def splits_for(q: torch.Tensor, kv: FragKV, graph: bool = False, has_mask: bool = False, **options) -> int:
+    """Splits per KV head: :func:`_wave_splits` over the resident programs (one warp each; how many an SM holds
+    comes from the compiled kernel's registers and shared memory, :func:`compiled_info`), or, with ``waves``, that
+    many waves' worth. ``options``: as :func:`decode_attention_frag`'s (None: :data:`LAUNCH`)."""
+    from .decode_attention import _sm_count
+
+    opts = launch_options(**options)
+    B, H = q.shape[0], kv.kf.shape[1]
+    slots = _sm_count(q.device.index or 0) * compiled_info(q, kv, graph, has_mask, **opts)["resident"]
     if opts["waves"]:
         return max(1, int(opts["waves"] * slots) // (B * H))
     return _wave_splits(B * H, slots, kv.tokens // kv.key_group)
